@@ -1,0 +1,106 @@
+"""What crosses the wire: the input event, the answer and the dead letter.
+
+These pydantic models are the only shapes users see; `streamer schemas` writes their JSON Schemas to
+`schemas/`, and a test fails when those files drift from the models.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ErrorCode(StrEnum):
+    """Stable dead-letter codes; consumers may switch on them."""
+
+    INVALID_JSON = "invalid_json"
+    SCHEMA = "schema"
+    TOO_LONG = "too_long"
+    UNKNOWN_TASK = "unknown_task"
+    MODEL_ERROR = "model_error"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Params(_Strict):
+    """Per-event generation settings; absent ones take the route's."""
+
+    max_new_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    target_lang: str | None = Field(None, min_length=1, max_length=64, description="for `translate`")
+
+
+class InputEvent(_Strict):
+    """A text event a user produces to an input topic."""
+
+    id: str = Field(min_length=1, max_length=256)
+    text: str = Field(min_length=1, description="non-empty; at most `limits.max_chars` characters")
+    key: str | None = Field(None, max_length=256, description="defaults to the Kafka message key")
+    ts: int | None = Field(
+        None, ge=0, description="event time in epoch ms (RFC 3339 accepted); defaults to the Kafka timestamp"
+    )
+    task: str | None = Field(None, description="defaults to the route's task")
+    params: Params = Params()
+    meta: dict[str, Any] | None = Field(None, description="passed through to the answer untouched")
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _rfc3339_to_ms(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            stamp = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if stamp.tzinfo is None:
+                raise ValueError("RFC 3339 time needs a zone offset")
+            return int(stamp.timestamp() * 1000)
+        if isinstance(value, bool):
+            raise ValueError("ts must be epoch milliseconds or RFC 3339")
+        return value
+
+
+class Source(_Strict):
+    """Where an event came from: enough to find it again in Kafka."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+class Answer(_Strict):
+    """The model's answer to one event, produced to the route's output topic."""
+
+    id: str
+    key: str | None
+    task: str
+    output: str
+    model: str
+    tokens_in: int
+    tokens_out: int
+    queued_ms: float = Field(description="time spent waiting in the micro-batcher")
+    latency_ms: float = Field(description="event arrival in streamer to answer produced")
+    source: Source
+    ts_in: int = Field(description="event time, epoch ms")
+    ts_out: int = Field(description="when the answer was produced, epoch ms")
+    meta: dict[str, Any] | None = None
+
+
+class DeadLetter(_Strict):
+    """An event streamer could not answer, with the reason; the original bytes are kept."""
+
+    error: ErrorCode
+    detail: str
+    id: str | None = Field(None, description="the event id, when it could be read")
+    payload: str = Field(description="the original message value")
+    payload_encoding: str = Field(description="`utf-8`, or `base64` when the bytes were not valid UTF-8")
+    source: Source
+    ts: int = Field(description="when it was dead-lettered, epoch ms")
+
+
+CONTRACTS: dict[str, type[BaseModel]] = {
+    "input_event": InputEvent,
+    "answer": Answer,
+    "dead_letter": DeadLetter,
+}

@@ -1,0 +1,87 @@
+"""Turns raw Kafka bytes into an InputEvent, or into a DeadLetter that says precisely why not.
+
+Per-item failures are values here, never exceptions: one bad message must not stop the stream.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import orjson
+from pydantic import ValidationError
+
+from streamer.contracts import DeadLetter, ErrorCode, InputEvent, Source
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    """The parts of a consumed Kafka message that decoding needs."""
+
+    value: bytes | None
+    key: bytes | None
+    timestamp_ms: int
+    source: Source
+
+
+def dead_letter(raw: RawMessage, code: ErrorCode, detail: str, event_id: str | None = None) -> DeadLetter:
+    """A DeadLetter keeping the original bytes (as text when they are UTF-8, else base64)."""
+    value = raw.value or b""
+    try:
+        payload, encoding = value.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        payload, encoding = base64.b64encode(value).decode("ascii"), "base64"
+    return DeadLetter(
+        error=code,
+        detail=detail[:2000],
+        id=event_id,
+        payload=payload,
+        payload_encoding=encoding,
+        source=raw.source,
+        ts=int(time.time() * 1000),
+    )
+
+
+def _schema_detail(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        where = ".".join(str(p) for p in item["loc"]) or "(event)"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def decode(
+    raw: RawMessage, *, default_task: str, known_tasks: Collection[str], max_chars: int
+) -> InputEvent | DeadLetter:
+    """Parse and validate one message; fill `key`, `ts` and `task` defaults from Kafka and the route."""
+    if not raw.value:
+        return dead_letter(raw, ErrorCode.INVALID_JSON, "empty message")
+    try:
+        doc = orjson.loads(raw.value)
+    except orjson.JSONDecodeError as exc:
+        return dead_letter(raw, ErrorCode.INVALID_JSON, str(exc))
+    if not isinstance(doc, dict):
+        return dead_letter(raw, ErrorCode.SCHEMA, f"expected a JSON object, got {type(doc).__name__}")
+    event_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+    try:
+        event = InputEvent.model_validate(doc)
+    except ValidationError as exc:
+        return dead_letter(raw, ErrorCode.SCHEMA, _schema_detail(exc), event_id)
+    if len(event.text) > max_chars:
+        detail = f"text has {len(event.text)} characters; the limit is {max_chars}"
+        return dead_letter(raw, ErrorCode.TOO_LONG, detail, event.id)
+    task = event.task or default_task
+    if task not in known_tasks:
+        detail = f"unknown task {task!r}; known: {', '.join(sorted(known_tasks))}"
+        return dead_letter(raw, ErrorCode.UNKNOWN_TASK, detail, event.id)
+    key = event.key if event.key is not None else _key_text(raw.key)
+    ts = event.ts if event.ts is not None else raw.timestamp_ms
+    return event.model_copy(update={"key": key, "ts": ts, "task": task})
+
+
+def _key_text(key: bytes | None) -> str | None:
+    if key is None:
+        return None
+    return key.decode("utf-8", errors="replace")

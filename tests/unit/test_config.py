@@ -1,0 +1,63 @@
+"""Settings: YAML plus STREAMER_ environment; invalid settings fail at start naming the field."""
+
+from pathlib import Path
+
+import pytest
+
+from streamer.config import load_settings
+from streamer.errors import ConfigError
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "streamer.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "streamer.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_no_file_means_the_embedded_defaults():
+    settings = load_settings(None)
+    assert settings.kafka.bootstrap_servers is None
+    assert settings.redis.url is None
+    assert [(r.input, r.task, r.output) for r in settings.routes] == [("questions", "answer", "answers")]
+
+
+def test_the_annotated_example_is_valid():
+    assert load_settings(EXAMPLE).routes
+
+
+def test_environment_overrides_the_file(tmp_path, monkeypatch):
+    path = write(tmp_path, "kafka: {bootstrap_servers: 'file:9092', group_id: g}\n")
+    monkeypatch.setenv("STREAMER_KAFKA__BOOTSTRAP_SERVERS", "env:9092")
+    monkeypatch.setenv("STREAMER_BATCHING__MAX_BATCH", "4")
+    settings = load_settings(path)
+    assert settings.kafka.bootstrap_servers == "env:9092"
+    assert settings.kafka.group_id == "g"
+    assert settings.batching.max_batch == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("kafka: {group: x}\n", "kafka.group"),
+        ("batching: {max_batch: 0}\n", "batching.max_batch"),
+        ("batching: {max_batch: 32, max_queue: 8}\n", "batching"),
+        ("routes: [{name: a, input: i, output: o, task: dance}]\n", "routes.0.task"),
+        ("routes: [{name: a, input: i, output: o, task: classify}]\n", "routes.0"),
+        ("routes: [{name: a, input: i, output: o, task: prompt, template: 'no placeholder'}]\n", "routes.0"),
+        ("routes: []\n", "routes"),
+        ("surprise: 1\n", "surprise"),
+    ],
+)
+def test_invalid_settings_name_the_field(tmp_path, text, field):
+    with pytest.raises(ConfigError) as error:
+        load_settings(write(tmp_path, text))
+    assert f"  {field}" in str(error.value)
+
+
+def test_unreadable_or_malformed_files_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(write(tmp_path, "kafka: [unclosed\n"))
