@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from streamer.errors import ConfigError
@@ -102,7 +110,10 @@ def _default_routes() -> list[Route]:
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="STREAMER_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
+        env_prefix="STREAMER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        nested_model_default_partial_update=True,
     )
 
     kafka: KafkaSettings = KafkaSettings()

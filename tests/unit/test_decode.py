@@ -75,7 +75,11 @@ def test_a_dead_letter_keeps_the_original_bytes_and_where_they_came_from():
     assert base64.b64decode(letter.payload) == b"\xff\x00 binary"
     assert letter.source == SOURCE
     text_letter = run(b'{"id": "x", "text": 1}')
-    assert (text_letter.payload, text_letter.payload_encoding, text_letter.id) == ('{"id": "x", "text": 1}', "utf-8", "x")
+    assert (text_letter.payload, text_letter.payload_encoding, text_letter.id) == (
+        '{"id": "x", "text": 1}',
+        "utf-8",
+        "x",
+    )
 
 
 @given(st.binary(max_size=200))
@@ -83,8 +87,14 @@ def test_arbitrary_bytes_never_raise(value):
     assert isinstance(run(value), InputEvent | DeadLetter)
 
 
-@given(st.dictionaries(st.sampled_from(["id", "text", "key", "ts", "task", "params", "meta", "x"]),
-                       st.one_of(st.none(), st.integers(), st.text(max_size=5), st.booleans(),
-                                 st.lists(st.integers(), max_size=2)), max_size=7))
+@given(
+    st.dictionaries(
+        st.sampled_from(["id", "text", "key", "ts", "task", "params", "meta", "x"]),
+        st.one_of(
+            st.none(), st.integers(), st.text(max_size=5), st.booleans(), st.lists(st.integers(), max_size=2)
+        ),
+        max_size=7,
+    )
+)
 def test_arbitrary_json_objects_never_raise(doc):
     assert isinstance(run(json.dumps(doc).encode()), InputEvent | DeadLetter)

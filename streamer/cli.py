@@ -1,0 +1,161 @@
+"""The `streamer` command. Every error a user can cause prints one clear line and exits non-zero."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+from rich.console import Console
+
+from streamer.config import Settings, load_settings
+from streamer.contracts import CONTRACTS
+from streamer.errors import ConfigError, StreamerError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Real-time LLM inference over Kafka.")
+console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML settings (default: $STREAMER_CONFIG or ./streamer.yaml)"),
+]
+BootstrapOption = Annotated[str, typer.Option("--bootstrap", "-b", envvar="KAFKA_BOOTSTRAP_SERVERS")]
+SCHEMAS_DIR = Path("schemas")
+
+
+def _settings(path: Path | None) -> Settings:
+    if path is None:
+        env = os.environ.get("STREAMER_CONFIG")
+        path = Path(env) if env else (Path("streamer.yaml") if Path("streamer.yaml").exists() else None)
+    return load_settings(path)
+
+
+def _fail(error: Exception, code: int = 1) -> typer.Exit:
+    console.print(f"[red]error:[/] {error}", highlight=False)
+    return typer.Exit(code)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def run(config: ConfigOption = None, log_level: str = "info") -> None:
+    """Run the service until SIGTERM/SIGINT, then drain in-flight work, commit and exit."""
+    from streamer.app import Pipeline
+    from streamer.runtime import endpoints, load_worker
+
+    _logging(log_level)
+    try:
+        settings = _settings(config)
+        with endpoints(settings) as ends:
+            worker = load_worker(settings.model)
+            pipeline = Pipeline(
+                settings, ends.bootstrap, ends.redis_url, worker, create_topics=not ends.embedded_kafka
+            )
+            asyncio.run(_until_signal(pipeline))
+    except ConfigError as exc:
+        raise _fail(exc, 2) from None
+    except StreamerError as exc:
+        raise _fail(exc) from None
+
+
+async def _until_signal(pipeline) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await pipeline.run(stop)
+
+
+@app.command()
+def demo(
+    config: ConfigOption = None,
+    questions: Annotated[Path, typer.Option(help="JSONL questions to produce")] = Path(
+        "examples/questions.jsonl"
+    ),
+) -> None:
+    """Run the whole pipeline on the embedded defaults and print the answers."""
+    from streamer.demo import print_report, run_demo
+
+    _logging("warning")
+    try:
+        settings = _settings(config)
+        report = run_demo(settings, questions, Console())
+    except ConfigError as exc:
+        raise _fail(exc, 2) from None
+    except (StreamerError, OSError) as exc:
+        raise _fail(exc) from None
+    print_report(report, Console())
+
+
+@app.command()
+def produce(
+    topic: str,
+    file: Annotated[Path | None, typer.Argument(help="JSONL file; stdin when omitted")] = None,
+    bootstrap: BootstrapOption = "localhost:9092",
+    key_field: Annotated[str, typer.Option(help="JSON field used as the message key")] = "key",
+) -> None:
+    """Produce JSONL lines (a file or stdin) to a topic, one record per line."""
+    from streamer.kafka.tools import produce_lines
+
+    try:
+        lines = file.read_bytes().splitlines() if file else sys.stdin.buffer
+        count = produce_lines({"bootstrap.servers": bootstrap}, topic, lines, key_field)
+    except (StreamerError, OSError) as exc:
+        raise _fail(exc) from None
+    console.print(f"produced {count} records to {topic}")
+
+
+@app.command()
+def tail(
+    topic: str,
+    bootstrap: BootstrapOption = "localhost:9092",
+    limit: Annotated[int | None, typer.Option("--max", "-n", help="stop after this many records")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep waiting for new records")] = False,
+) -> None:
+    """Print a topic's records from the beginning as JSON lines."""
+    from streamer.kafka.tools import read_topic
+
+    for message in read_topic({"bootstrap.servers": bootstrap}, topic, limit=limit, follow=follow):
+        value = message.value() or b""
+        try:
+            sys.stdout.write(orjson.dumps(orjson.loads(value)).decode() + "\n")
+        except orjson.JSONDecodeError:
+            sys.stdout.write(value.decode("utf-8", "replace") + "\n")
+        sys.stdout.flush()
+
+
+@app.command()
+def schemas(
+    out: Annotated[Path, typer.Option(help="folder for the JSON Schema files")] = SCHEMAS_DIR,
+) -> None:
+    """Write the JSON Schema of every contract (input event, answer, dead letter)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in render_schemas().items():
+        (out / f"{name}.json").write_text(text)
+        console.print(f"wrote {out / f'{name}.json'}")
+
+
+def render_schemas() -> dict[str, str]:
+    """The schema files' exact text, so the drift test and the command agree byte for byte."""
+    return {name: json.dumps(model.model_json_schema(), indent=2) + "\n" for name, model in CONTRACTS.items()}
+
+
+@app.command("check-config")
+def check_config(config: Annotated[Path | None, typer.Argument()] = None) -> None:
+    """Validate the settings (file and STREAMER_ environment) without starting anything."""
+    try:
+        settings = _settings(config)
+    except ConfigError as exc:
+        raise _fail(exc, 2) from None
+    routes = ", ".join(f"{r.input} -[{r.task}]-> {r.output}" for r in settings.routes)
+    kafka = settings.kafka.bootstrap_servers or "embedded mock cluster"
+    console.print(f"config ok: kafka {kafka}; routes {routes}", markup=False)

@@ -1,0 +1,82 @@
+"""The async front end of the model: concurrent callers are micro-batched onto one resident worker.
+
+The event loop never runs the model: each batch crosses into a single worker thread (torch releases
+the GIL while it computes), so Kafka polling and Redis writes go on while a batch generates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from streamer.batching.batcher import BatchRules, MicroBatcher
+from streamer.engine.worker import GenRequest, GenResult, LLMWorker
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A worker result plus where its time went."""
+
+    result: GenResult
+    queued_ms: float
+    model_ms: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class _Queued:
+    request: GenRequest
+    submitted_s: float
+
+
+class LLMPool:
+    def __init__(self, worker: LLMWorker, rules: BatchRules) -> None:
+        self.worker = worker
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-worker")
+        self._batcher: MicroBatcher[_Queued, Generated] = MicroBatcher(rules, self._run_batch)
+
+    async def __aenter__(self) -> LLMPool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        await self._batcher.start()
+
+    async def aclose(self) -> None:
+        """Finish everything queued, then release the worker thread."""
+        await self._batcher.aclose()
+        self._executor.shutdown(wait=True)
+
+    def free_slots(self) -> int:
+        return self._batcher.free_slots()
+
+    async def wait_for_room(self) -> None:
+        await self._batcher.wait_for_room()
+
+    def submit(self, request: GenRequest) -> asyncio.Future[Generated]:
+        """Queue one request (raises QueueFull when there is no room: the caller pauses its input)."""
+        tokens = self.worker.prompt_tokens(request.messages)
+        return self._batcher.put(_Queued(request, time.monotonic()), tokens)
+
+    async def generate(self, request: GenRequest) -> Generated:
+        """Submit once there is room and wait for the result."""
+        while self.free_slots() == 0:
+            await self.wait_for_room()
+        return await self.submit(request)
+
+    async def _run_batch(self, batch: list[_Queued]) -> list[Generated]:
+        started_s = time.monotonic()
+        requests = [q.request for q in batch]
+        results = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self.worker.generate, requests
+        )
+        model_ms = (time.monotonic() - started_s) * 1000
+        return [
+            Generated(result, (started_s - q.submitted_s) * 1000, model_ms, len(batch))
+            for q, result in zip(batch, results, strict=True)
+        ]

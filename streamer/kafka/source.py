@@ -1,0 +1,102 @@
+"""The consumer side: a consumer group that hands out messages and commits only finished work.
+
+Polled without blocking from the event loop, so rebalance callbacks run on the loop's thread and the
+OffsetTracker has a single owner. Partitions are paused as a whole when the batcher has no room.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from streamer.errors import StreamerError
+from streamer.kafka.offsets import TP, OffsetTracker
+
+log = logging.getLogger(__name__)
+
+
+class KafkaSource:
+    def __init__(self, config: dict[str, Any], topics: Sequence[str], tracker: OffsetTracker) -> None:
+        self._tracker = tracker
+        self._paused = False
+        self._consumer = Consumer({**config, "on_commit": _log_commit_error})
+        self._consumer.subscribe(
+            list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def poll(self, max_messages: int) -> list[Message]:
+        """Up to `max_messages` ready messages, without waiting; broker hiccups are logged, fatal errors raise."""
+        if max_messages <= 0:
+            return []  # paused for lack of room; polling again would hand out more than we can hold
+        ready = []
+        for message in self._consumer.consume(num_messages=max_messages, timeout=0):
+            error = message.error()
+            if error is None:
+                ready.append(message)
+            elif error.fatal():
+                raise StreamerError(f"Kafka consumer failed: {error.str()}")
+            elif error.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer: %s", error.str())
+        return ready
+
+    def pause(self) -> None:
+        if not self._paused:
+            self._consumer.pause(self._consumer.assignment())
+            self._paused = True
+
+    def resume(self) -> None:
+        if self._paused:
+            self._consumer.resume(self._consumer.assignment())
+            self._paused = False
+
+    def commit(self, *, sync: bool = False) -> None:
+        """Commit every partition whose fully-written point moved."""
+        offsets = self._tracker.committable()
+        if offsets:
+            self._commit(offsets, sync=sync)
+            self._tracker.mark_committed(offsets)
+
+    def close(self) -> None:
+        self.commit(sync=True)
+        self._consumer.close()
+
+    def _commit(self, offsets: dict[TP, int], *, sync: bool) -> None:
+        parts = [TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()]
+        try:
+            self._consumer.commit(offsets=parts, asynchronous=not sync)
+        except KafkaException as exc:
+            log.warning("commit failed (the next commit supersedes it): %s", exc.args[0].str())
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        consumer.incremental_assign(partitions)
+        if self._paused:
+            consumer.pause(partitions)
+        log.info("assigned %s", _names(partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # In-flight events of these partitions still finish and are written (idempotently); their offsets
+        # are no longer ours, so commit what is fully written now and forget the rest.
+        final = self._tracker.forget((p.topic, p.partition) for p in partitions)
+        if final:
+            self._commit(final, sync=True)
+        log.info("revoked %s", _names(partitions))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._tracker.forget((p.topic, p.partition) for p in partitions)
+        log.warning("lost %s (another member owns them now)", _names(partitions))
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing"
+
+
+def _log_commit_error(error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+    if error is not None and error.code() != KafkaError._NO_OFFSET:
+        log.warning("offset commit failed: %s", error.str())

@@ -1,0 +1,113 @@
+"""The output stage: writes answers and dead letters to Kafka and Redis, then marks them fully written.
+
+Outcomes accumulate while a write is under way and go out together in the next one, so Redis gets
+one pipeline per batch. An event counts as fully written only when Kafka acknowledged its record and
+its state is in Redis; only then may the OffsetTracker let its offset be committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import orjson
+
+from streamer.contracts import Answer, DeadLetter
+from streamer.kafka.offsets import TP, OffsetTracker
+from streamer.kafka.sink import DeliveryError, KafkaSink
+from streamer.state.redis import RedisState, StateUnavailable, Written
+
+log = logging.getLogger(__name__)
+
+_BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One event's result, addressed: where it goes and which offset it finishes."""
+
+    tp: TP
+    offset: int
+    topic: str
+    kafka_key: bytes | None
+    record: Answer | DeadLetter
+
+
+class Writer:
+    def __init__(self, sink: KafkaSink, state: RedisState, tracker: OffsetTracker) -> None:
+        self._sink = sink
+        self._state = state
+        self._tracker = tracker
+        self._buffer: list[Outcome] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.written = 0
+
+    @property
+    def backlog(self) -> int:
+        return len(self._buffer)
+
+    def add(self, outcome: Outcome) -> None:
+        self._buffer.append(outcome)
+        self._idle.clear()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Write until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._buffer = self._buffer, []
+            await self._write(batch)
+            if not self._buffer:
+                self._idle.set()
+
+    async def drain(self) -> None:
+        """Wait until everything added so far is fully written."""
+        await self._idle.wait()
+
+    async def _write(self, batch: list[Outcome]) -> None:
+        payloads = [orjson.dumps(o.record.model_dump(mode="json")) for o in batch]
+        deliveries = [self._sink.send(o.topic, o.kafka_key, p) for o, p in zip(batch, payloads, strict=True)]
+        written = [Written(o.record, p, _key_text(o)) for o, p in zip(batch, payloads, strict=True)]
+        await _retrying("redis write", lambda: self._state.write(written))
+        for outcome, payload, delivery in zip(batch, payloads, deliveries, strict=True):
+            await self._delivered(outcome, payload, delivery)
+            self._tracker.done(outcome.tp, outcome.offset)
+        self.written += len(batch)
+
+    async def _delivered(self, outcome: Outcome, payload: bytes, delivery: asyncio.Future[None]) -> None:
+        attempt = 0
+        while True:
+            try:
+                await delivery
+                return
+            except DeliveryError as exc:
+                pause = _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
+                log.warning("%s; producing again in %.1f s", exc, pause)
+                await asyncio.sleep(pause)
+                attempt += 1
+                delivery = self._sink.send(outcome.topic, outcome.kafka_key, payload)
+
+
+async def _retrying(what: str, action: Callable[[], Awaitable[object]]) -> None:
+    attempt = 0
+    while True:
+        try:
+            await action()
+            return
+        except StateUnavailable as exc:
+            pause = _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
+            log.warning("%s failed (%s); retrying in %.1f s", what, exc, pause)
+            await asyncio.sleep(pause)
+            attempt += 1
+
+
+def _key_text(outcome: Outcome) -> str | None:
+    record = outcome.record
+    if isinstance(record, Answer):
+        return record.key
+    return outcome.kafka_key.decode("utf-8", "replace") if outcome.kafka_key else None

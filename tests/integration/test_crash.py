@@ -1,0 +1,100 @@
+"""A SIGKILLed `streamer run` loses nothing and double-counts nothing once it is started again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+import yaml
+
+from tests.integration.services import committed_offsets, consume_all, end_offsets, produce_lines, unique_name
+
+pytestmark = pytest.mark.integration
+
+EVENTS = 120
+
+
+def start_service(config: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streamer", "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
+def counters(client: redis.Redis, prefix: str) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in client.hgetall(f"{prefix}:counters").items()}
+
+
+def wait_for(condition, timeout_s: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}; service log:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def test_sigkill_mid_stream_then_restart_loses_nothing_and_counts_once(kafka_bootstrap, redis_url, tmp_path):
+    tag = unique_name("crash")
+    config = tmp_path / "streamer.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "kafka": {
+                    "bootstrap_servers": kafka_bootstrap,
+                    "group_id": f"g-{tag}",
+                    "dead_letter_topic": f"dlq-{tag}",
+                    "commit_interval_ms": 200,
+                },
+                "redis": {"url": redis_url, "prefix": tag},
+                "batching": {"max_batch": 8, "max_queue": 16},
+                "routes": [{"name": "q", "input": f"in-{tag}", "output": f"out-{tag}", "max_new_tokens": 8}],
+            }
+        )
+    )
+    produce_lines(
+        kafka_bootstrap,
+        f"in-{tag}",
+        [
+            orjson.dumps({"id": f"c-{i:03d}", "key": f"k{i % 3}", "text": f"Name a colour, number {i}."})
+            for i in range(EVENTS)
+        ],
+    )
+    client = redis.Redis.from_url(redis_url)
+    log = tmp_path / "service.log"
+
+    first = start_service(config, log)
+    wait_for(lambda: counters(client, tag).get("events", 0) >= 30, 300, "the first answers", log)
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    assert counters(client, tag)["events"] < EVENTS, "the kill came too late to test recovery"
+
+    second = start_service(config, log)
+    wait_for(lambda: counters(client, tag).get("events", 0) >= EVENTS, 300, "every event", log)
+    wait_for(
+        lambda: (
+            committed_offsets(kafka_bootstrap, f"g-{tag}", f"in-{tag}")
+            == end_offsets(kafka_bootstrap, f"in-{tag}")
+        ),
+        60,
+        "offsets to reach the end",
+        log,
+    )
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(60) == 0, log.read_text()[-3000:]
+
+    final = counters(client, tag)
+    assert (final["events"], final["answers"]) == (EVENTS, EVENTS)
+    records = sum(end_offsets(kafka_bootstrap, f"out-{tag}").values())  # repeats after the kill are allowed
+    answered = {orjson.loads(m.value)["id"] for m in consume_all(kafka_bootstrap, f"out-{tag}", records, 60)}
+    assert answered == {f"c-{i:03d}" for i in range(EVENTS)}
