@@ -36,7 +36,7 @@ test-integration: setup kafka-jars
 	$(PY) -m pytest -q tests/integration
 
 bench: setup kafka-jars
-	$(PY) bench/batching.py
+	$(PY) -m bench.batching
 
 lint: setup
 	$(VENV)/bin/ruff check .

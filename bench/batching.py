@@ -1,6 +1,6 @@
 """Micro-batched vs one-by-one: the same questions through the real broker, Redis and model, in one run.
 
-    .venv/bin/python bench/batching.py [--events 256] [--max-new-tokens 16] [--max-batch 32]
+    .venv/bin/python -m bench.batching [--events 256] [--max-new-tokens 16] [--max-batch 32]
 
 Prints events/s, output tokens/s and p50/p99 end-to-end latency for each mode, and the throughput ratio.
 """

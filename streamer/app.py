@@ -78,14 +78,17 @@ class Pipeline:
         await self._pool.start()
         background = [asyncio.create_task(self._writer.run()), asyncio.create_task(self._serve_sink())]
         try:
-            await self._consume(source, stop)
+            await self._consume(source, stop, background)
         finally:
             await self._shutdown(source, background)
 
-    async def _consume(self, source: KafkaSource, stop: asyncio.Event) -> None:
+    async def _consume(self, source: KafkaSource, stop: asyncio.Event, background: list[asyncio.Task[None]]) -> None:
         limits = self._settings.batching
         next_commit_s = time.monotonic()
         while not stop.is_set():
+            for task in background:
+                if task.done():  # a stage died: stop with its error rather than stall with paused input
+                    task.result()
             room = self._pool.free_slots() if self._writer.backlog < limits.max_queue else 0
             if room == 0:
                 source.pause()

@@ -76,7 +76,11 @@ class RedisState:
         self._apply = self._client.register_script(_APPLY)
 
     async def ping(self) -> None:
-        await self._client.ping()
+        """Fail fast, with a clear error, when Redis is unreachable at start."""
+        try:
+            await self._client.ping()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StateUnavailable(f"cannot reach Redis: {exc}") from None
 
     async def write(self, outcomes: Sequence[Written]) -> int:
         """Apply a batch of outcomes in one pipeline; returns how many were new (not seen before)."""
