@@ -14,9 +14,13 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 LIB="$HERE/lib"
 STAMP="$LIB/.pom.sha256"
 START_TIMEOUT_S="${KAFKA_START_TIMEOUT_S:-90}"
-STOP_TIMEOUT_S=20
+# For ../lib.sh (parse_args, running_pid, stop, status, ...): see there.
+SELF=kafka.sh PORT=9092 PROC_PATTERN='kafka\.Kafka' STOP_POLL_S=0.2
+PID_NAME=kafka.pid LOG_NAME=server.log
+# shellcheck source=SCRIPTDIR/../lib.sh
+source "$HERE/../lib.sh"
 
-die() { echo "kafka.sh: $*" >&2; exit 1; }
+endpoint() { echo "bootstrap=127.0.0.1:$PORT"; }
 
 fetch() {
   local want
@@ -65,38 +69,6 @@ cluster_id() {
   echo "$id"
 }
 
-PORT=9092
-DIR=""
-parse_args() {
-  while (($#)); do
-    case "$1" in
-      --port) PORT="${2:?--port needs a value}"; shift 2 ;;
-      --dir) DIR="${2:?--dir needs a value}"; shift 2 ;;
-      *) die "unknown argument: $1" ;;
-    esac
-  done
-  [[ "$PORT" =~ ^[0-9]+$ ]] || die "bad port: $PORT"
-  DIR="${DIR:-$HERE/run/$PORT}"
-  [[ "$DIR" == /* ]] || DIR="$PWD/$DIR"
-  PIDFILE="$DIR/kafka.pid"
-  LOG="$DIR/server.log"
-}
-
-# True while the process exists and is not a zombie (an unreaped child of ours still answers kill -0).
-alive() {
-  kill -0 "$1" 2>/dev/null && ! grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null
-}
-
-# Prints the broker pid when the pid file names a live kafka.Kafka process.
-running_pid() {
-  [[ -f "$PIDFILE" ]] || return 1
-  local pid
-  pid="$(cat "$PIDFILE")"
-  [[ -n "$pid" ]] && alive "$pid" || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'kafka\.Kafka' || return 1
-  echo "$pid"
-}
-
 write_config() {
   local cport="$1"
   cat >"$DIR/server.properties" <<EOF
@@ -138,14 +110,8 @@ EOF
 
 start() {
   parse_args "$@"
-  local pid
-  if pid="$(running_pid)"; then
-    echo "kafka.sh: already running (pid $pid)" >&2
-    echo "bootstrap=127.0.0.1:$PORT"
+  if already_running; then
     return 0
-  fi
-  if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
-    die "port $PORT is already in use"
   fi
   fetch
   command -v java >/dev/null || die "java not found"
@@ -162,7 +128,7 @@ start() {
   nohup java -Xms256m -Xmx512m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
     ${KAFKA_JVM_OPTS:-} -Dlog4j2.configurationFile="$DIR/log4j2.properties" -Dkafka.logs.dir="$DIR" \
     -cp "$cp" kafka.Kafka "$DIR/server.properties" >"$DIR/kafka.out" 2>&1 </dev/null &
-  pid=$!
+  local pid=$!
   echo "$pid" >"$PIDFILE"
 
   local deadline=$((SECONDS + START_TIMEOUT_S))
@@ -181,46 +147,7 @@ start() {
     fi
     sleep 0.2
   done
-  echo "bootstrap=127.0.0.1:$PORT"
-}
-
-stop_pid() {
-  local pid="$1" deadline=$((SECONDS + STOP_TIMEOUT_S))
-  kill -TERM "$pid" 2>/dev/null || true
-  while alive "$pid"; do
-    if ((SECONDS >= deadline)); then
-      echo "kafka.sh: pid $pid ignored SIGTERM for ${STOP_TIMEOUT_S}s, killing" >&2
-      kill -KILL "$pid" 2>/dev/null || true
-      break
-    fi
-    sleep 0.2
-  done
-  # Reap it when it is our own child (start timed out), so no zombie keeps the pid alive.
-  wait "$pid" 2>/dev/null || true
-  rm -f "$PIDFILE"
-}
-
-stop() {
-  parse_args "$@"
-  local pid
-  if pid="$(running_pid)"; then
-    stop_pid "$pid"
-    echo "kafka.sh: stopped (pid $pid)" >&2
-  else
-    rm -f "$PIDFILE"
-    echo "kafka.sh: not running" >&2
-  fi
-}
-
-status() {
-  parse_args "$@"
-  local pid
-  if pid="$(running_pid)"; then
-    echo "running pid=$pid bootstrap=127.0.0.1:$PORT dir=$DIR"
-  else
-    echo "stopped dir=$DIR"
-    return 1
-  fi
+  endpoint
 }
 
 cmd="${1:-}"

@@ -12,9 +12,13 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 START_TIMEOUT_S=30
-STOP_TIMEOUT_S=20
+# For ../lib.sh (parse_args, running_pid, stop, status, ...): see there.
+SELF=redis.sh PORT=6379 PROC_PATTERN='redis-server' STOP_POLL_S=0.1
+PID_NAME=redis.pid LOG_NAME=redis.log
+# shellcheck source=SCRIPTDIR/../lib.sh
+source "$HERE/../lib.sh"
 
-die() { echo "redis.sh: $*" >&2; exit 1; }
+endpoint() { echo "url=redis://127.0.0.1:$PORT/0"; }
 
 redis_binary() {
   if command -v redis-server >/dev/null; then
@@ -36,47 +40,10 @@ pong() (
   [[ "$reply" == "+PONG"* ]]
 )
 
-PORT=6379
-DIR=""
-parse_args() {
-  while (($#)); do
-    case "$1" in
-      --port) PORT="${2:?--port needs a value}"; shift 2 ;;
-      --dir) DIR="${2:?--dir needs a value}"; shift 2 ;;
-      *) die "unknown argument: $1" ;;
-    esac
-  done
-  [[ "$PORT" =~ ^[0-9]+$ ]] || die "bad port: $PORT"
-  DIR="${DIR:-$HERE/run/$PORT}"
-  [[ "$DIR" == /* ]] || DIR="$PWD/$DIR"
-  PIDFILE="$DIR/redis.pid"
-  LOG="$DIR/redis.log"
-}
-
-alive() {
-  kill -0 "$1" 2>/dev/null && ! grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null
-}
-
-# Prints the server pid when the pid file names a live redis-server.
-running_pid() {
-  [[ -f "$PIDFILE" ]] || return 1
-  local pid
-  pid="$(cat "$PIDFILE")"
-  [[ -n "$pid" ]] && alive "$pid" || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'redis-server' || return 1
-  echo "$pid"
-}
-
 start() {
   parse_args "$@"
-  local pid
-  if pid="$(running_pid)"; then
-    echo "redis.sh: already running (pid $pid)" >&2
-    echo "url=redis://127.0.0.1:$PORT/0"
+  if already_running; then
     return 0
-  fi
-  if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
-    die "port $PORT is already in use"
   fi
   mkdir -p "$DIR"
   rm -f "$PIDFILE" "$LOG"
@@ -91,40 +58,7 @@ start() {
     fi
     sleep 0.1
   done
-  echo "url=redis://127.0.0.1:$PORT/0"
-}
-
-stop() {
-  parse_args "$@"
-  local pid
-  if ! pid="$(running_pid)"; then
-    rm -f "$PIDFILE"
-    echo "redis.sh: not running" >&2
-    return 0
-  fi
-  local deadline=$((SECONDS + STOP_TIMEOUT_S))
-  kill -TERM "$pid" 2>/dev/null || true
-  while alive "$pid"; do
-    if ((SECONDS >= deadline)); then
-      echo "redis.sh: pid $pid ignored SIGTERM for ${STOP_TIMEOUT_S}s, killing" >&2
-      kill -KILL "$pid" 2>/dev/null || true
-      break
-    fi
-    sleep 0.1
-  done
-  rm -f "$PIDFILE"
-  echo "redis.sh: stopped (pid $pid)" >&2
-}
-
-status() {
-  parse_args "$@"
-  local pid
-  if pid="$(running_pid)"; then
-    echo "running pid=$pid url=redis://127.0.0.1:$PORT/0 dir=$DIR"
-  else
-    echo "stopped dir=$DIR"
-    return 1
-  fi
+  endpoint
 }
 
 cmd="${1:-}"
