@@ -1,0 +1,54 @@
+"""The event-time window engine: per-key aggregates over tumbling, sliding or session windows.
+
+A window [start, end) is open while the watermark is below `end` and closed once watermark >= end
+(the watermark already includes the allowed lateness, see `watermark.py`). An event joins every
+window covering it that is still open; it is late only if all of them are closed, and then nothing
+changes. Closed-ness is judged by the highest watermark the engine has been given, never by
+remembering closed windows, so state is bounded by what is open and a closed window never reopens.
+
+Emit-final: `expire(watermark)` hands over each closed window exactly once, ordered by
+(end, key, start), and forgets it. Emit-on-update: `peek(key)` shows a key's open windows, for
+provisional results. Keys must be hashable and mutually orderable (str or bytes, as Kafka keys are).
+
+Pure logic: no I/O and no clock; the caller passes the watermark in (e.g. `Watermarks.current`).
+"""
+
+from typing import Any, Generic
+
+from streamer.windows.assign import WindowSpec
+from streamer.windows.grid import GridWindows
+from streamer.windows.model import Added, Aggregator, E, OpenWindow, S
+from streamer.windows.sessions import SessionWindows
+
+__all__ = ["Added", "Aggregator", "OpenWindow", "WindowEngine"]
+
+
+class WindowEngine(Generic[S, E]):
+    """Windows per key for one `WindowSpec`, folding events with an `Aggregator`."""
+
+    def __init__(self, spec: WindowSpec, aggregator: Aggregator[S, E]) -> None:
+        self.spec = spec
+        self._impl: GridWindows[S, E] | SessionWindows[S, E] = (
+            SessionWindows(spec, aggregator) if spec.kind == "session" else GridWindows(spec, aggregator)
+        )
+
+    @property
+    def watermark_ms(self) -> int | None:
+        """The highest watermark given to `add` or `expire` so far; None before any."""
+        return self._impl.watermark_ms
+
+    def add(self, key: Any, ts_ms: int, event: E, ref: Any, watermark_ms: int | None) -> Added:
+        """Fold one event into its open windows; `ref` is kept with them (e.g. to hold its offset)."""
+        return self._impl.add(key, ts_ms, event, ref, watermark_ms)
+
+    def expire(self, watermark_ms: int | None) -> list[OpenWindow[S]]:
+        """Remove and return the windows with end <= watermark, ordered by (end, key, start)."""
+        return self._impl.expire(watermark_ms)
+
+    def open_count(self) -> int:
+        """Windows held: open ones plus closed ones the next `expire` will hand over."""
+        return self._impl.open_count()
+
+    def peek(self, key: Any) -> list[OpenWindow[S]]:
+        """The key's open windows (end > watermark) ascending by start; live objects, do not mutate."""
+        return self._impl.peek(key)

@@ -1,0 +1,66 @@
+"""The vocabulary shared by the window engines: aggregators, open windows and what `add` reports."""
+
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from streamer.windows.assign import Window
+
+S = TypeVar("S")
+E = TypeVar("E")
+E_contra = TypeVar("E_contra", contravariant=True)
+
+NO_WATERMARK_MS = -(2**63)
+"""Internal stand-in for "no watermark yet": below any event time, so comparisons need no None checks."""
+
+
+def key_order(key: Any) -> tuple[bool, Any]:
+    """Sort key for window keys: None (unkeyed messages) first, then the keys' own order."""
+    return (key is not None, key)
+
+
+class Aggregator(Protocol[S, E_contra]):
+    """Folds events into a window's state; `merge` joins two session windows' states (a before b)."""
+
+    def create(self) -> S: ...
+
+    def add(self, state: S, event: E_contra) -> S:
+        """Fold one event in; may mutate and return `state`."""
+        ...
+
+    def merge(self, a: S, b: S) -> S:
+        """Combine two states; may mutate and return `a`."""
+        ...
+
+
+@dataclass(eq=False, slots=True)
+class OpenWindow(Generic[S]):
+    """One key's window being aggregated; mutable, compared by identity.
+
+    `first_ts_ms`/`last_ts_ms` are the lowest and highest event times in it (not arrival order);
+    `refs` are the opaque handles of its events, in no particular order: the app passes
+    (topic, partition, offset) so an open window keeps those offsets uncommitted until it is emitted.
+    """
+
+    key: Any
+    window: Window
+    state: S
+    count: int
+    first_ts_ms: int
+    last_ts_ms: int
+    refs: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Added:
+    """What `add` did with an event: the windows it joined, ascending by start, or late and dropped.
+
+    Each joined window keeps the event's ref once, and session merges keep it once in the merged
+    session, so `expire` hands the ref back exactly len(windows) times: hold its offset that often.
+    Instances are shared between events; they are immutable.
+    """
+
+    late: bool
+    windows: tuple[Window, ...]
+
+
+LATE = Added(late=True, windows=())

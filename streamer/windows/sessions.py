@@ -1,0 +1,127 @@
+"""Session windows: per key, events closer than the gap form one window, merging as gaps fill in.
+
+An event at ts is a proto-session [ts, ts + gap). It merges with every open session of its key that
+it overlaps or touches (closed intervals meet: s1 <= e2 and s2 <= e1, as in Flink and Kafka Streams,
+so events exactly `gap_ms` apart share a session). A session is [first event ts, last event ts + gap)
+and is closed once the watermark reaches its end. An event whose proto-session is already closed is
+late unless it merges with an open session; closed sessions are never reopened. (Such a bridging
+event may stretch an open session back over time that an already emitted session covered.)
+
+`expire` pops a heap of session ends. Sessions only grow, so a heap entry is lazily refreshed: when
+popped with an outdated end it is pushed again under the current one, and entries of sessions merged
+away are skipped. Each live session has exactly one entry; nothing is scanned while nothing can close.
+"""
+
+import heapq
+import itertools
+from typing import Any, Generic
+
+from streamer.windows.assign import Window, WindowSpec
+from streamer.windows.model import LATE, NO_WATERMARK_MS, Added, Aggregator, E, OpenWindow, S, key_order
+
+
+class SessionWindows(Generic[S, E]):
+    """Session windows per key; see `WindowEngine` for the contract."""
+
+    def __init__(self, spec: WindowSpec, aggregator: Aggregator[S, E]) -> None:
+        if spec.kind != "session" or spec.gap_ms is None:
+            raise ValueError("SessionWindows takes session specs")
+        self.spec = spec
+        self._gap_ms = spec.gap_ms
+        self._aggregator = aggregator
+        self._sessions: dict[Any, list[OpenWindow[S]]] = {}  # per key, including closed-not-yet-expired
+        # heap of (end when pushed, key order, seq, session): the next session to close is at [0]
+        self._ends: list[tuple[int, tuple[bool, Any], int, OpenWindow[S]]] = []
+        self._seq = itertools.count()
+        self._watermark_ms = NO_WATERMARK_MS
+        self._open = 0
+
+    @property
+    def watermark_ms(self) -> int | None:
+        return None if self._watermark_ms == NO_WATERMARK_MS else self._watermark_ms
+
+    def add(self, key: Any, ts_ms: int, event: E, ref: Any, watermark_ms: int | None) -> Added:
+        if watermark_ms is not None and watermark_ms > self._watermark_ms:
+            self._watermark_ms = watermark_ms
+        proto_end_ms = ts_ms + self._gap_ms
+        sessions = self._sessions.get(key, [])
+        touching = [
+            s
+            for s in sessions
+            if s.window.end_ms > self._watermark_ms and s.window.start_ms <= proto_end_ms and ts_ms <= s.window.end_ms
+        ]
+        if touching:
+            session = self._merge(touching, sessions)
+        elif proto_end_ms <= self._watermark_ms:
+            return LATE
+        else:
+            session = self._start(key, ts_ms)
+        session.state = self._aggregator.add(session.state, event)
+        session.count += 1
+        session.refs.append(ref)
+        if ts_ms < session.first_ts_ms or ts_ms > session.last_ts_ms:
+            session.first_ts_ms = min(session.first_ts_ms, ts_ms)
+            session.last_ts_ms = max(session.last_ts_ms, ts_ms)
+            session.window = Window(session.first_ts_ms, session.last_ts_ms + self._gap_ms)
+        return Added(late=False, windows=(session.window,))
+
+    def expire(self, watermark_ms: int | None) -> list[OpenWindow[S]]:
+        if watermark_ms is not None and watermark_ms > self._watermark_ms:
+            self._watermark_ms = watermark_ms
+        ends = self._ends
+        closed: list[OpenWindow[S]] = []
+        while ends and ends[0][0] <= self._watermark_ms:
+            end_ms, order, _, session = heapq.heappop(ends)
+            key = session.key
+            sessions = self._sessions.get(key, [])
+            if not any(s is session for s in sessions):
+                continue  # merged into another session, which has its own entry
+            if session.window.end_ms != end_ms:
+                heapq.heappush(ends, (session.window.end_ms, order, next(self._seq), session))
+                continue  # grew since it was pushed: it closes later, in its proper place
+            self._forget(key, sessions, [session])
+            closed.append(session)
+        return closed
+
+    def open_count(self) -> int:
+        return self._open
+
+    def peek(self, key: Any) -> list[OpenWindow[S]]:
+        sessions = self._sessions.get(key, [])
+        return sorted((s for s in sessions if s.window.end_ms > self._watermark_ms), key=lambda s: s.window.start_ms)
+
+    def _start(self, key: Any, ts_ms: int) -> OpenWindow[S]:
+        """A new session holding no events yet; `add` folds the first one in."""
+        window = Window(ts_ms, ts_ms + self._gap_ms)
+        session = OpenWindow(key, window, self._aggregator.create(), 0, ts_ms, ts_ms, [])
+        self._sessions.setdefault(key, []).append(session)
+        heapq.heappush(self._ends, (window.end_ms, key_order(key), next(self._seq), session))
+        self._open += 1
+        return session
+
+    def _merge(self, touching: list[OpenWindow[S]], sessions: list[OpenWindow[S]]) -> OpenWindow[S]:
+        """Fold every touched session into one; states merge in start order, refs move small to large."""
+        if len(touching) == 1:
+            return touching[0]
+        touching.sort(key=lambda s: s.window.start_ms)
+        survivor = max(touching, key=lambda s: len(s.refs))
+        state = touching[0].state
+        for other in touching[1:]:
+            state = self._aggregator.merge(state, other.state)
+        others = [s for s in touching if s is not survivor]
+        for other in others:
+            survivor.refs.extend(other.refs)
+        survivor.state = state
+        survivor.count = sum(s.count for s in touching)
+        survivor.first_ts_ms = min(s.first_ts_ms for s in touching)
+        survivor.last_ts_ms = max(s.last_ts_ms for s in touching)
+        survivor.window = Window(survivor.first_ts_ms, survivor.last_ts_ms + self._gap_ms)
+        self._forget(touching[0].key, sessions, others)
+        return survivor
+
+    def _forget(self, key: Any, sessions: list[OpenWindow[S]], gone: list[OpenWindow[S]]) -> None:
+        """Drop sessions of a key (expired or merged away); their heap entries become stale."""
+        sessions[:] = [s for s in sessions if all(s is not g for g in gone)]
+        if not sessions:
+            del self._sessions[key]
+        self._open -= len(gone)

@@ -1,0 +1,145 @@
+"""Watermarks: the slowest live partition sets event-time progress; idle ones stop holding it back."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streamer.windows.watermark import Watermarks
+
+IDLE_MS = 1_000
+P0, P1, P2 = ("events", 0), ("events", 1), ("events", 2)
+
+
+def marks(lateness_ms: int = 0) -> Watermarks:
+    return Watermarks(allowed_lateness_ms=lateness_ms, idle_timeout_ms=IDLE_MS)
+
+
+def test_nothing_can_be_said_before_any_event() -> None:
+    wm = marks()
+    assert wm.current(now_ms=0) is None
+    wm.assign([P0], now_ms=0)
+    assert wm.current(now_ms=0) is None
+
+
+def test_the_watermark_is_the_slowest_partitions_highest_event_time_minus_the_lateness() -> None:
+    wm = marks(lateness_ms=50)
+    wm.assign([P0, P1], now_ms=0)
+    wm.observe(P0, 1_000, now_ms=10)
+    wm.observe(P1, 700, now_ms=10)
+    wm.observe(P0, 900, now_ms=20)  # out of order: the highest seen counts
+    assert wm.current(now_ms=20) == 700 - 50
+
+
+def test_a_partition_that_goes_quiet_stops_holding_the_watermark_back() -> None:
+    wm = marks()
+    wm.assign([P0, P1], now_ms=0)
+    wm.observe(P0, 5_000, now_ms=0)
+    wm.observe(P1, 100, now_ms=0)
+    assert wm.current(now_ms=IDLE_MS - 1) == 100
+    wm.observe(P0, 5_100, now_ms=IDLE_MS - 1)
+    assert wm.current(now_ms=IDLE_MS) == 5_100, "P1 has been silent for idle_timeout_ms"
+    wm.observe(P1, 200, now_ms=IDLE_MS + 1)
+    assert wm.current(now_ms=IDLE_MS + 1) == 5_100, "P1 is back, but the watermark does not go backwards"
+
+
+def test_a_never_seen_partition_holds_the_watermark_until_it_has_been_assigned_for_the_idle_timeout() -> None:
+    wm = marks()
+    wm.assign([P0, P1], now_ms=0)
+    wm.observe(P0, 5_000, now_ms=500)
+    assert wm.current(now_ms=500) is None, "P1 may still deliver events older than anything seen"
+    assert wm.current(now_ms=IDLE_MS - 1) is None
+    assert wm.current(now_ms=IDLE_MS) == 5_000
+
+
+def test_a_newly_assigned_partition_holds_back_without_moving_the_watermark_backwards() -> None:
+    wm = marks()
+    wm.assign([P0], now_ms=0)
+    wm.observe(P0, 5_000, now_ms=0)
+    assert wm.current(now_ms=0) == 5_000
+    wm.assign([P1], now_ms=100)
+    wm.observe(P0, 9_000, now_ms=200)
+    assert wm.current(now_ms=200) == 5_000, "held at what it was, not None and not 9000"
+    wm.observe(P1, 7_000, now_ms=300)
+    assert wm.current(now_ms=300) == 7_000
+
+
+def test_assign_without_a_time_starts_the_idle_clock_at_the_next_call() -> None:
+    wm = marks()
+    wm.assign([P0, P1])
+    wm.observe(P0, 5_000, now_ms=10_000)
+    assert wm.current(now_ms=10_000) is None
+    assert wm.current(now_ms=10_000 + IDLE_MS) == 10_000 + IDLE_MS, "both idle now: processing time rules"
+
+
+def test_when_every_partition_is_idle_the_watermark_follows_processing_time() -> None:
+    wm = marks(lateness_ms=100)
+    wm.assign([P0, P1], now_ms=0)
+    wm.observe(P0, 2_000, now_ms=0)
+    wm.observe(P1, 1_000, now_ms=0)
+    assert wm.current(now_ms=500) == 900
+    assert wm.current(now_ms=IDLE_MS) == 1_900, "all idle: the highest partition watermark, here above the clock"
+    assert wm.current(now_ms=60_000) == 60_000, "windows ending in the past by the wall clock now close"
+    wm.observe(P0, 3_000, now_ms=60_001)
+    assert wm.current(now_ms=60_001) == 60_000
+
+
+def test_revoked_partitions_stop_counting_and_their_stragglers_are_ignored() -> None:
+    wm = marks()
+    wm.assign([P0, P1], now_ms=0)
+    wm.observe(P0, 5_000, now_ms=0)
+    wm.observe(P1, 100, now_ms=0)
+    wm.revoke([P1])
+    wm.observe(P1, 50, now_ms=1)
+    assert wm.current(now_ms=1) == 5_000
+    wm.revoke([P0])
+    assert wm.current(now_ms=10 * IDLE_MS) == 5_000, "no partitions: hold, do not follow the clock"
+
+
+@pytest.mark.parametrize("lateness_ms, idle_ms", [(-1, 10), (0, 0)])
+def test_settings_are_validated(lateness_ms: int, idle_ms: int) -> None:
+    with pytest.raises(ValueError):
+        Watermarks(lateness_ms, idle_ms)
+
+
+# Each step: ("event", partition, ts, dt) | ("assign", partition, 0, dt) | ("revoke", partition, 0, dt).
+steps = st.lists(
+    st.tuples(
+        st.sampled_from(["event", "event", "event", "assign", "revoke"]),
+        st.sampled_from([P0, P1, P2]),
+        st.integers(min_value=0, max_value=10_000),
+        st.integers(min_value=0, max_value=700),
+    ),
+    max_size=80,
+)
+
+
+@given(steps, st.integers(min_value=0, max_value=500))
+def test_the_watermark_never_goes_backwards(run: list[tuple[str, tuple[str, int], int, int]], lateness_ms: int) -> None:
+    wm = marks(lateness_ms)
+    now_ms, last = 0, None
+    for action, partition, ts_ms, dt_ms in run:
+        now_ms += dt_ms
+        if action == "assign":
+            wm.assign([partition], now_ms)
+        elif action == "revoke":
+            wm.revoke([partition])
+        else:
+            wm.observe(partition, ts_ms, now_ms)
+        current = wm.current(now_ms)
+        assert last is None or (current is not None and current >= last)
+        last = current
+
+
+@given(steps, st.integers(min_value=0, max_value=500))
+def test_with_every_partition_live_the_watermark_is_their_minimum(
+    run: list[tuple[str, tuple[str, int], int, int]], lateness_ms: int
+) -> None:
+    """No idling (time stands still): the watermark is exactly the running minimum over partitions."""
+    wm = marks(lateness_ms)
+    wm.assign([P0, P1, P2], now_ms=0)
+    highest: dict[tuple[str, int], int] = {}
+    for _, partition, ts_ms, _ in run:
+        wm.observe(partition, ts_ms, now_ms=0)
+        highest[partition] = max(ts_ms, highest.get(partition, ts_ms))
+        expected = min(highest.values()) - lateness_ms if len(highest) == 3 else None
+        assert wm.current(now_ms=0) == expected
