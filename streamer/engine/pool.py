@@ -12,14 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from streamer.batching.batcher import BatchRules, MicroBatcher
-from streamer.engine.worker import GenRequest, GenResult, LLMWorker
+from streamer.engine.worker import GenRequest, GenResult, LLMWorker, ScoreRequest, ScoreResult
 
 
 @dataclass(frozen=True)
 class Generated:
-    """A worker result plus where its time went."""
+    """A worker result (generated text or label scores, as the request asked) plus where its time went."""
 
-    result: GenResult
+    result: GenResult | ScoreResult
     queued_ms: float
     model_ms: float
     batch_size: int
@@ -27,7 +27,7 @@ class Generated:
 
 @dataclass(frozen=True)
 class _Queued:
-    request: GenRequest
+    request: GenRequest | ScoreRequest
     submitted_s: float
 
 
@@ -58,12 +58,15 @@ class LLMPool:
     async def wait_for_room(self) -> None:
         await self._batcher.wait_for_room()
 
-    def submit(self, request: GenRequest) -> asyncio.Future[Generated]:
-        """Queue one request (raises QueueFull when there is no room: the caller pauses its input)."""
-        tokens = self.worker.prompt_tokens(request.messages)
+    def submit(self, request: GenRequest | ScoreRequest) -> asyncio.Future[Generated]:
+        """Queue one request (raises QueueFull when there is no room: the caller pauses its input).
+
+        Generate and score requests share the queue; a mixed batch is split again by the worker.
+        """
+        tokens = self.worker.prompt_tokens(request)
         return self._batcher.put(_Queued(request, time.monotonic()), tokens)
 
-    async def generate(self, request: GenRequest) -> Generated:
+    async def generate(self, request: GenRequest | ScoreRequest) -> Generated:
         """Submit once there is room and wait for the result."""
         while self.free_slots() == 0:
             await self.wait_for_room()
@@ -73,7 +76,7 @@ class LLMPool:
         started_s = time.monotonic()
         requests = [q.request for q in batch]
         results = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self.worker.generate, requests
+            self._executor, self.worker.run, requests
         )
         model_ms = (time.monotonic() - started_s) * 1000
         return [

@@ -1,4 +1,8 @@
-"""The resident model worker: batched chat generation, synchronous (the async side runs it in a thread).
+"""The resident model worker: batched chat generation and label scoring, synchronous (the async side
+runs it in a thread).
+
+Scoring classifies without free generation: each label is scored by the model's log-likelihood of
+answering it, so the answer is always one of the labels and does not depend on sampling.
 
 A batch that raises is split in halves and retried, so one bad request becomes one error
 result (a dead letter upstream) instead of failing its whole batch.
@@ -8,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -20,6 +24,9 @@ from streamer.models.loader import LoadedModel
 log = logging.getLogger(__name__)
 
 WARM_UP_MESSAGES = ({"role": "user", "content": "Hi"},)
+
+Req = TypeVar("Req")
+Res = TypeVar("Res")
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,47 @@ class GenResult:
     tokens_in: int
     tokens_out: int
     error: str | None = None  # set when this request failed even alone
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Pick one of `labels` as the assistant's answer to a chat, by the model's log-likelihood."""
+
+    messages: tuple[dict[str, str], ...]
+    labels: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.labels or any(not label.strip() for label in self.labels):
+            raise ValueError(f"labels must be non-empty strings, got {self.labels!r}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be distinct, got {self.labels!r}")
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """The best label and every label's score: log P(the answer is exactly that label), see `label_score`.
+
+    tokens_in counts the templated prompt once, like GenResult, though it is run once per label.
+    """
+
+    label: str
+    scores: dict[str, float]
+    tokens_in: int
+    error: str | None = None  # set when this request failed even alone
+
+
+Request = GenRequest | ScoreRequest
+Result = GenResult | ScoreResult
+
+
+def label_score(logprobs: Sequence[float]) -> float:
+    """Total log-prob of the label's tokens plus the end of the answer right after them.
+
+    The end term makes this the probability of answering exactly the label, so a label is not
+    rewarded for being the prefix of a longer answer. On the review set it beat the mean (which
+    inflates a label like "Neut|ral" whose later tokens are near-certain) and the first token.
+    """
+    return sum(logprobs)
 
 
 class _RowLimits(StoppingCriteria):
@@ -91,9 +139,20 @@ class LLMWorker:
         # tokenizer's padding/truncation settings are shared mutable state in the Rust backend.
         self._tokenizer_lock = threading.Lock()
 
-    def prompt_tokens(self, messages: Sequence[Mapping[str, str]]) -> int:
-        """Token count of the templated prompt, for the batcher's token budget."""
+    def prompt_tokens(self, request: Sequence[Mapping[str, str]] | Request) -> int:
+        """Token count of the templated prompt, for the batcher's token budget.
+
+        A score request counts its prompt once per label: each label is a row of its own.
+        """
+        if isinstance(request, ScoreRequest):
+            return self.prompt_tokens(request.messages) * len(request.labels)
+        messages = request.messages if isinstance(request, GenRequest) else request
         return int(self._encode([messages])["attention_mask"].sum())
+
+    def text_tokens(self, text: str) -> int:
+        """Token count of a bare text (window token budgets and statistics)."""
+        with self._tokenizer_lock:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def warm_up(self) -> None:
         """Run one tiny padded batch so kernels and allocator are ready before the first real batch."""
@@ -101,26 +160,61 @@ class LLMWorker:
         longer = GenRequest(({"role": "user", "content": "Say hello to everyone."},), max_new_tokens=2)
         self.generate([short, longer])
 
+    def run(self, requests: Sequence[Request]) -> list[Result]:
+        """Results aligned with a mixed batch; generate and score requests each go to their own call."""
+        gen: list[tuple[int, GenRequest]] = []
+        scoring: list[tuple[int, ScoreRequest]] = []
+        for i, request in enumerate(requests):
+            if isinstance(request, GenRequest):
+                gen.append((i, request))
+            elif isinstance(request, ScoreRequest):
+                scoring.append((i, request))
+            else:
+                raise TypeError(f"not a GenRequest or ScoreRequest: {type(request).__name__}")
+        by_index: dict[int, Result] = {}
+        by_index.update(zip([i for i, _ in gen], self.generate([r for _, r in gen]), strict=True))
+        by_index.update(zip([i for i, _ in scoring], self.score([r for _, r in scoring]), strict=True))
+        return [by_index[i] for i in range(len(requests))]
+
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
         """Results aligned with `requests`; requests are grouped by sampling settings."""
         by_index: dict[int, GenResult] = {}
         for indices in _group_by_sampling(requests).values():
             group = [requests[i] for i in indices]
-            by_index.update(zip(indices, self._generate_isolating(group), strict=True))
+            results = self._isolating(group, self._generate_batch, self._failed_generation)
+            by_index.update(zip(indices, results, strict=True))
         return [by_index[i] for i in range(len(requests))]
 
-    def _generate_isolating(self, requests: Sequence[GenRequest]) -> list[GenResult]:
-        """Generate a batch; on failure split it in halves, down to single failed requests."""
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        """Results aligned with `requests`: every (prompt, label) pair of the batch in one forward pass."""
+        if not requests:
+            return []
+        return self._isolating(requests, self._score_batch, self._failed_score)
+
+    def _isolating(
+        self,
+        requests: Sequence[Req],
+        run_batch: Callable[[Sequence[Req]], list[Res]],
+        failed: Callable[[Req, str], Res],
+    ) -> list[Res]:
+        """Run a batch; on failure split it in halves, down to single failed requests."""
         try:
-            return self._generate_batch(requests)
+            return run_batch(requests)
         except Exception as exc:
             self._after_failure()
             if len(requests) == 1:
-                log.warning("generation failed for a single request: %r", exc)
-                return [GenResult("", self._safe_prompt_tokens(requests[0]), 0, error=_describe(exc))]
+                log.warning("a single request failed: %r", exc)
+                return [failed(requests[0], _describe(exc))]
             log.info("batch of %d failed (%r); retrying in halves", len(requests), exc)
             half = len(requests) // 2
-            return self._generate_isolating(requests[:half]) + self._generate_isolating(requests[half:])
+            head = self._isolating(requests[:half], run_batch, failed)
+            return head + self._isolating(requests[half:], run_batch, failed)
+
+    def _failed_generation(self, request: GenRequest, error: str) -> GenResult:
+        return GenResult("", self._safe_prompt_tokens(request), 0, error=error)
+
+    def _failed_score(self, request: ScoreRequest, error: str) -> ScoreResult:
+        return ScoreResult("", {}, self._safe_prompt_tokens(request), error=error)
 
     def _generate_batch(self, requests: Sequence[GenRequest]) -> list[GenResult]:
         """One `model.generate` call for requests sharing temperature and ignore_eos."""
@@ -156,6 +250,54 @@ class LLMWorker:
             kwargs["min_new_tokens"] = max_new_tokens
         return kwargs
 
+    def _score_batch(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        """One forward pass over prompt+label rows, left-padded so every label ends the row."""
+        prompts = self._prompt_ids([r.messages for r in requests])
+        label_ids = [self._label_ids(r.labels) for r in requests]
+        pairs = [(p, ids) for p, labels in zip(prompts, label_ids, strict=True) for ids in labels]
+        input_ids, mask = _left_pad([p + ids for p, ids in pairs], self.pad_id, self.device)
+        # Forward (unlike generate) numbers positions 0..L-1 whatever the padding; count real tokens.
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        width = max(len(ids) for _, ids in pairs)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                logits_to_keep=width + 1,
+                use_cache=False,
+            )
+        lengths = [len(ids) for _, ids in pairs]
+        logprobs = iter(_label_logprobs(out.logits, input_ids, lengths, sorted(self.eos_ids)))
+        return [
+            self._score_result(r, len(p), [label_score(next(logprobs)) for _ in r.labels])
+            for r, p in zip(requests, prompts, strict=True)
+        ]
+
+    def _score_result(self, request: ScoreRequest, tokens_in: int, values: list[float]) -> ScoreResult:
+        """The best label wins; a tie goes to the label listed first."""
+        scores = dict(zip(request.labels, values, strict=True))
+        best = max(request.labels, key=scores.__getitem__)
+        return ScoreResult(label=best, scores=scores, tokens_in=tokens_in)
+
+    def _prompt_ids(self, conversations: Sequence[Sequence[Mapping[str, str]]]) -> list[list[int]]:
+        """Unpadded templated prompts ending in the assistant header, where the label will follow."""
+        with self._tokenizer_lock:
+            enc = self.tokenizer.apply_chat_template(
+                [list(c) for c in conversations],
+                add_generation_prompt=True,
+                tokenize=True,
+                sanitize_control_tokens=True,
+                return_dict=True,
+            )
+        return [list(ids) for ids in enc["input_ids"]]
+
+    def _label_ids(self, labels: Sequence[str]) -> list[list[int]]:
+        """Label tokens as the model would write them at the start of its answer, specials as text."""
+        with self._tokenizer_lock:
+            enc = self.tokenizer(list(labels), add_special_tokens=False, split_special_tokens=True)
+        return [list(ids) for ids in enc["input_ids"]]
+
     def _encode(self, conversations: Sequence[Sequence[Mapping[str, str]]]) -> dict[str, torch.Tensor]:
         """Templated, left-padded prompts; control tokens typed by users are encoded as plain text."""
         with self._tokenizer_lock:
@@ -173,7 +315,7 @@ class LLMWorker:
             "attention_mask": enc["attention_mask"].to(self.device),
         }
 
-    def _safe_prompt_tokens(self, request: GenRequest) -> int:
+    def _safe_prompt_tokens(self, request: Request) -> int:
         """Prompt size for an error result; 0 when the prompt itself cannot be built."""
         try:
             return self.prompt_tokens(request.messages)
@@ -192,6 +334,30 @@ def _group_by_sampling(requests: Sequence[GenRequest]) -> dict[tuple[float, bool
     for i, request in enumerate(requests):
         groups.setdefault((request.temperature, request.ignore_eos), []).append(i)
     return groups
+
+
+def _left_pad(rows: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask for rows padded on the left to the longest row."""
+    width = max(len(row) for row in rows)
+    ids = [[pad_id] * (width - len(row)) + row for row in rows]
+    mask = [[0] * (width - len(row)) + [1] * len(row) for row in rows]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def _label_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, lengths: Sequence[int], end_ids: Sequence[int]
+) -> list[list[float]]:
+    """Per row: log-probs of its last `lengths[i]` tokens (the label), then of ending the answer there.
+
+    `logits` holds the last width+1 positions; position t predicts token t+1, so the first width
+    of them predict the last width tokens (a shorter label uses only its tail) and the last one
+    predicts what follows the label: any EOS id ends the answer.
+    """
+    width = logits.shape[1] - 1
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = logprobs[:, :-1].gather(-1, input_ids[:, -width:].unsqueeze(-1)).squeeze(-1).tolist()
+    ends = torch.logsumexp(logprobs[:, -1, list(end_ids)], dim=-1).tolist()
+    return [[*row[width - n :], end] for row, n, end in zip(picked, lengths, ends, strict=True)]
 
 
 def _eos_ids(*candidates: int | list[int] | None) -> frozenset[int]:
