@@ -1,38 +1,29 @@
-"""A real Kafka broker and redis-server for benchmarks: the ones given in the environment, else native ones."""
+"""The real Kafka broker and redis-server a benchmark runs against: the same ones the test suite uses.
+
+`KAFKA_BOOTSTRAP_SERVERS` / `REDIS_URL` when set, else a native broker (ops/kafka) and a redis-server
+child process, started for the duration.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from streamer.state.server import RedisServer, free_port
-
-KAFKA_SH = Path(__file__).parents[1] / "ops" / "kafka" / "kafka.sh"
+from streamer.state.server import RedisServer
+from tests.integration.services import kafka_service
 
 
 @contextlib.contextmanager
 def kafka_broker() -> Iterator[str]:
-    """`KAFKA_BOOTSTRAP_SERVERS`, or a fresh native broker (ops/kafka) for the duration."""
-    if bootstrap := os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        yield bootstrap
-        return
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="streamer-bench-kafka-") as run_dir:
-        args = ["--port", str(port), "--dir", run_dir]
-        subprocess.run([str(KAFKA_SH), "start", *args], check=True, stdout=subprocess.DEVNULL)
-        try:
-            yield f"127.0.0.1:{port}"
-        finally:
-            subprocess.run([str(KAFKA_SH), "stop", *args], check=False, stdout=subprocess.DEVNULL)
+    with tempfile.TemporaryDirectory(prefix="streamer-bench-kafka-") as run_dir, kafka_service(Path(run_dir)) as bs:
+        yield bs
 
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
-    """`REDIS_URL`, or a real redis-server on a free port for the duration."""
     if url := os.environ.get("REDIS_URL"):
         yield url
         return

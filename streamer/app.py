@@ -1,80 +1,86 @@
 """Wires the stages of one streamer process and runs them until asked to stop.
 
-  KafkaSource ─▶ decode ─bad─▶ Writer (dead-letter topic)
-                   └─▶ LLMPool (micro-batcher ▶ resident worker) ─▶ Writer (output topic + Redis)
+  KafkaSource ─▶ EventHandler ─bad/late─▶ Writer (dead-letter / late topic)
+                   ├─▶ LLMPool (micro-batcher ▶ resident worker) ─▶ Writer (output topic + Redis)
+                   └─▶ WindowStage (per route) ─window closes─▶ LLMPool? ─▶ Writer (window topic + Redis)
   Writer ─"fully written"─▶ OffsetTracker ─▶ KafkaSource.commit
 
 Shutdown order (after SIGTERM/SIGINT, within `shutdown_timeout_s`):
-  1. stop fetching; 2. finish every queued request; 3. write every outcome to Kafka and Redis;
-  4. commit the offsets now fully written; 5. flush the producer and close the clients.
+  1. stop fetching; 2. emit the windows already closed; 3. finish every queued request;
+  4. write every outcome to Kafka and Redis; 5. commit the offsets now fully written;
+  6. flush the producer and close the clients. Open windows are not emitted: their offsets are
+  not committed, so the next owner of the partition rebuilds them from Kafka.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
-
 from streamer.batching.batcher import BatchRules
-from streamer.config import Route, Settings
-from streamer.contracts import Answer, DeadLetter, ErrorCode, InputEvent, Source
-from streamer.decode import RawMessage, dead_letter, decode
-from streamer.engine.pool import Generated, LLMPool
-from streamer.engine.worker import GenRequest, LLMWorker
+from streamer.config import Settings
+from streamer.engine.pool import LLMPool
+from streamer.engine.worker import LLMWorker
+from streamer.events import EventHandler
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.client_config import consumer_config, producer_config
-from streamer.kafka.offsets import OffsetTracker
+from streamer.kafka.offsets import TP, OffsetTracker
 from streamer.kafka.sink import KafkaSink
 from streamer.kafka.source import KafkaSource
 from streamer.state.redis import RedisState
-from streamer.tasks.prompts import build_messages, finish, route_tasks
-from streamer.writer import Outcome, Writer
+from streamer.windows.stage import WindowStage
+from streamer.writer import Writer
 
 log = logging.getLogger(__name__)
 
 _IDLE_SLEEP_S = 0.005
+_TICK_S = 0.02
 _MAX_POLL = 500
 
 
 class Pipeline:
-    def __init__(
-        self,
-        settings: Settings,
-        bootstrap: str,
-        redis_url: str,
-        worker: LLMWorker,
-        *,
-        create_topics: bool = True,
-    ) -> None:
+    def __init__(self, settings: Settings, bootstrap: str, redis_url: str, worker: LLMWorker,
+                 *, create_topics: bool = True) -> None:
         self._settings = settings
         self._bootstrap = bootstrap
         self._create_topics = create_topics
-        self._routes = {route.input: route for route in settings.routes}
-        self._tasks = {route.input: route_tasks(route) for route in settings.routes}
         self._tracker = OffsetTracker()
         self._pool = LLMPool(worker, BatchRules(**settings.batching.model_dump()))
         self._sink = KafkaSink(producer_config(settings.kafka, bootstrap))
         self._state = RedisState(settings.redis, redis_url)
         self._writer = Writer(self._sink, self._state, self._tracker)
+        self.stages = {r.name: WindowStage(r, self._pool, self._writer, self._tracker, self._state)
+                       for r in settings.routes if r.window is not None}
+        self._handler = EventHandler(settings, self._pool, self._writer, self._tracker, self.stages)
+        self._stage_of_topic = {r.input: self.stages[r.name] for r in settings.routes if r.window is not None}
 
     @property
     def written(self) -> int:
         """Events fully written so far (answers and dead letters)."""
         return self._writer.written
 
+    @property
+    def windows_written(self) -> int:
+        """Final window results fully written so far."""
+        return self._writer.windows_written
+
+    def _topics_out(self) -> list[str]:
+        topics = {self._settings.kafka.dead_letter_topic}
+        for route in self._settings.routes:
+            window = route.window
+            topics |= {t for t in (route.output, window and window.output, window and window.late_topic) if t}
+        return sorted(topics)
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume, answer and write until `stop` is set, then drain and commit."""
+        """Consume, answer, window and write until `stop` is set, then drain and commit."""
         await self._state.ping()
         if self._create_topics:
-            outputs = [r.output for r in self._settings.routes] + [self._settings.kafka.dead_letter_topic]
-            await asyncio.to_thread(ensure_topics, self._settings.kafka, self._bootstrap, outputs)
-        source = KafkaSource(
-            consumer_config(self._settings.kafka, self._bootstrap), list(self._routes), self._tracker
-        )
+            await asyncio.to_thread(ensure_topics, self._settings.kafka, self._bootstrap, self._topics_out())
+        source = KafkaSource(consumer_config(self._settings.kafka, self._bootstrap),
+                             [r.input for r in self._settings.routes], self._tracker,
+                             on_assign=self._assigned, on_revoke=self._revoked)
         await self._pool.start()
         background = [asyncio.create_task(self._writer.run()), asyncio.create_task(self._serve_sink())]
         try:
@@ -82,9 +88,19 @@ class Pipeline:
         finally:
             await self._shutdown(source, background)
 
+    def _assigned(self, tps: list[TP]) -> None:
+        for topic, partition in tps:
+            if stage := self._stage_of_topic.get(topic):
+                stage.watermarks.assign([(topic, partition)])
+
+    def _revoked(self, tps: list[TP]) -> None:
+        for topic, partition in tps:
+            if stage := self._stage_of_topic.get(topic):
+                stage.watermarks.revoke([(topic, partition)])
+
     async def _consume(self, source: KafkaSource, stop: asyncio.Event, background: list[asyncio.Task[None]]) -> None:
         limits = self._settings.batching
-        next_commit_s = time.monotonic()
+        next_commit_s = next_tick_s = time.monotonic()
         while not stop.is_set():
             for task in background:
                 if task.done():  # a stage died: stop with its error rather than stall with paused input
@@ -95,85 +111,18 @@ class Pipeline:
             elif source.paused and room >= min(limits.max_batch, limits.max_queue):
                 source.resume()
             messages = source.poll(0 if source.paused else min(room, _MAX_POLL))
+            now_ms = int(time.time() * 1000)
             for message in messages:
-                self._accept(message)
-            if time.monotonic() >= next_commit_s:
+                self._handler.accept(message, now_ms)
+            now_s = time.monotonic()
+            if now_s >= next_tick_s:
+                for stage in self.stages.values():
+                    stage.tick(now_ms)
+                next_tick_s = now_s + _TICK_S
+            if now_s >= next_commit_s:
                 source.commit()
-                next_commit_s = time.monotonic() + self._settings.kafka.commit_interval_ms / 1000
+                next_commit_s = now_s + self._settings.kafka.commit_interval_ms / 1000
             await asyncio.sleep(0 if messages else _IDLE_SLEEP_S)
-
-    def _accept(self, message: Message) -> None:
-        topic, partition, offset = message.topic(), message.partition(), message.offset()
-        tp = (topic, partition)
-        self._tracker.track(tp, offset)
-        ts_type, ts_ms = message.timestamp()
-        if ts_type == TIMESTAMP_NOT_AVAILABLE:
-            ts_ms = int(time.time() * 1000)
-        raw = RawMessage(
-            message.value(), message.key(), ts_ms, Source(topic=topic, partition=partition, offset=offset)
-        )
-        route = self._routes[topic]
-        decoded = decode(
-            raw,
-            default_task=route.task,
-            known_tasks=self._tasks[topic],
-            max_chars=self._settings.limits.max_chars,
-        )
-        if isinstance(decoded, DeadLetter):
-            self._dead(raw, decoded)
-            return
-        cap = self._settings.limits.max_new_tokens
-        request = GenRequest(
-            messages=build_messages(decoded, route),
-            max_new_tokens=min(decoded.params.max_new_tokens or route.max_new_tokens, cap),
-            temperature=decoded.params.temperature or 0.0,
-        )
-        future = self._pool.submit(request)
-        future.add_done_callback(functools.partial(self._answered, decoded, route, raw, time.monotonic()))
-
-    def _answered(
-        self,
-        event: InputEvent,
-        route: Route,
-        raw: RawMessage,
-        arrived_s: float,
-        future: asyncio.Future[Generated],
-    ) -> None:
-        try:
-            generated = future.result()
-        except Exception as exc:  # the worker already split and retried; what is left is this event's
-            self._dead(raw, dead_letter(raw, ErrorCode.MODEL_ERROR, repr(exc), event.id))
-            return
-        result = generated.result
-        if result.error is not None:
-            self._dead(raw, dead_letter(raw, ErrorCode.MODEL_ERROR, result.error, event.id))
-            return
-        task = event.task or route.task
-        answer = Answer(
-            id=event.id,
-            key=event.key,
-            task=task,
-            output=finish(task, result.text, route),
-            model=self._pool.worker.name,
-            tokens_in=result.tokens_in,
-            tokens_out=result.tokens_out,
-            queued_ms=round(generated.queued_ms, 3),
-            latency_ms=round((time.monotonic() - arrived_s) * 1000, 3),
-            source=raw.source,
-            ts_in=event.ts or raw.timestamp_ms,
-            ts_out=int(time.time() * 1000),
-            meta=event.meta,
-        )
-        key = event.key.encode() if event.key is not None else raw.key
-        self._writer.add(
-            Outcome((raw.source.topic, raw.source.partition), raw.source.offset, route.output, key, answer)
-        )
-
-    def _dead(self, raw: RawMessage, letter: DeadLetter) -> None:
-        tp = (raw.source.topic, raw.source.partition)
-        self._writer.add(
-            Outcome(tp, raw.source.offset, self._settings.kafka.dead_letter_topic, raw.key, letter)
-        )
 
     async def _serve_sink(self) -> None:
         while True:
@@ -184,6 +133,8 @@ class Pipeline:
         source.pause()
         try:
             async with asyncio.timeout(self._settings.shutdown_timeout_s):
+                for stage in self.stages.values():
+                    await stage.drain()
                 await self._pool.aclose()
                 await self._writer.drain()
         except TimeoutError:

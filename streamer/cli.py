@@ -15,7 +15,7 @@ import orjson
 import typer
 from rich.console import Console
 
-from streamer.config import Settings, load_settings
+from streamer.config import Route, Settings, load_settings
 from streamer.contracts import CONTRACTS
 from streamer.errors import ConfigError, StreamerError
 
@@ -149,6 +149,13 @@ def render_schemas() -> dict[str, str]:
     return {name: json.dumps(model.model_json_schema(), indent=2) + "\n" for name, model in CONTRACTS.items()}
 
 
+def _describe_route(route: Route) -> str:
+    text = f"{route.input} -[{route.task}]-> {route.output or '(no answers)'}"
+    if route.window is not None:
+        text += f" + {route.window.kind} {route.window.task} windows -> {route.window.output}"
+    return text
+
+
 @app.command("check-config")
 def check_config(config: Annotated[Path | None, typer.Argument()] = None) -> None:
     """Validate the settings (file and STREAMER_ environment) without starting anything."""
@@ -156,6 +163,6 @@ def check_config(config: Annotated[Path | None, typer.Argument()] = None) -> Non
         settings = _settings(config)
     except ConfigError as exc:
         raise _fail(exc, 2) from None
-    routes = ", ".join(f"{r.input} -[{r.task}]-> {r.output}" for r in settings.routes)
+    routes = "; ".join(_describe_route(r) for r in settings.routes)
     kafka = settings.kafka.bootstrap_servers or "embedded mock cluster"
     console.print(f"config ok: kafka {kafka}; routes {routes}", markup=False)

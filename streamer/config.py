@@ -23,8 +23,6 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from streamer.errors import ConfigError
 
-TASKS = ("answer", "classify", "translate", "prompt")
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -82,18 +80,50 @@ class LimitsSettings(_Section):
     max_new_tokens: int = Field(512, ge=1, description="cap on any request's max_new_tokens")
 
 
+class WindowSettings(_Section):
+    """Event-time windows per (route, key); see streamer/windows/assign.py for the exact semantics."""
+
+    kind: Literal["tumbling", "sliding", "session"] = "tumbling"
+    size_ms: int | None = Field(None, ge=1, description="tumbling and sliding")
+    slide_ms: int | None = Field(None, ge=1, description="sliding: a new window starts every slide_ms")
+    gap_ms: int | None = Field(None, ge=1, description="session: inactivity that ends a session")
+    allowed_lateness_ms: int = Field(0, ge=0, description="the watermark trails the highest event time by this")
+    idle_timeout_ms: int = Field(10_000, ge=1, description="a partition silent this long stops holding windows")
+    task: Literal["count", "stats", "summarize"] = "count"
+    per_key: bool = Field(True, description="false: one window across all keys (counts distinct keys)")
+    emit: Literal["final", "update"] = "final"
+    update_every_events: int = Field(100, ge=1, description="emit: update")
+    update_every_s: float = Field(5.0, gt=0, description="emit: update")
+    max_events: int = Field(1000, ge=2, description="summarize: texts held before they are folded into a summary")
+    max_tokens: int = Field(1500, ge=16, description="summarize: prompt tokens held before folding")
+    summary_tokens: int = Field(96, ge=8, description="summarize: max_new_tokens of a summary")
+    output: str = Field(description="topic of the window results (message key = window id)")
+    late_topic: str | None = Field(None, description="null: the dead-letter topic, with code `late`")
+
+    @model_validator(mode="after")
+    def _shape(self) -> WindowSettings:
+        if self.kind in ("tumbling", "sliding") and self.size_ms is None:
+            raise ValueError(f"a {self.kind} window needs size_ms")
+        if self.kind == "sliding" and (self.slide_ms is None or self.slide_ms > (self.size_ms or 0)):
+            raise ValueError("a sliding window needs 0 < slide_ms <= size_ms")
+        if self.kind == "session" and self.gap_ms is None:
+            raise ValueError("a session window needs gap_ms")
+        return self
+
+
 class Route(_Section):
-    """One input topic, the task run on its events and the topic answers go to."""
+    """One input topic, the per-event task run on its events, where answers go, and an optional window."""
 
     name: str
     input: str
-    task: Literal["answer", "classify", "translate", "prompt"] = "answer"
-    output: str
+    task: Literal["answer", "classify", "translate", "prompt", "none"] = "answer"
+    output: str | None = Field(None, description="topic of per-event answers; needed unless task is `none`")
     max_new_tokens: int = Field(64, ge=1)
     system_prompt: str | None = None
     template: str | None = Field(None, description="for `prompt`: text with one `{text}` placeholder")
     labels: list[str] = Field(default_factory=list, description="for `classify`")
     target_lang: str = Field("French", description="for `translate`")
+    window: WindowSettings | None = None
 
     @model_validator(mode="after")
     def _task_needs(self) -> Route:
@@ -101,6 +131,10 @@ class Route(_Section):
             raise ValueError("a `prompt` route needs a `template` containing {text}")
         if self.task == "classify" and len(self.labels) < 2:
             raise ValueError("a `classify` route needs at least two `labels`")
+        if self.task != "none" and self.output is None:
+            raise ValueError(f"a `{self.task}` route needs an `output` topic")
+        if self.task == "none" and self.window is None:
+            raise ValueError("a route with task `none` needs a `window`")
         return self
 
 

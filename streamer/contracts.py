@@ -21,6 +21,7 @@ class ErrorCode(StrEnum):
     TOO_LONG = "too_long"
     UNKNOWN_TASK = "unknown_task"
     MODEL_ERROR = "model_error"
+    LATE = "late"
 
 
 class _Strict(BaseModel):
@@ -99,8 +100,46 @@ class DeadLetter(_Strict):
     ts: int = Field(description="when it was dead-lettered, epoch ms")
 
 
+class WindowBounds(_Strict):
+    """Half-open event-time interval [start, end) in epoch ms."""
+
+    kind: str = Field(description="tumbling, sliding or session")
+    start: int
+    end: int
+
+
+class TextStats(_Strict):
+    """Text length and prompt-token statistics of a window's events (`stats` windows)."""
+
+    chars_min: int
+    chars_max: int
+    chars_mean: float
+    tokens_total: int
+    distinct_keys: int
+
+
+class WindowResult(_Strict):
+    """One window's result: final when the window closed, provisional (`final: false`) in update mode."""
+
+    id: str = Field(description="stable window id; the message key on the window topic")
+    route: str
+    key: str | None = Field(description="the event key, or null for a window across all keys")
+    window: WindowBounds
+    count: int
+    first_ts: int
+    last_ts: int
+    late: int = Field(description="late events of this route seen so far (they never change a result)")
+    summary: str | None = None
+    labels: dict[str, int] | None = Field(None, description="label counts, for classify routes")
+    stats: TextStats | None = None
+    model: str | None = None
+    final: bool
+    emitted_at: int = Field(description="epoch ms")
+
+
 CONTRACTS: dict[str, type[BaseModel]] = {
     "input_event": InputEvent,
     "answer": Answer,
     "dead_letter": DeadLetter,
+    "window_result": WindowResult,
 }

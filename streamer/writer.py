@@ -2,7 +2,7 @@
 
 Outcomes accumulate while a write is under way and go out together in the next one, so Redis gets
 one pipeline per batch. An event counts as fully written only when Kafka acknowledged its record and
-its state is in Redis; only then may the OffsetTracker let its offset be committed.
+then its state is in Redis; only then may the OffsetTracker let its offset be committed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from streamer.contracts import Answer, DeadLetter
+from streamer.contracts import Answer, DeadLetter, WindowResult
 from streamer.kafka.offsets import TP, OffsetTracker
 from streamer.kafka.sink import DeliveryError, KafkaSink
 from streamer.state.redis import RedisState, StateUnavailable, Written
@@ -24,15 +24,19 @@ log = logging.getLogger(__name__)
 _BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
+Ref = tuple[TP, int]
+"""An event: its topic partition and offset."""
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """One event's result, addressed: where it goes and which offset it finishes."""
+    """A result, addressed: where it goes and which events' parts it finishes once written."""
 
-    tp: TP
-    offset: int
     topic: str
     kafka_key: bytes | None
-    record: Answer | DeadLetter
+    record: Answer | DeadLetter | WindowResult
+    releases: tuple[Ref, ...]
+    route: str
 
 
 class Writer:
@@ -44,7 +48,8 @@ class Writer:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self.written = 0
+        self.written = 0  # events (answers and dead letters) fully written
+        self.windows_written = 0  # final window results fully written
 
     @property
     def backlog(self) -> int:
@@ -72,12 +77,19 @@ class Writer:
     async def _write(self, batch: list[Outcome]) -> None:
         payloads = [orjson.dumps(o.record.model_dump(mode="json")) for o in batch]
         deliveries = [self._sink.send(o.topic, o.kafka_key, p) for o, p in zip(batch, payloads, strict=True)]
-        written = [Written(o.record, p, _key_text(o)) for o, p in zip(batch, payloads, strict=True)]
-        await _retrying("redis write", lambda: self._state.write(written))
         for outcome, payload, delivery in zip(batch, payloads, deliveries, strict=True):
             await self._delivered(outcome, payload, delivery)
-            self._tracker.done(outcome.tp, outcome.offset)
-        self.written += len(batch)
+        # Redis only after Kafka acknowledged: state that says "written" (a final window, say) then
+        # always has its record on the topic, and a crash in between only repeats the record.
+        written = [Written(o.record, p, _key_text(o), o.route) for o, p in zip(batch, payloads, strict=True)]
+        await _retrying("redis write", lambda: self._state.write(written))
+        for outcome in batch:
+            for tp, offset in outcome.releases:
+                self._tracker.done(tp, offset)
+            if not isinstance(outcome.record, WindowResult):
+                self.written += 1
+            elif outcome.record.final:
+                self.windows_written += 1
 
     async def _delivered(self, outcome: Outcome, payload: bytes, delivery: asyncio.Future[None]) -> None:
         attempt = 0
@@ -108,6 +120,6 @@ async def _retrying(what: str, action: Callable[[], Awaitable[object]]) -> None:
 
 def _key_text(outcome: Outcome) -> str | None:
     record = outcome.record
-    if isinstance(record, Answer):
+    if isinstance(record, Answer | WindowResult):
         return record.key
     return outcome.kafka_key.decode("utf-8", "replace") if outcome.kafka_key else None

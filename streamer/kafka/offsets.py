@@ -5,8 +5,10 @@ batches). Committing offset N tells Kafka that everything below N is finished, s
 of a partition is the lowest offset still in flight, or (last tracked + 1) once all are done.
 Committing anything further would lose unfinished events on a crash or rebalance.
 
-Pure bookkeeping: no confluent-kafka import, no I/O, O(1) amortised per event. A later "hold"
-(an open window keeping an offset uncommitted) is simply an offset that is tracked and not done.
+Pure bookkeeping: no confluent-kafka import, no I/O, O(1) amortised per event. An event may have
+several parts to finish (its answer, and each window it joined): `hold` adds parts, `done` finishes
+one, and the event is done when none is left. An open window thus keeps its events' offsets
+uncommitted until its result is written.
 """
 
 from collections import deque
@@ -19,10 +21,11 @@ TP = tuple[str, int]
 
 @dataclass
 class _Partition:
-    """Offsets of one partition: `pending` in order with the done prefix popped, `open` not yet done."""
+    """Offsets of one partition: `pending` in order with the done prefix popped, `open` maps each
+    offset not yet done to its parts left."""
 
     pending: deque[int] = field(default_factory=deque)
-    open: set[int] = field(default_factory=set)
+    open: dict[int, int] = field(default_factory=dict)
     last_tracked: int = -1
     committed: int | None = None
 
@@ -38,10 +41,14 @@ class _Partition:
         return point if point is not None and point != self.committed else None
 
     def finish(self, offset: int) -> None:
-        """Mark one offset done and pop the done prefix (each offset is popped once: amortised O(1))."""
-        if offset not in self.open:
+        """Finish one part of an offset; when none is left pop the done prefix (amortised O(1))."""
+        parts = self.open.get(offset)
+        if parts is None:
             return
-        self.open.discard(offset)
+        if parts > 1:
+            self.open[offset] = parts - 1
+            return
+        del self.open[offset]
         while self.pending and self.pending[0] not in self.open:
             self.pending.popleft()
 
@@ -63,10 +70,19 @@ class OffsetTracker:
             )
         part.last_tracked = offset
         part.pending.append(offset)
-        part.open.add(offset)
+        part.open[offset] = 1
+
+    def hold(self, tp: TP, offset: int, parts: int = 1) -> bool:
+        """Add parts an event must finish (e.g. the windows it joined); False if it is not in flight."""
+        part = self._parts.get(tp)
+        if part is None or offset not in part.open:
+            return False
+        part.open[offset] += parts
+        return True
 
     def done(self, tp: TP, offset: int) -> None:
-        """Mark an event finished; repeated or unknown offsets (e.g. of a forgotten partition) are ignored."""
+        """Finish one part of an event; once an event is done, repeated or unknown offsets (e.g. of a
+        forgotten partition) are ignored."""
         part = self._parts.get(tp)
         if part is not None:
             part.finish(offset)

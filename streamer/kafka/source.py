@@ -7,7 +7,7 @@ OffsetTracker has a single owner. Partitions are paused as a whole when the batc
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -18,9 +18,19 @@ from streamer.kafka.offsets import TP, OffsetTracker
 log = logging.getLogger(__name__)
 
 
+PartitionsListener = Callable[[list[TP]], None]
+
+
+def _ignore(_: list[TP]) -> None:
+    return None
+
+
 class KafkaSource:
-    def __init__(self, config: dict[str, Any], topics: Sequence[str], tracker: OffsetTracker) -> None:
+    def __init__(self, config: dict[str, Any], topics: Sequence[str], tracker: OffsetTracker, *,
+                 on_assign: PartitionsListener = _ignore, on_revoke: PartitionsListener = _ignore) -> None:
+        """`on_assign`/`on_revoke` tell other stages (window watermarks) which partitions feed them."""
         self._tracker = tracker
+        self._listeners = (on_assign, on_revoke)
         self._paused = False
         self._consumer = Consumer({**config, "on_commit": _log_commit_error})
         self._consumer.subscribe(
@@ -78,6 +88,7 @@ class KafkaSource:
         consumer.incremental_assign(partitions)
         if self._paused:
             consumer.pause(partitions)
+        self._listeners[0]([(p.topic, p.partition) for p in partitions])
         log.info("assigned %s", _names(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -86,10 +97,12 @@ class KafkaSource:
         final = self._tracker.forget((p.topic, p.partition) for p in partitions)
         if final:
             self._commit(final, sync=True)
+        self._listeners[1]([(p.topic, p.partition) for p in partitions])
         log.info("revoked %s", _names(partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._tracker.forget((p.topic, p.partition) for p in partitions)
+        self._listeners[1]([(p.topic, p.partition) for p in partitions])
         log.warning("lost %s (another member owns them now)", _names(partitions))
 
 

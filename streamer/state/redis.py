@@ -10,6 +10,12 @@ Keys (prefix `streamer` by default):
   {p}:counters           hash: events, answers, dead_letters, dead_letters:{code}, tokens_in, tokens_out
   {p}:key:{key}          hash per event key: events, answers, dead_letters, tokens_in, tokens_out
   {p}:seen:{guard}       idempotency guard per event (answer: a:{id}; dead letter: d:{topic}:{partition}:{offset})
+  {p}:late               hash: late events per route
+  {p}:window:{id}        hash per window: result (JSON), final (0/1), route, key, end; expires like answers
+  {p}:windows:{route}:{key}  sorted set of window ids by window end (key `*` for windows across all keys)
+  {p}:windows:latest:{route} hash: key -> the latest result JSON of that key
+  {p}:windows            pub/sub channel: every window result JSON as it is written
+  Counters also hold `windows` (final window results written).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamer.config import RedisSettings
-from streamer.contracts import Answer, DeadLetter
+from streamer.contracts import Answer, DeadLetter, WindowResult
 from streamer.errors import StreamerError
 
 
@@ -54,8 +60,24 @@ else
   redis.call('HINCRBY', counters, 'dead_letters', 1)
   redis.call('HINCRBY', counters, 'dead_letters:' .. code, 1)
   if key ~= '' then redis.call('HINCRBY', per_key, 'dead_letters', 1) end
+  if code == 'late' then redis.call('HINCRBY', p .. ':late', ARGV[9], 1) end
   redis.call('XADD', p .. ':dead-letters', 'MAXLEN', '~', maxlen, '*', 'error', code, 'dead_letter', doc)
 end
+return 1
+"""
+
+# A final result is written once per window id; provisional ones only until the final one.
+_WINDOW = """
+local p, ttl, id, route, key, window_end, doc, final = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6],
+  ARGV[7], ARGV[8]
+local h = p .. ':window:' .. id
+if redis.call('HGET', h, 'final') == '1' then return 0 end
+redis.call('HSET', h, 'result', doc, 'final', final, 'route', route, 'key', key, 'end', window_end)
+redis.call('EXPIRE', h, ttl)
+redis.call('ZADD', p .. ':windows:' .. route .. ':' .. key, window_end, id)
+redis.call('HSET', p .. ':windows:latest:' .. route, key, doc)
+if final == '1' then redis.call('HINCRBY', p .. ':counters', 'windows', 1) end
+redis.call('PUBLISH', p .. ':windows', doc)
 return 1
 """
 
@@ -64,9 +86,10 @@ return 1
 class Written:
     """An outcome with its serialized form, as produced to Kafka."""
 
-    record: Answer | DeadLetter
+    record: Answer | DeadLetter | WindowResult
     payload: bytes
     key: str | None
+    route: str
 
 
 class RedisState:
@@ -74,6 +97,7 @@ class RedisState:
         self._settings = settings
         self._client = aioredis.Redis.from_url(url)
         self._apply = self._client.register_script(_APPLY)
+        self._apply_window = self._client.register_script(_WINDOW)
 
     async def ping(self) -> None:
         """Fail fast, with a clear error, when Redis is unreachable at start."""
@@ -89,7 +113,8 @@ class RedisState:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for outcome in outcomes:
-                    await self._apply(args=self._args(outcome), client=pipe)
+                    script = self._apply_window if isinstance(outcome.record, WindowResult) else self._apply
+                    await script(args=self._args(outcome), client=pipe)
                 applied = await pipe.execute()
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise StateUnavailable(str(exc)) from exc
@@ -97,24 +122,26 @@ class RedisState:
 
     def _args(self, outcome: Written) -> list[str | bytes | int]:
         s = self._settings
-        common: list[str | bytes | int] = [s.prefix, s.answer_ttl_s, s.stream_maxlen]
         record = outcome.record
         key = outcome.key or ""
+        if isinstance(record, WindowResult):
+            final = "1" if record.final else "0"
+            return [s.prefix, s.answer_ttl_s, record.id, outcome.route, key or "*", record.window.end,
+                    outcome.payload, final]
+        common: list[str | bytes | int] = [s.prefix, s.answer_ttl_s, s.stream_maxlen]
         if isinstance(record, Answer):
             guard = f"a:{record.id}"
-            return [
-                *common,
-                "answer",
-                guard,
-                outcome.payload,
-                key,
-                record.id,
-                record.tokens_in,
-                record.tokens_out,
-            ]
+            return [*common, "answer", guard, outcome.payload, key, record.id, record.tokens_in, record.tokens_out]
         src = record.source
         guard = f"d:{src.topic}:{src.partition}:{src.offset}"
-        return [*common, "dead", guard, outcome.payload, key, record.error.value]
+        return [*common, "dead", guard, outcome.payload, key, record.error.value, outcome.route]
+
+    async def window_is_final(self, window_id: str) -> bool:
+        """Whether a final result of this window was already written (e.g. before a crash and replay)."""
+        try:
+            return await self._client.hget(f"{self._settings.prefix}:window:{window_id}", "final") == b"1"
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StateUnavailable(str(exc)) from exc
 
     async def counters(self) -> dict[str, int]:
         raw = await self._client.hgetall(f"{self._settings.prefix}:counters")

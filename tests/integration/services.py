@@ -12,12 +12,15 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -151,6 +154,7 @@ def produce_lines(
     values: Sequence[bytes],
     keys: Sequence[bytes | None] | None = None,
     timeout_s: float = 30.0,
+    partitions: Sequence[int] | None = None,
 ) -> list[Record]:
     """Produce, flush and assert every message was acknowledged (acks=all); returns where each landed.
 
@@ -169,7 +173,11 @@ def produce_lines(
 
     producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "linger.ms": 5})
     for i, value in enumerate(values):
-        producer.produce(topic, value, key=None if keys is None else keys[i], on_delivery=on_delivery)
+        key = None if keys is None else keys[i]
+        if partitions is None:
+            producer.produce(topic, value, key=key, on_delivery=on_delivery)
+        else:
+            producer.produce(topic, value, key=key, partition=partitions[i], on_delivery=on_delivery)
         producer.poll(0)
     left = producer.flush(timeout_s)
     assert left == 0 and not failed, f"{left} undelivered, errors: {failed[:5]}"
@@ -232,3 +240,29 @@ def committed_offsets(bootstrap: str, group: str, topic: str, timeout_s: float =
         return {tp.partition: max(tp.offset, 0) for tp in committed}
     finally:
         consumer.close()
+
+
+# --- the service as a process -----------------------------------------------------------------------
+
+
+def start_service(config: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streamer", "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
+def counters(client: redis.Redis, prefix: str) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in client.hgetall(f"{prefix}:counters").items()}
+
+
+def wait_for(condition, timeout_s: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}; service log:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)

@@ -2,46 +2,27 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import orjson
 import pytest
 import redis
 import yaml
 
-from tests.integration.services import committed_offsets, consume_all, end_offsets, produce_lines, unique_name
+from tests.integration.services import (
+    committed_offsets,
+    consume_all,
+    counters,
+    end_offsets,
+    produce_lines,
+    start_service,
+    unique_name,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
 EVENTS = 120
-
-
-def start_service(config: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "streamer", "run", "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-
-def counters(client: redis.Redis, prefix: str) -> dict[str, int]:
-    return {k.decode(): int(v) for k, v in client.hgetall(f"{prefix}:counters").items()}
-
-
-def wait_for(condition, timeout_s: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}; service log:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
 
 
 def test_sigkill_mid_stream_then_restart_loses_nothing_and_counts_once(kafka_bootstrap, redis_url, tmp_path):
@@ -83,8 +64,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_counts_once(kafka_boo
     wait_for(lambda: counters(client, tag).get("events", 0) >= EVENTS, 300, "every event", log)
     wait_for(
         lambda: (
-            committed_offsets(kafka_bootstrap, f"g-{tag}", f"in-{tag}")
-            == end_offsets(kafka_bootstrap, f"in-{tag}")
+            committed_offsets(kafka_bootstrap, f"g-{tag}", f"in-{tag}") == end_offsets(kafka_bootstrap, f"in-{tag}")
         ),
         60,
         "offsets to reach the end",

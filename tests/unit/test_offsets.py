@@ -173,3 +173,15 @@ def test_a_forgotten_partition_can_be_tracked_afresh_from_any_offset() -> None:
     tracker.forget([A])
     tracker.track(A, 10)
     assert tracker.committable() == {A: 10}
+
+
+def test_an_event_with_held_parts_is_done_only_when_every_part_is():
+    tracker = OffsetTracker()
+    tracker.track(A, 0)
+    assert tracker.hold(A, 0, parts=2)
+    tracker.done(A, 0)
+    tracker.done(A, 0)
+    assert tracker.committable() == {A: 0}
+    tracker.done(A, 0)
+    assert tracker.committable() == {A: 1}
+    assert not tracker.hold(A, 0)

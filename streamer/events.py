@@ -1,0 +1,118 @@
+"""Turns one consumed message into its work: a dead letter, a model request, window items, outcomes.
+
+Each event is tracked in the OffsetTracker with one part for itself; windows it joins add a part
+each; every outcome that finishes it releases its part. The event's offset is committable when no
+part is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
+
+from streamer.config import Route, Settings
+from streamer.contracts import Answer, DeadLetter, ErrorCode, InputEvent, Source
+from streamer.decode import RawMessage, dead_letter, decode
+from streamer.engine.pool import Generated, LLMPool
+from streamer.engine.worker import GenRequest, ScoreRequest, ScoreResult
+from streamer.kafka.offsets import OffsetTracker
+from streamer.tasks.prompts import build_messages, finish, route_tasks
+from streamer.windows.content import LabelSlot, WindowItem
+from streamer.windows.stage import WindowStage
+from streamer.writer import Outcome, Ref, Writer
+
+
+class EventHandler:
+    def __init__(self, settings: Settings, pool: LLMPool, writer: Writer, tracker: OffsetTracker,
+                 stages: dict[str, WindowStage]) -> None:
+        self._settings, self._pool, self._writer, self._tracker = settings, pool, writer, tracker
+        self._routes = {route.input: route for route in settings.routes}
+        self._tasks = {route.input: route_tasks(route) for route in settings.routes}
+        self._stages = stages
+
+    def accept(self, message: Message, now_ms: int) -> None:
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        ref: Ref = ((topic, partition), offset)
+        self._tracker.track(*ref)
+        ts_type, ts_ms = message.timestamp()
+        raw = RawMessage(message.value(), message.key(), now_ms if ts_type == TIMESTAMP_NOT_AVAILABLE else ts_ms,
+                         Source(topic=topic, partition=partition, offset=offset))
+        route = self._routes[topic]
+        decoded = decode(raw, default_task=route.task, known_tasks=self._tasks[topic],
+                         max_chars=self._settings.limits.max_chars)
+        if isinstance(decoded, DeadLetter):
+            self._dead(raw, decoded, route, ref)
+            return
+        slot = self._windows(decoded, route, raw, ref, now_ms)
+        if decoded.task == "none":
+            self._tracker.done(*ref)
+            return
+        future = self._pool.submit(self._request(decoded, route))
+        future.add_done_callback(functools.partial(self._answered, decoded, route, raw, ref, slot, time.monotonic()))
+
+    def _windows(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, now_ms: int) -> LabelSlot | None:
+        """Place the event in its route's windows; a late event gets a record on the late topic."""
+        stage = self._stages.get(route.name)
+        if stage is None:
+            return None
+        slot = LabelSlot() if event.task == "classify" else None
+        tokens = self._pool.worker.text_tokens(event.text) if stage.window.task != "count" else 0
+        item = WindowItem(event.text, event.ts or raw.timestamp_ms, event.key, tokens, slot)
+        if stage.add(item, ref, now_ms):
+            return slot
+        if event.task != "none":
+            self._tracker.hold(*ref)  # the late record is a part of its own, beside the answer
+        detail = f"event time {item.ts_ms} is behind the watermark of route {route.name}"
+        self._dead(raw, dead_letter(raw, ErrorCode.LATE, detail, event.id), route, ref,
+                   topic=stage.window.late_topic)
+        return None
+
+    def _request(self, event: InputEvent, route: Route) -> GenRequest | ScoreRequest:
+        messages = build_messages(event, route)
+        if event.task == "classify":
+            return ScoreRequest(messages, tuple(route.labels))
+        cap = self._settings.limits.max_new_tokens
+        return GenRequest(messages, max_new_tokens=min(event.params.max_new_tokens or route.max_new_tokens, cap),
+                          temperature=event.params.temperature or 0.0)
+
+    def _answered(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, slot: LabelSlot | None,
+                  arrived_s: float, future: asyncio.Future[Generated]) -> None:
+        try:
+            generated = future.result()
+        except Exception as exc:  # the worker already split and retried; what is left is this event's
+            generated, error = None, repr(exc)
+        else:
+            error = generated.result.error
+        if slot is not None:
+            slot.resolve(generated.result.label if generated and error is None else None)
+        if generated is None or error is not None:
+            self._dead(raw, dead_letter(raw, ErrorCode.MODEL_ERROR, error or "", event.id), route, ref)
+            return
+        self._writer.add(Outcome(route.output or "", _key(event, raw), self._answer(event, route, raw, generated,
+                                                                                   arrived_s), (ref,), route.name))
+
+    def _answer(self, event: InputEvent, route: Route, raw: RawMessage, generated: Generated,
+                arrived_s: float) -> Answer:
+        result = generated.result
+        task = event.task or route.task
+        if isinstance(result, ScoreResult):  # classify: one forward pass, no generated tokens
+            text, tokens_out = result.label, 0
+        else:
+            text, tokens_out = finish(task, result.text, route), result.tokens_out
+        return Answer(
+            id=event.id, key=event.key, task=task, output=text, model=self._pool.worker.name,
+            tokens_in=result.tokens_in, tokens_out=tokens_out,
+            queued_ms=round(generated.queued_ms, 3), latency_ms=round((time.monotonic() - arrived_s) * 1000, 3),
+            source=raw.source, ts_in=event.ts or raw.timestamp_ms, ts_out=int(time.time() * 1000), meta=event.meta,
+        )
+
+    def _dead(self, raw: RawMessage, letter: DeadLetter, route: Route, ref: Ref, topic: str | None = None) -> None:
+        target = topic or self._settings.kafka.dead_letter_topic
+        self._writer.add(Outcome(target, raw.key, letter, (ref,), route.name))
+
+
+def _key(event: InputEvent, raw: RawMessage) -> bytes | None:
+    return event.key.encode() if event.key is not None else raw.key

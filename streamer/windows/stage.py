@@ -1,0 +1,165 @@
+"""A route's windows inside the running service: feeds the engine, closes windows, emits results.
+
+Per event: the watermark observes it, the engine places it in its windows (or calls it late), and
+each window it joined holds its offset (one part per window in the OffsetTracker). When the
+watermark passes a window's end the window closes: its labels are awaited, `summarize` windows get
+one LLM request through the same micro-batcher as per-event work, and the result is written to the
+window topic and Redis; only then are the held offsets released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import defaultdict
+
+from streamer.config import Route
+from streamer.contracts import TextStats, WindowBounds, WindowResult
+from streamer.engine.pool import LLMPool
+from streamer.engine.worker import GenRequest
+from streamer.kafka.offsets import OffsetTracker
+from streamer.state.redis import RedisState
+from streamer.tasks.prompts import summarize_messages
+from streamer.windows.assign import WindowSpec
+from streamer.windows.content import Content, ContentAggregator, WindowItem
+from streamer.windows.engine import OpenWindow, WindowEngine
+from streamer.windows.watermark import Watermarks
+from streamer.writer import Outcome, Ref, Writer
+
+
+def window_id(route: str, key: str | None, kind: str, start_ms: int, end_ms: int) -> str:
+    """Stable across restarts, so a replayed window is recognised (Redis) and deduplicated (topic key)."""
+    raw = f"{route}\x1f{key}\x1f{kind}\x1f{start_ms}\x1f{end_ms}".encode()
+    return hashlib.blake2b(raw, digest_size=12).hexdigest()
+
+
+class WindowStage:
+    def __init__(self, route: Route, pool: LLMPool, writer: Writer, tracker: OffsetTracker,
+                 state: RedisState) -> None:
+        assert route.window is not None
+        self.route, self.window = route, route.window
+        self._pool, self._writer, self._tracker, self._state = pool, writer, tracker, state
+        w = route.window
+        spec = WindowSpec(kind=w.kind, size_ms=w.size_ms or 0, slide_ms=w.slide_ms or w.size_ms or 0,
+                          gap_ms=w.gap_ms or 0)
+        self._engine: WindowEngine[Content, WindowItem] = WindowEngine(
+            spec, ContentAggregator(keep_texts=w.task == "summarize", keep_keys=not w.per_key))
+        self.watermarks = Watermarks(w.allowed_lateness_ms, w.idle_timeout_ms)
+        self.late: defaultdict[str | None, int] = defaultdict(int)
+        self._dirty: defaultdict[str | None, int] = defaultdict(int)
+        self._last_update_s = time.monotonic()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def open_windows(self) -> int:
+        return self._engine.open_count()
+
+    def add(self, item: WindowItem, ref: Ref, now_ms: int) -> bool:
+        """Place one event; False when it is late (all its windows closed already)."""
+        tp, offset = ref
+        self.watermarks.observe(tp, item.ts_ms, now_ms)
+        key = item.key if self.window.per_key else None
+        added = self._engine.add(key, item.ts_ms, item, ref, self.watermarks.current(now_ms))
+        if added.late:
+            self.late[key] += 1
+            return False
+        self._tracker.hold(tp, offset, len(added.windows))
+        if self.window.task == "summarize":
+            for open_window in self._engine.peek(key):
+                self._maybe_fold(open_window.state)
+        self._dirty[key] += 1
+        if self.window.emit == "update" and self._dirty[key] >= self.window.update_every_events:
+            self._emit_updates([key])
+        return True
+
+    def tick(self, now_ms: int) -> None:
+        """Close what the watermark passed; in update mode, emit provisional results on schedule."""
+        for closed in self._engine.expire(self.watermarks.current(now_ms)):
+            self._spawn(self._close(closed))
+        if self.window.emit == "update" and time.monotonic() - self._last_update_s >= self.window.update_every_s:
+            self._emit_updates(list(self._dirty))
+
+    async def drain(self) -> None:
+        """Finish emitting the windows already closed (open ones are rebuilt from Kafka after a restart)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _maybe_fold(self, content: Content) -> None:
+        if content.needs_fold(self.window.max_events, self.window.max_tokens):
+            self._spawn(self._fold(content, content.take_for_fold()))
+
+    async def _fold(self, content: Content, texts: list[str]) -> None:
+        content.fold_done(await self._summarize(texts) or " ".join(texts)[:2000])
+
+    async def _summarize(self, texts: list[str]) -> str | None:
+        request = GenRequest(summarize_messages(texts, self.route.system_prompt),
+                             max_new_tokens=self.window.summary_tokens)
+        generated = await self._pool.generate(request)
+        return generated.result.text if generated.result.error is None else None
+
+    def _emit_updates(self, keys: list[str | None]) -> None:
+        for key in keys:
+            self._dirty.pop(key, None)
+            for open_window in self._engine.peek(key):
+                result = self._result(open_window, final=False, summary=None)
+                self._writer.add(Outcome(self.window.output, result.id.encode(), result, (), self.route.name))
+        self._last_update_s = time.monotonic()
+
+    async def _close(self, closed: OpenWindow[Content]) -> None:
+        content = closed.state
+        if content.slots:  # labels still being classified
+            resolved = asyncio.get_running_loop().create_future()
+            content.on_resolved = lambda: resolved.done() or resolved.set_result(None)
+            await resolved
+        while content.folding:
+            await asyncio.sleep(0.01)
+        wid = self._id(closed)
+        if await self._state.window_is_final(wid):  # emitted before a crash; replay rebuilt it
+            for tp, offset in closed.refs:
+                self._tracker.done(tp, offset)
+            return
+        summary = None
+        if self.window.task == "summarize" and content.count:
+            summary = await self._summarize(self._budgeted(content.chronological_texts()))
+        result = self._result(closed, final=True, summary=summary)
+        self._writer.add(Outcome(self.window.output, wid.encode(), result, tuple(closed.refs), self.route.name))
+
+    def _budgeted(self, texts: list[str]) -> list[str]:
+        """Keep the newest texts that fit the token budget (roughly 4 characters a token)."""
+        kept, budget = [], self.window.max_tokens * 4
+        for text in reversed(texts):
+            budget -= len(text)
+            if budget < 0 and kept:
+                break
+            kept.append(text)
+        return kept[::-1]
+
+    def _id(self, window: OpenWindow[Content]) -> str:
+        return window_id(self.route.name, window.key, self.window.kind, window.window.start_ms, window.window.end_ms)
+
+    def _result(self, window: OpenWindow[Content], *, final: bool, summary: str | None) -> WindowResult:
+        content = window.state
+        return WindowResult(
+            id=self._id(window), route=self.route.name, key=window.key,
+            window=WindowBounds(kind=self.window.kind, start=window.window.start_ms, end=window.window.end_ms),
+            count=window.count, first_ts=window.first_ts_ms, last_ts=window.last_ts_ms,
+            late=self.late[window.key],
+            summary=summary, labels=dict(content.labels) if self.route.task == "classify" else None,
+            stats=_stats(content) if self.window.task == "stats" else None,
+            model=self._pool.worker.name if summary is not None else None,
+            final=final, emitted_at=int(time.time() * 1000),
+        )
+
+
+def _stats(content: Content) -> TextStats:
+    return TextStats(chars_min=content.chars_min, chars_max=content.chars_max,
+                     chars_mean=round(content.chars_sum / max(content.count, 1), 3),
+                     tokens_total=content.tokens_total, distinct_keys=len(content.keys) or 1)
+
+
