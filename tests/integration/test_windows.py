@@ -184,3 +184,32 @@ def test_a_classify_route_counts_labels_per_window_and_a_summarize_route_summari
     assert (chat_window["count"], chat_window["window"]["end"] - T0) == (3, 2000 + 5000)
     assert chat_window["summary"].strip() and chat_window["model"] == worker.name
     print("summary:", chat_window["summary"])
+
+
+def test_update_mode_emits_provisional_results_and_a_full_window_folds_its_texts(kafka_bootstrap, redis_url, worker):
+    tag = unique_name("update")
+    settings = Settings(
+        kafka={"bootstrap_servers": kafka_bootstrap, "group_id": f"g-{tag}", "dead_letter_topic": f"dlq-{tag}"},
+        redis={"url": redis_url, "prefix": tag},
+        routes=[{"name": "notes", "input": f"in-{tag}", "task": "none",
+                 "window": {"kind": "tumbling", "size_ms": SIZE_MS, "idle_timeout_ms": 1500, "task": "summarize",
+                            "summary_tokens": 24, "max_events": 3, "emit": "update", "update_every_events": 2,
+                            "output": f"win-{tag}"}}],
+    )
+    notes = ["The lift on floor 2 is broken.", "Technicians were called at nine.", "They replaced a cable.",
+             "The lift works again.", "Floor 2 is open."]
+    produce_lines(kafka_bootstrap, f"in-{tag}", [orjson.dumps({"id": f"n{i}", "key": "lift", "text": t,
+                                                               "ts": T0 + 1000 * i}) for i, t in enumerate(notes)])
+    pipeline = Pipeline(settings, kafka_bootstrap, redis_url, worker)
+
+    asyncio.run(run_until(pipeline, lambda: pipeline.windows_written == 1, 300))
+
+    records = sum(end_offsets(kafka_bootstrap, f"win-{tag}").values())
+    results = [orjson.loads(r.value) for r in consume_all(kafka_bootstrap, f"win-{tag}", records, timeout_s=30)]
+    provisional = [r for r in results if not r["final"]]
+    [final] = [r for r in results if r["final"]]
+    assert provisional and all(r["count"] < 5 and r["summary"] is None for r in provisional)
+    assert len({r["id"] for r in results}) == 1  # provisional and final results share the window id
+    assert final["count"] == 5 and final["summary"].strip()
+    stored = redis.Redis.from_url(redis_url).hget(f"{tag}:window:{final['id']}", "final")
+    assert stored == b"1"
