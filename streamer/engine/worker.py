@@ -282,15 +282,7 @@ class LLMWorker:
 
     def _prompt_ids(self, conversations: Sequence[Sequence[Mapping[str, str]]]) -> list[list[int]]:
         """Unpadded templated prompts ending in the assistant header, where the label will follow."""
-        with self._tokenizer_lock:
-            enc = self.tokenizer.apply_chat_template(
-                [list(c) for c in conversations],
-                add_generation_prompt=True,
-                tokenize=True,
-                sanitize_control_tokens=True,
-                return_dict=True,
-            )
-        return [list(ids) for ids in enc["input_ids"]]
+        return [list(ids) for ids in self._apply_template(conversations)["input_ids"]]
 
     def _label_ids(self, labels: Sequence[str]) -> list[list[int]]:
         """Label tokens as the model would write them at the start of its answer, specials as text."""
@@ -298,18 +290,21 @@ class LLMWorker:
             enc = self.tokenizer(list(labels), add_special_tokens=False, split_special_tokens=True)
         return [list(ids) for ids in enc["input_ids"]]
 
-    def _encode(self, conversations: Sequence[Sequence[Mapping[str, str]]]) -> dict[str, torch.Tensor]:
-        """Templated, left-padded prompts; control tokens typed by users are encoded as plain text."""
+    def _apply_template(self, conversations: Sequence[Sequence[Mapping[str, str]]], **options: Any) -> Any:
+        """The chat template, ending in the assistant header; control tokens typed by users stay text."""
         with self._tokenizer_lock:
-            enc = self.tokenizer.apply_chat_template(
+            return self.tokenizer.apply_chat_template(
                 [list(c) for c in conversations],
                 add_generation_prompt=True,
                 tokenize=True,
                 sanitize_control_tokens=True,
-                padding=True,
                 return_dict=True,
-                return_tensors="pt",
+                **options,
             )
+
+    def _encode(self, conversations: Sequence[Sequence[Mapping[str, str]]]) -> dict[str, torch.Tensor]:
+        """Templated, left-padded prompts as tensors on the model's device."""
+        enc = self._apply_template(conversations, padding=True, return_tensors="pt")
         return {
             "input_ids": enc["input_ids"].to(self.device),
             "attention_mask": enc["attention_mask"].to(self.device),
