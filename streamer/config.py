@@ -138,6 +138,14 @@ class Route(_Section):
         return self
 
 
+class ObserveSettings(_Section):
+    """Where the service shows itself: metrics, health, the dashboard, and how it logs."""
+
+    http_host: str = "0.0.0.0"
+    http_port: int | None = Field(9400, ge=1, le=65535, description="metrics, health, dashboard; null: off")
+    json_logs: bool = Field(False, description="one JSON object per log line, with the run id")
+
+
 def _default_routes() -> list[Route]:
     return [Route(name="questions", input="questions", output="answers")]
 
@@ -155,6 +163,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     batching: BatchingSettings = BatchingSettings()
     limits: LimitsSettings = LimitsSettings()
+    observe: ObserveSettings = ObserveSettings()
     routes: list[Route] = Field(default_factory=_default_routes, min_length=1)
     shutdown_timeout_s: float = Field(30.0, gt=0)
 
