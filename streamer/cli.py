@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -102,16 +103,26 @@ def produce(
     file: Annotated[Path | None, typer.Argument(help="JSONL file; stdin when omitted")] = None,
     bootstrap: BootstrapOption = "localhost:9092",
     key_field: Annotated[str, typer.Option(help="JSON field used as the message key")] = "key",
+    rate: Annotated[float | None, typer.Option(help="records per second (default: as fast as possible)")] = None,
 ) -> None:
     """Produce JSONL lines (a file or stdin) to a topic, one record per line."""
+    from rich.progress import Progress
+
     from streamer.kafka.tools import produce_lines
 
+    started_s = time.monotonic()
     try:
         lines = file.read_bytes().splitlines() if file else sys.stdin.buffer
-        count = produce_lines({"bootstrap.servers": bootstrap}, topic, lines, key_field)
+        total = sum(1 for line in lines if line.strip()) if file else None
+        with Progress(console=console, transient=True) as progress:
+            bar = progress.add_task(f"producing to {topic}", total=total)
+            count = produce_lines({"bootstrap.servers": bootstrap}, topic, lines, key_field, rate=rate,
+                                  on_record=lambda: progress.advance(bar))
     except (StreamerError, OSError) as exc:
         raise _fail(exc) from None
-    console.print(f"produced {count} records to {topic}")
+    elapsed_s = max(time.monotonic() - started_s, 1e-9)
+    console.print(f"produced {count} records to {topic} in {elapsed_s:.1f} s ({count / elapsed_s:.0f}/s)",
+                  markup=False)
 
 
 @app.command()
@@ -120,17 +131,26 @@ def tail(
     bootstrap: BootstrapOption = "localhost:9092",
     limit: Annotated[int | None, typer.Option("--max", "-n", help="stop after this many records")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep waiting for new records")] = False,
+    pretty: Annotated[bool | None, typer.Option("--pretty/--json", help="default: pretty on a terminal")] = None,
 ) -> None:
-    """Print a topic's records from the beginning as JSON lines."""
+    """Print a topic's records from the beginning: pretty on a terminal, JSON lines otherwise."""
     from streamer.kafka.tools import read_topic
 
+    out = Console()
+    pretty = out.is_terminal if pretty is None else pretty
     for message in read_topic({"bootstrap.servers": bootstrap}, topic, limit=limit, follow=follow):
         value = message.value() or b""
         try:
-            sys.stdout.write(orjson.dumps(orjson.loads(value)).decode() + "\n")
+            doc = orjson.loads(value)
         except orjson.JSONDecodeError:
-            sys.stdout.write(value.decode("utf-8", "replace") + "\n")
-        sys.stdout.flush()
+            out.print(value.decode("utf-8", "replace"), markup=False, highlight=False)
+            continue
+        if pretty:
+            out.print(f"[dim]{message.partition()}:{message.offset()}[/]", end=" ")
+            out.print_json(data=doc)
+        else:
+            sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+            sys.stdout.flush()
 
 
 @app.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -22,8 +22,13 @@ def produce_lines(
     key_field: str | None = "key",
     *,
     timeout_s: float = 30.0,
+    rate: float | None = None,
+    on_record: Callable[[], None] | None = None,
 ) -> int:
-    """Produce one record per non-blank line; the key is the line's `key_field` when it is JSON with one."""
+    """Produce one record per non-blank line; the key is the line's `key_field` when it is JSON with one.
+
+    `rate` paces the records (per second) against a start clock, so a slow moment is made up for.
+    """
     producer = Producer({**config, "enable.idempotence": True, "linger.ms": 5})
     failures: list[str] = []
 
@@ -31,13 +36,17 @@ def produce_lines(
         if error is not None:
             failures.append(error.str())
 
-    count = 0
+    count, started_s = 0, time.monotonic()
     for line in lines:
         line = line.rstrip(b"\r\n")
         if not line.strip():
             continue
+        if rate:
+            time.sleep(max(0.0, started_s + count / rate - time.monotonic()))
         _produce(producer, topic, _key_of(line, key_field), line, delivered)
         count += 1
+        if on_record:
+            on_record()
     if producer.flush(timeout_s) or failures:
         raise StreamerError(f"not every record reached {topic}: {failures[:3] or 'flush timed out'}")
     return count
