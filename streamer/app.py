@@ -55,6 +55,8 @@ class Pipeline:
                        for r in settings.routes if r.window is not None}
         self._handler = EventHandler(settings, self._pool, self._writer, self._tracker, self.stages)
         self._stage_of_topic = {r.input: self.stages[r.name] for r in settings.routes if r.window is not None}
+        # Window-only routes never queue model work, except summaries, which wait for room themselves.
+        self._uses_model = any(r.task != "none" for r in settings.routes)
 
     @property
     def written(self) -> int:
@@ -102,16 +104,16 @@ class Pipeline:
         limits = self._settings.batching
         next_commit_s = next_tick_s = time.monotonic()
         while not stop.is_set():
-            for task in background:
-                if task.done():  # a stage died: stop with its error rather than stall with paused input
-                    task.result()
-            room = self._pool.free_slots() if self._writer.backlog < limits.max_queue else 0
+            self._raise_if_failed(background)
+            room = self._room()
             if room == 0:
                 source.pause()
             elif source.paused and room >= min(limits.max_batch, limits.max_queue):
                 source.resume()
             messages = source.poll(0 if source.paused else min(room, _MAX_POLL))
             now_ms = int(time.time() * 1000)
+            for stage in self.stages.values():
+                stage.refresh(now_ms)
             for message in messages:
                 self._handler.accept(message, now_ms)
             now_s = time.monotonic()
@@ -123,6 +125,23 @@ class Pipeline:
                 source.commit()
                 next_commit_s = now_s + self._settings.kafka.commit_interval_ms / 1000
             await asyncio.sleep(0 if messages else _IDLE_SLEEP_S)
+
+    def _room(self) -> int:
+        """Events the pipeline can take now: bounded by the pool's queue when events use the model,
+        and always by the writer's backlog (outcomes waiting for Kafka and Redis)."""
+        limits = self._settings.batching
+        if self._writer.backlog >= limits.max_queue:
+            return 0
+        return self._pool.free_slots() if self._uses_model else _MAX_POLL
+
+    def _raise_if_failed(self, background: list[asyncio.Task[None]]) -> None:
+        """A stage that died stops the pipeline with its error rather than stalling it with paused input."""
+        for task in background:
+            if task.done():
+                task.result()
+        for stage in self.stages.values():
+            if stage.failure is not None:
+                raise stage.failure
 
     async def _serve_sink(self) -> None:
         while True:

@@ -16,14 +16,21 @@ from pydantic import ValidationError
 from streamer.contracts import DeadLetter, ErrorCode, InputEvent, Source
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RawMessage:
     """The parts of a consumed Kafka message that decoding needs."""
 
     value: bytes | None
     key: bytes | None
     timestamp_ms: int
-    source: Source
+    topic: str
+    partition: int
+    offset: int
+
+    @property
+    def source(self) -> Source:
+        """Built only when a record needs it: most events never leave a per-event record."""
+        return Source(topic=self.topic, partition=self.partition, offset=self.offset)
 
 
 def dead_letter(raw: RawMessage, code: ErrorCode, detail: str, event_id: str | None = None) -> DeadLetter:
@@ -65,6 +72,12 @@ def decode(
     if not isinstance(doc, dict):
         return dead_letter(raw, ErrorCode.SCHEMA, f"expected a JSON object, got {type(doc).__name__}")
     event_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+    if doc.get("key") is None:  # defaults go in before validation: cheaper than copying the model
+        doc["key"] = _key_text(raw.key)
+    if doc.get("ts") is None:
+        doc["ts"] = raw.timestamp_ms
+    if doc.get("task") is None:
+        doc["task"] = default_task
     try:
         event = InputEvent.model_validate(doc)
     except ValidationError as exc:
@@ -72,13 +85,10 @@ def decode(
     if len(event.text) > max_chars:
         detail = f"text has {len(event.text)} characters; the limit is {max_chars}"
         return dead_letter(raw, ErrorCode.TOO_LONG, detail, event.id)
-    task = event.task or default_task
-    if task not in known_tasks:
-        detail = f"unknown task {task!r}; known: {', '.join(sorted(known_tasks))}"
+    if event.task not in known_tasks:
+        detail = f"unknown task {event.task!r}; known: {', '.join(sorted(known_tasks))}"
         return dead_letter(raw, ErrorCode.UNKNOWN_TASK, detail, event.id)
-    key = event.key if event.key is not None else _key_text(raw.key)
-    ts = event.ts if event.ts is not None else raw.timestamp_ms
-    return event.model_copy(update={"key": key, "ts": ts, "task": task})
+    return event
 
 
 def _key_text(key: bytes | None) -> str | None:

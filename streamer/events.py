@@ -14,7 +14,7 @@ import time
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
 from streamer.config import Route, Settings
-from streamer.contracts import Answer, DeadLetter, ErrorCode, InputEvent, Source
+from streamer.contracts import Answer, DeadLetter, ErrorCode, InputEvent
 from streamer.decode import RawMessage, dead_letter, decode
 from streamer.engine.pool import Generated, LLMPool
 from streamer.engine.worker import GenRequest, ScoreRequest, ScoreResult
@@ -38,8 +38,8 @@ class EventHandler:
         ref: Ref = ((topic, partition), offset)
         self._tracker.track(*ref)
         ts_type, ts_ms = message.timestamp()
-        raw = RawMessage(message.value(), message.key(), now_ms if ts_type == TIMESTAMP_NOT_AVAILABLE else ts_ms,
-                         Source(topic=topic, partition=partition, offset=offset))
+        timestamp_ms = now_ms if ts_type == TIMESTAMP_NOT_AVAILABLE else ts_ms
+        raw = RawMessage(message.value(), message.key(), timestamp_ms, topic, partition, offset)
         route = self._routes[topic]
         decoded = decode(raw, default_task=route.task, known_tasks=self._tasks[topic],
                          max_chars=self._settings.limits.max_chars)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import orjson
 
@@ -20,6 +21,8 @@ from streamer.kafka.sink import DeliveryError, KafkaSink
 from streamer.state.redis import RedisState, StateUnavailable, Written
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -82,7 +85,7 @@ class Writer:
         # Redis only after Kafka acknowledged: state that says "written" (a final window, say) then
         # always has its record on the topic, and a crash in between only repeats the record.
         written = [Written(o.record, p, _key_text(o), o.route) for o, p in zip(batch, payloads, strict=True)]
-        await _retrying("redis write", lambda: self._state.write(written))
+        await retrying("redis write", lambda: self._state.write(written))
         for outcome in batch:
             for tp, offset in outcome.releases:
                 self._tracker.done(tp, offset)
@@ -105,12 +108,12 @@ class Writer:
                 delivery = self._sink.send(outcome.topic, outcome.kafka_key, payload)
 
 
-async def _retrying(what: str, action: Callable[[], Awaitable[object]]) -> None:
+async def retrying(what: str, action: Callable[[], Awaitable[T]]) -> T:
+    """Run a Redis action until it succeeds, backing off while Redis is unavailable."""
     attempt = 0
     while True:
         try:
-            await action()
-            return
+            return await action()
         except StateUnavailable as exc:
             pause = _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
             log.warning("%s failed (%s); retrying in %.1f s", what, exc, pause)

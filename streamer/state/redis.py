@@ -136,12 +136,16 @@ class RedisState:
         guard = f"d:{src.topic}:{src.partition}:{src.offset}"
         return [*common, "dead", guard, outcome.payload, key, record.error.value, outcome.route]
 
-    async def window_is_final(self, window_id: str) -> bool:
-        """Whether a final result of this window was already written (e.g. before a crash and replay)."""
+    async def windows_final(self, window_ids: Sequence[str]) -> list[bool]:
+        """Which windows already have a final result (e.g. written before a crash and replay); one round trip."""
         try:
-            return await self._client.hget(f"{self._settings.prefix}:window:{window_id}", "final") == b"1"
+            async with self._client.pipeline(transaction=False) as pipe:
+                for window_id in window_ids:
+                    pipe.hget(f"{self._settings.prefix}:window:{window_id}", "final")
+                flags = await pipe.execute()
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise StateUnavailable(str(exc)) from exc
+        return [flag == b"1" for flag in flags]
 
     async def counters(self) -> dict[str, int]:
         raw = await self._client.hgetall(f"{self._settings.prefix}:counters")

@@ -79,18 +79,19 @@ class ContentAggregator:
 
     keep_texts: bool
     keep_keys: bool
+    keep_stats: bool = True
 
     def create(self) -> Content:
         return Content()
 
     def add(self, content: Content, item: WindowItem) -> Content:
-        size = len(item.text)
-        first = content.count == 0
         content.count += 1
-        content.chars_min = size if first else min(content.chars_min, size)
-        content.chars_max = max(content.chars_max, size)
-        content.chars_sum += size
-        content.tokens_total += item.tokens
+        if self.keep_stats:
+            size = len(item.text)
+            content.chars_min = size if content.count == 1 else min(content.chars_min, size)
+            content.chars_max = max(content.chars_max, size)
+            content.chars_sum += size
+            content.tokens_total += item.tokens
         if self.keep_keys:
             content.keys.add(item.key)
         if self.keep_texts:

@@ -13,6 +13,8 @@ import asyncio
 import hashlib
 import time
 from collections import defaultdict
+from collections.abc import Coroutine
+from typing import Any
 
 from streamer.config import Route
 from streamer.contracts import TextStats, WindowBounds, WindowResult
@@ -25,7 +27,7 @@ from streamer.windows.assign import WindowSpec
 from streamer.windows.content import Content, ContentAggregator, WindowItem
 from streamer.windows.engine import OpenWindow, WindowEngine
 from streamer.windows.watermark import Watermarks
-from streamer.writer import Outcome, Ref, Writer
+from streamer.writer import Outcome, Ref, Writer, retrying
 
 
 def window_id(route: str, key: str | None, kind: str, start_ms: int, end_ms: int) -> str:
@@ -44,23 +46,36 @@ class WindowStage:
         spec = WindowSpec(kind=w.kind, size_ms=w.size_ms or 0, slide_ms=w.slide_ms or w.size_ms or 0,
                           gap_ms=w.gap_ms or 0)
         self._engine: WindowEngine[Content, WindowItem] = WindowEngine(
-            spec, ContentAggregator(keep_texts=w.task == "summarize", keep_keys=not w.per_key))
+            spec, ContentAggregator(keep_texts=w.task == "summarize", keep_keys=not w.per_key,
+                                    keep_stats=w.task == "stats"))
         self.watermarks = Watermarks(w.allowed_lateness_ms, w.idle_timeout_ms)
         self.late: defaultdict[str | None, int] = defaultdict(int)
         self._dirty: defaultdict[str | None, int] = defaultdict(int)
         self._last_update_s = time.monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._watermark_ms: int | None = None
+        self._failure: BaseException | None = None
 
     @property
     def open_windows(self) -> int:
         return self._engine.open_count()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that stopped emitting windows, if any: the pipeline stops on it rather than stall."""
+        return self._failure
+
+    def refresh(self, now_ms: int) -> None:
+        """Read the watermark once per poll batch: a lower bound while the batch is added, so it can
+        only make fewer events late, never more."""
+        self._watermark_ms = self.watermarks.current(now_ms)
 
     def add(self, item: WindowItem, ref: Ref, now_ms: int) -> bool:
         """Place one event; False when it is late (all its windows closed already)."""
         tp, offset = ref
         self.watermarks.observe(tp, item.ts_ms, now_ms)
         key = item.key if self.window.per_key else None
-        added = self._engine.add(key, item.ts_ms, item, ref, self.watermarks.current(now_ms))
+        added = self._engine.add(key, item.ts_ms, item, ref, self._watermark_ms)
         if added.late:
             self.late[key] += 1
             return False
@@ -68,15 +83,18 @@ class WindowStage:
         if self.window.task == "summarize":
             for open_window in self._engine.peek(key):
                 self._maybe_fold(open_window.state)
-        self._dirty[key] += 1
-        if self.window.emit == "update" and self._dirty[key] >= self.window.update_every_events:
-            self._emit_updates([key])
+        if self.window.emit == "update":
+            self._dirty[key] += 1
+            if self._dirty[key] >= self.window.update_every_events:
+                self._emit_updates([key])
         return True
 
     def tick(self, now_ms: int) -> None:
         """Close what the watermark passed; in update mode, emit provisional results on schedule."""
-        for closed in self._engine.expire(self.watermarks.current(now_ms)):
-            self._spawn(self._close(closed))
+        self.refresh(now_ms)
+        closed = self._engine.expire(self._watermark_ms)
+        if closed:
+            self._spawn(self._close_all(closed))
         if self.window.emit == "update" and time.monotonic() - self._last_update_s >= self.window.update_every_s:
             self._emit_updates(list(self._dirty))
 
@@ -85,10 +103,15 @@ class WindowStage:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and self._failure is None:
+            self._failure = task.exception()
 
     def _maybe_fold(self, content: Content) -> None:
         if content.needs_fold(self.window.max_events, self.window.max_tokens):
@@ -111,24 +134,24 @@ class WindowStage:
                 self._writer.add(Outcome(self.window.output, result.id.encode(), result, (), self.route.name))
         self._last_update_s = time.monotonic()
 
-    async def _close(self, closed: OpenWindow[Content]) -> None:
-        content = closed.state
-        if content.slots:  # labels still being classified
-            resolved = asyncio.get_running_loop().create_future()
-            content.on_resolved = lambda: resolved.done() or resolved.set_result(None)
-            await resolved
-        while content.folding:
-            await asyncio.sleep(0.01)
-        wid = self._id(closed)
-        if await self._state.window_is_final(wid):  # emitted before a crash; replay rebuilt it
-            for tp, offset in closed.refs:
-                self._tracker.done(tp, offset)
-            return
-        summary = None
-        if self.window.task == "summarize" and content.count:
-            summary = await self._summarize(self._budgeted(content.chronological_texts()))
-        result = self._result(closed, final=True, summary=summary)
-        self._writer.add(Outcome(self.window.output, wid.encode(), result, tuple(closed.refs), self.route.name))
+    async def _close_all(self, closed: list[OpenWindow[Content]]) -> None:
+        """Emit the windows one tick closed: one Redis read for all, summaries batched by the pool."""
+        await asyncio.gather(*(_settled(window.state) for window in closed))
+        ids = [self._id(window) for window in closed]
+        finals = await retrying("redis read", lambda: self._state.windows_final(ids))
+        fresh = [window for window, final in zip(closed, finals, strict=True) if not final]
+        for window, final in zip(closed, finals, strict=True):
+            if final:  # emitted before a crash; the replay rebuilt it: only release its offsets
+                for tp, offset in window.refs:
+                    self._tracker.done(tp, offset)
+        summaries: list[str | None] = [None] * len(fresh)
+        if self.window.task == "summarize":
+            summaries = await asyncio.gather(*(self._summarize(self._budgeted(w.state.chronological_texts()))
+                                               if w.count else _none() for w in fresh))
+        for window, summary in zip(fresh, summaries, strict=True):
+            result = self._result(window, final=True, summary=summary)
+            self._writer.add(Outcome(self.window.output, result.id.encode(), result, tuple(window.refs),
+                                     self.route.name))
 
     def _budgeted(self, texts: list[str]) -> list[str]:
         """Keep the newest texts that fit the token budget (roughly 4 characters a token)."""
@@ -155,6 +178,20 @@ class WindowStage:
             model=self._pool.worker.name if summary is not None else None,
             final=final, emitted_at=int(time.time() * 1000),
         )
+
+
+async def _settled(content: Content) -> None:
+    """Wait until a window's labels have all arrived and no fold of its texts is under way."""
+    if content.slots:
+        resolved = asyncio.get_running_loop().create_future()
+        content.on_resolved = lambda: resolved.done() or resolved.set_result(None)
+        await resolved
+    while content.folding:
+        await asyncio.sleep(0.01)
+
+
+async def _none() -> None:
+    return None
 
 
 def _stats(content: Content) -> TextStats:

@@ -15,7 +15,8 @@ TASKS = frozenset({"answer", "translate"})
 
 
 def run(value: bytes | None, key: bytes | None = b"k", ts_ms: int = 1_700_000_000_000, max_chars: int = 100):
-    raw = RawMessage(value=value, key=key, timestamp_ms=ts_ms, source=SOURCE)
+    raw = RawMessage(value=value, key=key, timestamp_ms=ts_ms, topic=SOURCE.topic, partition=SOURCE.partition,
+                     offset=SOURCE.offset)
     return decode(raw, default_task="answer", known_tasks=TASKS, max_chars=max_chars)
 
 
