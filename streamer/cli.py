@@ -10,15 +10,21 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from streamer.config import Route, Settings, load_settings
 from streamer.contracts import CONTRACTS
 from streamer.errors import ConfigError, StreamerError
+
+if TYPE_CHECKING:
+    from streamer.engine.worker import LLMWorker
+    from streamer.runtime import Endpoints
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Real-time LLM inference over Kafka.")
 console = Console(stderr=True)
@@ -57,7 +63,9 @@ def run(config: ConfigOption = None, log_level: str = "info") -> None:
     try:
         settings = _settings(config)
         with endpoints(settings) as ends:
-            worker = load_worker(settings.model)
+            with console.status("Loading the model..."):
+                worker = load_worker(settings.model)
+            console.print(startup_summary(settings, ends, worker))
             pipeline = Pipeline(
                 settings, ends.bootstrap, ends.redis_url, worker, create_topics=not ends.embedded_kafka
             )
@@ -66,6 +74,37 @@ def run(config: ConfigOption = None, log_level: str = "info") -> None:
         raise _fail(exc, 2) from None
     except StreamerError as exc:
         raise _fail(exc) from None
+
+
+def startup_summary(settings: Settings, ends: Endpoints, worker: LLMWorker) -> Table:
+    """One screen saying what this process is about to do, so a wrong setting shows before traffic does."""
+    table = Table(title="streamer run", show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    kafka = ends.bootstrap + (" (embedded mock cluster, not durable)" if ends.embedded_kafka else "")
+    redis = redact_url(ends.redis_url) + (" (embedded redis-server)" if ends.embedded_redis else "")
+    batching = settings.batching
+    rows = {
+        "kafka": f"{kafka}, group {settings.kafka.group_id}",
+        "redis": f"{redis}, prefix {settings.redis.prefix}",
+        "model": f"{worker.name} on {worker.device} ({worker.loaded.dtype}), compression: none",
+        "batching": f"max_batch {batching.max_batch}, max_wait_ms {batching.max_wait_ms:g}, "
+        f"max_queue {batching.max_queue}",
+        "guarantee": "at least once (answers keyed by event id; Redis state applied once per event)",
+        "http": f"{settings.observe.http_host}:{settings.observe.http_port}" if settings.observe.http_port else "off",
+    }
+    for name, value in rows.items():
+        table.add_row(name, escape(value))
+    for route in settings.routes:
+        table.add_row(f"route {route.name}", escape(_describe_route(route)))
+    return table
+
+
+def redact_url(url: str) -> str:
+    """A URL without its password, for showing."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}{userinfo.split(':')[0]}:***@{host}" if at and ":" in userinfo else url
 
 
 async def _until_signal(pipeline) -> None:
