@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from streamer.batching.batcher import BatchRules
 from streamer.config import Settings
@@ -29,6 +30,7 @@ from streamer.kafka.client_config import consumer_config, producer_config
 from streamer.kafka.offsets import TP, OffsetTracker
 from streamer.kafka.sink import KafkaSink
 from streamer.kafka.source import KafkaSource
+from streamer.observe.metrics import Metrics, resident_bytes
 from streamer.state.redis import RedisState
 from streamer.windows.stage import WindowStage
 from streamer.writer import Writer
@@ -42,18 +44,21 @@ _MAX_POLL = 500
 
 class Pipeline:
     def __init__(self, settings: Settings, bootstrap: str, redis_url: str, worker: LLMWorker,
-                 *, create_topics: bool = True) -> None:
+                 *, create_topics: bool = True, metrics: Metrics | None = None) -> None:
         self._settings = settings
+        self.metrics = metrics or Metrics()
+        self.metrics.model_memory(resident_bytes(worker.model))
         self._bootstrap = bootstrap
         self._create_topics = create_topics
         self._tracker = OffsetTracker()
-        self._pool = LLMPool(worker, BatchRules(**settings.batching.model_dump()))
+        self._pool = LLMPool(worker, BatchRules(**settings.batching.model_dump()), on_batch=self.metrics.batch_done)
         self._sink = KafkaSink(producer_config(settings.kafka, bootstrap))
         self._state = RedisState(settings.redis, redis_url)
-        self._writer = Writer(self._sink, self._state, self._tracker)
+        self._writer = Writer(self._sink, self._state, self._tracker, on_window=self.metrics.window_emitted)
         self.stages = {r.name: WindowStage(r, self._pool, self._writer, self._tracker, self._state)
                        for r in settings.routes if r.window is not None}
-        self._handler = EventHandler(settings, self._pool, self._writer, self._tracker, self.stages)
+        self._handler = EventHandler(settings, self._pool, self._writer, self._tracker, self.stages, self.metrics)
+        self.source: KafkaSource | None = None
         self._stage_of_topic = {r.input: self.stages[r.name] for r in settings.routes if r.window is not None}
         # Window-only routes never queue model work, except summaries, which wait for room themselves.
         self._uses_model = any(r.task != "none" for r in settings.routes)
@@ -83,6 +88,7 @@ class Pipeline:
         source = KafkaSource(consumer_config(self._settings.kafka, self._bootstrap),
                              [r.input for r in self._settings.routes], self._tracker,
                              on_assign=self._assigned, on_revoke=self._revoked)
+        self.source = source
         await self._pool.start()
         background = [asyncio.create_task(self._writer.run()), asyncio.create_task(self._serve_sink())]
         try:
@@ -90,12 +96,20 @@ class Pipeline:
         finally:
             await self._shutdown(source, background)
 
+    def probes(self) -> dict[str, Callable[[], object]]:
+        """Readiness checks for /readyz: the model is resident, Kafka and Redis answer."""
+        return {"model": lambda: True, "kafka": self._kafka_ready, "redis": self._state.ping}
+
+    async def _kafka_ready(self) -> bool:
+        return self.source is not None and await asyncio.to_thread(self.source.reachable)
+
     def _assigned(self, tps: list[TP]) -> None:
         for topic, partition in tps:
             if stage := self._stage_of_topic.get(topic):
                 stage.watermarks.assign([(topic, partition)])
 
     def _revoked(self, tps: list[TP]) -> None:
+        self.metrics.forget_partitions(tps)
         for topic, partition in tps:
             if stage := self._stage_of_topic.get(topic):
                 stage.watermarks.revoke([(topic, partition)])
@@ -123,8 +137,17 @@ class Pipeline:
                 next_tick_s = now_s + _TICK_S
             if now_s >= next_commit_s:
                 source.commit()
+                self._report(source)
                 next_commit_s = now_s + self._settings.kafka.commit_interval_ms / 1000
             await asyncio.sleep(0 if messages else _IDLE_SLEEP_S)
+
+    def _report(self, source: KafkaSource) -> None:
+        """Gauges sampled at the commit cadence: queue, lag, open windows."""
+        self.metrics.queue(self._pool.depth, self._pool.inflight_tokens)
+        for (topic, partition), lag in source.lag().items():
+            self.metrics.lag(topic, partition, lag)
+        for name, stage in self.stages.items():
+            self.metrics.open_windows(name, stage.open_windows)
 
     def _room(self) -> int:
         """Events the pipeline can take now: bounded by the pool's queue when events use the model,

@@ -23,6 +23,7 @@ from streamer.contracts import CONTRACTS
 from streamer.errors import ConfigError, StreamerError
 
 if TYPE_CHECKING:
+    from streamer.app import Pipeline
     from streamer.engine.worker import LLMWorker
     from streamer.runtime import Endpoints
 
@@ -57,11 +58,12 @@ def _logging(level: str) -> None:
 def run(config: ConfigOption = None, log_level: str = "info") -> None:
     """Run the service until SIGTERM/SIGINT, then drain in-flight work, commit and exit."""
     from streamer.app import Pipeline
+    from streamer.observe.logs import new_run_id, setup_logging
     from streamer.runtime import endpoints, load_worker
 
-    _logging(log_level)
     try:
         settings = _settings(config)
+        setup_logging(log_level, json=settings.observe.json_logs, run_id=new_run_id())
         with endpoints(settings) as ends:
             with console.status("Loading the model..."):
                 worker = load_worker(settings.model)
@@ -69,11 +71,30 @@ def run(config: ConfigOption = None, log_level: str = "info") -> None:
             pipeline = Pipeline(
                 settings, ends.bootstrap, ends.redis_url, worker, create_topics=not ends.embedded_kafka
             )
-            asyncio.run(_until_signal(pipeline))
+            asyncio.run(_until_signal(pipeline, settings, ends.redis_url))
     except ConfigError as exc:
         raise _fail(exc, 2) from None
-    except StreamerError as exc:
+    except (StreamerError, OSError) as exc:
         raise _fail(exc) from None
+
+
+async def _until_signal(pipeline: Pipeline, settings: Settings, redis_url: str) -> None:
+    """Run the pipeline, with its HTTP port (metrics, probes, dashboard) open while it runs."""
+    from streamer.observe import http
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = None
+    if settings.observe.http_port is not None:
+        app = http.build_app(pipeline.metrics, http.readiness_of(pipeline.probes()))
+        runner = await http.serve(app, settings.observe.http_host, settings.observe.http_port)
+    try:
+        await pipeline.run(stop)
+    finally:
+        if runner is not None:
+            await http.stop(runner)
 
 
 def startup_summary(settings: Settings, ends: Endpoints, worker: LLMWorker) -> Table:
@@ -105,14 +126,6 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")
     return f"{scheme}{sep}{userinfo.split(':')[0]}:***@{host}" if at and ":" in userinfo else url
-
-
-async def _until_signal(pipeline) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await pipeline.run(stop)
 
 
 @app.command()

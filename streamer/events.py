@@ -19,6 +19,7 @@ from streamer.decode import RawMessage, dead_letter, decode
 from streamer.engine.pool import Generated, LLMPool
 from streamer.engine.worker import GenRequest, ScoreRequest, ScoreResult
 from streamer.kafka.offsets import OffsetTracker
+from streamer.observe.metrics import Metrics
 from streamer.tasks.prompts import build_messages, finish, route_tasks
 from streamer.windows.content import LabelSlot, WindowItem
 from streamer.windows.stage import WindowStage
@@ -27,8 +28,9 @@ from streamer.writer import Outcome, Ref, Writer
 
 class EventHandler:
     def __init__(self, settings: Settings, pool: LLMPool, writer: Writer, tracker: OffsetTracker,
-                 stages: dict[str, WindowStage]) -> None:
+                 stages: dict[str, WindowStage], metrics: Metrics) -> None:
         self._settings, self._pool, self._writer, self._tracker = settings, pool, writer, tracker
+        self._metrics = metrics
         self._routes = {route.input: route for route in settings.routes}
         self._tasks = {route.input: route_tasks(route) for route in settings.routes}
         self._stages = stages
@@ -41,6 +43,7 @@ class EventHandler:
         timestamp_ms = now_ms if ts_type == TIMESTAMP_NOT_AVAILABLE else ts_ms
         raw = RawMessage(message.value(), message.key(), timestamp_ms, topic, partition, offset)
         route = self._routes[topic]
+        self._metrics.event_in(route.name)
         decoded = decode(raw, default_task=route.task, known_tasks=self._tasks[topic],
                          max_chars=self._settings.limits.max_chars)
         if isinstance(decoded, DeadLetter):
@@ -91,8 +94,9 @@ class EventHandler:
         if generated is None or error is not None:
             self._dead(raw, dead_letter(raw, ErrorCode.MODEL_ERROR, error or "", event.id), route, ref)
             return
-        self._writer.add(Outcome(route.output or "", _key(event, raw), self._answer(event, route, raw, generated,
-                                                                                   arrived_s), (ref,), route.name))
+        answer = self._answer(event, route, raw, generated, arrived_s)
+        self._metrics.answered(route.name, answer.latency_ms / 1000, answer.tokens_out)
+        self._writer.add(Outcome(route.output or "", _key(event, raw), answer, (ref,), route.name))
 
     def _answer(self, event: InputEvent, route: Route, raw: RawMessage, generated: Generated,
                 arrived_s: float) -> Answer:
@@ -111,6 +115,9 @@ class EventHandler:
 
     def _dead(self, raw: RawMessage, letter: DeadLetter, route: Route, ref: Ref, topic: str | None = None) -> None:
         target = topic or self._settings.kafka.dead_letter_topic
+        self._metrics.dead_lettered(route.name, letter.error.value)
+        if letter.error is ErrorCode.LATE:
+            self._metrics.late(route.name)
         self._writer.add(Outcome(target, raw.key, letter, (ref,), route.name))
 
 

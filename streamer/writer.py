@@ -43,7 +43,10 @@ class Outcome:
 
 
 class Writer:
-    def __init__(self, sink: KafkaSink, state: RedisState, tracker: OffsetTracker) -> None:
+    def __init__(self, sink: KafkaSink, state: RedisState, tracker: OffsetTracker,
+                 on_window: Callable[[str], None] | None = None) -> None:
+        """`on_window(route)` hears of every final window result fully written (metrics)."""
+        self._on_window = on_window
         self._sink = sink
         self._state = state
         self._tracker = tracker
@@ -93,6 +96,8 @@ class Writer:
                 self.written += 1
             elif outcome.record.final:
                 self.windows_written += 1
+                if self._on_window is not None:
+                    self._on_window(outcome.route)
 
     async def _delivered(self, outcome: Outcome, payload: bytes, delivery: asyncio.Future[None]) -> None:
         attempt = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -29,11 +30,16 @@ class Generated:
 class _Queued:
     request: GenRequest | ScoreRequest
     submitted_s: float
+    tokens: int
 
 
 class LLMPool:
-    def __init__(self, worker: LLMWorker, rules: BatchRules) -> None:
+    def __init__(self, worker: LLMWorker, rules: BatchRules,
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
+        """`on_batch(size, model_s)` hears of every batch the worker finished (metrics)."""
         self.worker = worker
+        self._on_batch = on_batch
+        self.inflight_tokens = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-worker")
         self._batcher: MicroBatcher[_Queued, Generated] = MicroBatcher(rules, self._run_batch)
 
@@ -52,6 +58,11 @@ class LLMPool:
         await self._batcher.aclose()
         self._executor.shutdown(wait=True)
 
+    @property
+    def depth(self) -> int:
+        """Requests queued, not yet running."""
+        return self._batcher.depth
+
     def free_slots(self) -> int:
         return self._batcher.free_slots()
 
@@ -64,7 +75,9 @@ class LLMPool:
         Generate and score requests share the queue; a mixed batch is split again by the worker.
         """
         tokens = self.worker.prompt_tokens(request)
-        return self._batcher.put(_Queued(request, time.monotonic()), tokens)
+        future = self._batcher.put(_Queued(request, time.monotonic(), tokens), tokens)
+        self.inflight_tokens += tokens
+        return future
 
     async def generate(self, request: GenRequest | ScoreRequest) -> Generated:
         """Submit once there is room and wait for the result."""
@@ -75,10 +88,13 @@ class LLMPool:
     async def _run_batch(self, batch: list[_Queued]) -> list[Generated]:
         started_s = time.monotonic()
         requests = [q.request for q in batch]
-        results = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self.worker.run, requests
-        )
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, self.worker.run, requests)
+        finally:
+            self.inflight_tokens -= sum(q.tokens for q in batch)
         model_ms = (time.monotonic() - started_s) * 1000
+        if self._on_batch is not None:
+            self._on_batch(len(batch), model_ms / 1000)
         return [
             Generated(result, (started_s - q.submitted_s) * 1000, model_ms, len(batch))
             for q, result in zip(batch, results, strict=True)

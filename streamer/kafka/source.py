@@ -73,6 +73,23 @@ class KafkaSource:
             self._commit(offsets, sync=sync)
             self._tracker.mark_committed(offsets)
 
+    def reachable(self, timeout_s: float = 1.0) -> bool:
+        """Whether the cluster answers a metadata request (blocking: call it from a thread)."""
+        try:
+            self._consumer.list_topics(timeout=timeout_s)
+        except KafkaException:
+            return False
+        return True
+
+    def lag(self) -> dict[TP, int]:
+        """Messages behind the log end per assigned partition, from the client's cached watermarks."""
+        lags: dict[TP, int] = {}
+        for position in self._consumer.position(self._consumer.assignment()):
+            _low, high = self._consumer.get_watermark_offsets(position, cached=True)
+            if high >= 0 and position.offset >= 0:
+                lags[(position.topic, position.partition)] = max(high - position.offset, 0)
+        return lags
+
     def close(self) -> None:
         self.commit(sync=True)
         self._consumer.close()

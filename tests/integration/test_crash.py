@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import signal
+import urllib.request
 
 import orjson
 import pytest
 import redis
 import yaml
 
+from streamer.state.server import free_port
 from tests.integration.services import (
     committed_offsets,
     consume_all,
@@ -27,6 +29,7 @@ EVENTS = 120
 
 def test_sigkill_mid_stream_then_restart_loses_nothing_and_counts_once(kafka_bootstrap, redis_url, tmp_path):
     tag = unique_name("crash")
+    port = free_port()
     config = tmp_path / "streamer.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -39,6 +42,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_counts_once(kafka_boo
                 },
                 "redis": {"url": redis_url, "prefix": tag},
                 "batching": {"max_batch": 8, "max_queue": 16},
+        "observe": {"http_host": "127.0.0.1", "http_port": port},
                 "routes": [{"name": "q", "input": f"in-{tag}", "output": f"out-{tag}", "max_new_tokens": 8}],
             }
         )
@@ -70,6 +74,12 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_counts_once(kafka_boo
         "offsets to reach the end",
         log,
     )
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as ready:
+        assert ready.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as scrape:
+        metrics = scrape.read().decode()
+    answered = [line for line in metrics.splitlines() if line.startswith('streamer_answered_total{route="q"}')]
+    assert answered and float(answered[0].split()[-1]) > 0  # this process answered what the first left
     second.send_signal(signal.SIGTERM)
     assert second.wait(60) == 0, log.read_text()[-3000:]
 

@@ -1,0 +1,193 @@
+"""Prometheus metrics of one streamer process, named as ops/grafana/dashboards/streamer.json queries them.
+
+Every `Metrics` owns its `CollectorRegistry`, so tests, benchmarks and several pipelines in one
+process never see each other's series. Call sites use the intention-revealing methods
+(`metrics.answered(route, latency_s, tokens_out)`) and never touch the instruments directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+# From a single short answer to a long generation queued behind others.
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class _EventSeries:
+    """Per-route flow of events, from consumed to answered or dead-lettered."""
+
+    events_in: Counter
+    answered: Counter
+    dead_lettered: Counter
+    late: Counter
+    slo_misses: Counter
+    e2e_latency_s: Histogram
+    output_tokens: Counter
+
+
+@dataclass(frozen=True)
+class _ModelSeries:
+    """The batcher and the resident model: how full, how fast, how much memory."""
+
+    batch_size: Histogram
+    model_latency_s: Histogram
+    queue_depth: Gauge
+    inflight_tokens: Gauge
+    model_memory_bytes: Gauge
+    cuda_memory_bytes: Gauge
+
+
+@dataclass(frozen=True)
+class _StreamSeries:
+    """Kafka consumption and event-time windows."""
+
+    consumer_lag: Gauge
+    open_windows: Gauge
+    windows_emitted: Counter
+
+
+def _event_series(registry: CollectorRegistry) -> _EventSeries:
+    route = ["route"]
+    return _EventSeries(
+        events_in=Counter("streamer_events_in", "Events consumed from input topics.", route, registry=registry),
+        answered=Counter("streamer_answered", "Answers fully produced.", route, registry=registry),
+        dead_lettered=Counter("streamer_dead_lettered", "Events sent to the dead-letter topic, by error code.",
+                              ["route", "code"], registry=registry),
+        late=Counter("streamer_late", "Events behind their route's watermark.", route, registry=registry),
+        slo_misses=Counter("streamer_slo_misses", "Answers slower than the latency objective.", route,
+                           registry=registry),
+        e2e_latency_s=Histogram("streamer_e2e_latency_seconds", "Event consumed to answer ready.", route,
+                                buckets=LATENCY_BUCKETS_S, registry=registry),
+        output_tokens=Counter("streamer_output_tokens", "Tokens generated (rate() gives tokens/s).",
+                              registry=registry),
+    )
+
+
+def _model_series(registry: CollectorRegistry) -> _ModelSeries:
+    return _ModelSeries(
+        batch_size=Histogram("streamer_batch_size", "Requests per model batch.", buckets=BATCH_SIZE_BUCKETS,
+                             registry=registry),
+        model_latency_s=Histogram("streamer_model_latency_seconds", "Time the model took per batch.",
+                                  buckets=LATENCY_BUCKETS_S, registry=registry),
+        queue_depth=Gauge("streamer_queue_depth", "Requests waiting for the model.", registry=registry),
+        inflight_tokens=Gauge("streamer_inflight_tokens", "Prompt tokens queued or running.", registry=registry),
+        model_memory_bytes=Gauge("streamer_model_memory_bytes", "Bytes of the resident model's weights.",
+                                 registry=registry),
+        cuda_memory_bytes=Gauge("streamer_cuda_memory_bytes", "CUDA memory this process holds, per device.",
+                                ["device"], registry=registry),
+    )
+
+
+def _stream_series(registry: CollectorRegistry) -> _StreamSeries:
+    return _StreamSeries(
+        consumer_lag=Gauge("streamer_consumer_lag", "Messages behind the partition's end.",
+                           ["topic", "partition"], registry=registry),
+        open_windows=Gauge("streamer_open_windows", "Windows not closed yet.", ["route"], registry=registry),
+        windows_emitted=Counter("streamer_windows_emitted", "Final window results written.", ["route"],
+                                registry=registry),
+    )
+
+
+class Metrics:
+    """The instruments of one process and the verbs its stages report through."""
+
+    CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+    """What `render()` produces: the classic text format every Prometheus version scrapes."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._events = _event_series(self.registry)
+        self._model = _model_series(self.registry)
+        self._stream = _stream_series(self.registry)
+
+    def event_in(self, route: str) -> None:
+        self._events.events_in.labels(route).inc()
+
+    def answered(self, route: str, latency_s: float, tokens_out: int) -> None:
+        self._events.answered.labels(route).inc()
+        self._events.e2e_latency_s.labels(route).observe(latency_s)
+        self._events.output_tokens.inc(tokens_out)
+
+    def dead_lettered(self, route: str, code: str) -> None:
+        self._events.dead_lettered.labels(route, code).inc()
+
+    def late(self, route: str) -> None:
+        self._events.late.labels(route).inc()
+
+    def slo_miss(self, route: str) -> None:
+        self._events.slo_misses.labels(route).inc()
+
+    def batch_done(self, size: int, model_s: float) -> None:
+        self._model.batch_size.observe(size)
+        self._model.model_latency_s.observe(model_s)
+
+    def queue(self, depth: int, inflight_tokens: int) -> None:
+        self._model.queue_depth.set(depth)
+        self._model.inflight_tokens.set(inflight_tokens)
+
+    def model_memory(self, n_bytes: int) -> None:
+        self._model.model_memory_bytes.set(n_bytes)
+
+    def lag(self, topic: str, partition: int, lag: int) -> None:
+        self._stream.consumer_lag.labels(topic, str(partition)).set(lag)
+
+    def forget_partitions(self, partitions: Iterable[tuple[str, int]]) -> None:
+        """Drop the lag of revoked partitions, so a partition another member owns now is not summed twice."""
+        for topic, partition in partitions:
+            with contextlib.suppress(KeyError):  # never reported for this partition
+                self._stream.consumer_lag.remove(topic, str(partition))
+
+    def open_windows(self, route: str, n: int) -> None:
+        self._stream.open_windows.labels(route).set(n)
+
+    def window_emitted(self, route: str) -> None:
+        self._stream.windows_emitted.labels(route).inc()
+
+    def sample_device_memory(self) -> dict[str, int]:
+        """Set the CUDA memory gauge from torch and return what was read ({} without CUDA)."""
+        reserved = _cuda_reserved_bytes()
+        for device, n_bytes in reserved.items():
+            self._model.cuda_memory_bytes.labels(device).set(n_bytes)
+        return reserved
+
+    def render(self) -> bytes:
+        """The text exposition of every series, with device memory sampled just now."""
+        self.sample_device_memory()
+        return generate_latest(self.registry)
+
+
+class _Tensor(Protocol):
+    def numel(self) -> int: ...
+    def element_size(self) -> int: ...
+
+
+class _Module(Protocol):
+    def parameters(self) -> Iterable[_Tensor]: ...
+    def buffers(self) -> Iterable[_Tensor]: ...
+
+
+def resident_bytes(model: _Module) -> int:
+    """Bytes of a torch module's parameters and buffers: the figure for `Metrics.model_memory`."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _cuda_reserved_bytes() -> dict[str, int]:
+    """Memory torch's caching allocator holds per device (what other processes cannot use).
+
+    Reads torch only if something already imported it: a process without the model loaded has no
+    CUDA memory to report, and a scrape must not pay torch's import time.
+    """
+    torch: Any = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {f"cuda:{i}": int(torch.cuda.memory_reserved(i)) for i in range(torch.cuda.device_count())}
