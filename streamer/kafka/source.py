@@ -82,12 +82,13 @@ class KafkaSource:
         return True
 
     def lag(self) -> dict[TP, int]:
-        """Messages behind the log end per assigned partition, from the client's cached watermarks."""
+        """Messages behind the log end per assigned partition, from the client's cached watermarks
+        (before the first fetch of a partition: from its log start; 0 while nothing is known)."""
         lags: dict[TP, int] = {}
         for position in self._consumer.position(self._consumer.assignment()):
-            _low, high = self._consumer.get_watermark_offsets(position, cached=True)
-            if high >= 0 and position.offset >= 0:
-                lags[(position.topic, position.partition)] = max(high - position.offset, 0)
+            low, high = self._consumer.get_watermark_offsets(position, cached=True)
+            start = position.offset if position.offset >= 0 else max(low, 0)
+            lags[(position.topic, position.partition)] = max(high - start, 0) if high >= 0 else 0
         return lags
 
     def close(self) -> None:
