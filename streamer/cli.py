@@ -81,6 +81,7 @@ def run(config: ConfigOption = None, log_level: str = "info") -> None:
 async def _until_signal(pipeline: Pipeline, settings: Settings, redis_url: str) -> None:
     """Run the pipeline, with its HTTP port (metrics, probes, dashboard) open while it runs."""
     from streamer.observe import http
+    from streamer.observe.dashboard.routes import add_dashboard
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -89,6 +90,7 @@ async def _until_signal(pipeline: Pipeline, settings: Settings, redis_url: str) 
     runner = None
     if settings.observe.http_port is not None:
         app = http.build_app(pipeline.metrics, http.readiness_of(pipeline.probes()))
+        add_dashboard(app, redis_url, settings.redis.prefix)
         runner = await http.serve(app, settings.observe.http_host, settings.observe.http_port)
     try:
         await pipeline.run(stop)
@@ -131,22 +133,45 @@ def redact_url(url: str) -> str:
 @app.command()
 def demo(
     config: ConfigOption = None,
-    questions: Annotated[Path, typer.Option(help="JSONL questions to produce")] = Path(
-        "examples/questions.jsonl"
-    ),
+    questions: Annotated[Path, typer.Option(help="JSONL questions to produce")] = Path("examples/questions.jsonl"),
+    stay: Annotated[bool, typer.Option(help="keep running afterwards, so the dashboard stays live")] = False,
 ) -> None:
-    """Run the whole pipeline on the embedded defaults and print the answers."""
+    """Run the whole pipeline on the embedded defaults and print the answers and window results."""
     from streamer.demo import print_report, run_demo
 
     _logging("warning")
     try:
         settings = _settings(config)
-        report = run_demo(settings, questions, Console())
+        report = run_demo(settings, questions, Console(), stay=stay)
     except ConfigError as exc:
         raise _fail(exc, 2) from None
     except (StreamerError, OSError) as exc:
         raise _fail(exc) from None
     print_report(report, Console())
+
+
+@app.command()
+def dashboard(
+    config: ConfigOption = None,
+    redis_url: Annotated[str | None, typer.Option(help="default: redis.url of the settings")] = None,
+    host: str = "127.0.0.1",
+    port: int = 9500,
+) -> None:
+    """Serve the live dashboard: it reads only Redis, so it works for any streamer deployment."""
+    from streamer.observe.dashboard.server import run_dashboard
+
+    try:
+        settings = _settings(config)
+        url = redis_url or (settings.redis.url.get_secret_value() if settings.redis.url else None)
+        if url is None:
+            raise ConfigError("no Redis to read: pass --redis-url or set redis.url (STREAMER_REDIS__URL)")
+        asyncio.run(run_dashboard(url, settings.redis.prefix, host, port))
+    except ConfigError as exc:
+        raise _fail(exc, 2) from None
+    except (StreamerError, OSError) as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()

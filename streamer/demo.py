@@ -1,12 +1,15 @@
 """`streamer demo`: a whole pipeline on the embedded defaults, from questions in to answers out.
 
-Produces the example questions, runs the service until every one is fully written, then prints the
-answers read back from the output topic and a throughput/latency summary.
+Produces the example questions, runs the service until every one is answered and its windows have
+closed, then prints the answers and window results read back from Kafka and a throughput/latency
+summary. While it runs, its HTTP port serves the metrics and the live dashboard; with `stay` it keeps
+running (pipeline, Redis, dashboard) until Ctrl-C, so the dashboard can be watched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import statistics
 import time
 from dataclasses import dataclass
@@ -18,72 +21,111 @@ from rich.progress import Progress
 from rich.table import Table
 
 from streamer.app import Pipeline
-from streamer.config import Settings
+from streamer.config import Route, Settings, WindowSettings
+from streamer.engine.worker import LLMWorker
 from streamer.errors import StreamerError
 from streamer.kafka.client_config import base_config
 from streamer.kafka.tools import produce_lines, read_topic
+from streamer.observe import http
+from streamer.observe.dashboard.routes import add_dashboard
 from streamer.runtime import Endpoints, endpoints, load_worker
 
 
 @dataclass(frozen=True)
 class DemoReport:
     answers: list[dict]
+    windows: list[dict]
     elapsed_s: float
 
 
-def run_demo(settings: Settings, questions: Path, console: Console, timeout_s: float = 900.0) -> DemoReport:
+def demo_route(route: Route) -> Route:
+    """The demo's route: the configured one, plus a 10 s count window per key if it has none."""
+    if route.window is not None:
+        return route
+    window = WindowSettings(kind="tumbling", size_ms=10_000, idle_timeout_ms=2000, output=f"{route.output}-windows")
+    return route.model_copy(update={"window": window})
+
+
+def run_demo(settings: Settings, questions: Path, console: Console, *, stay: bool = False,
+             timeout_s: float = 900.0) -> DemoReport:
     lines = [line for line in questions.read_bytes().splitlines() if line.strip()]
-    route = settings.routes[0]
+    route = demo_route(settings.routes[0])
+    settings = settings.model_copy(update={"routes": [route]})
     with endpoints(settings) as ends:
-        console.print(
-            f"Kafka: [bold]{ends.bootstrap}[/]{' (embedded mock cluster)' * ends.embedded_kafka}  "
-            f"Redis: [bold]{ends.redis_url}[/]{' (embedded redis-server)' * ends.embedded_redis}"
-        )
+        console.print(f"Kafka: [bold]{ends.bootstrap}[/]{' (embedded mock cluster)' * ends.embedded_kafka}  "
+                      f"Redis: [bold]{ends.redis_url}[/]{' (embedded redis-server)' * ends.embedded_redis}")
         with console.status("Loading the model (the first run converts it into the local cache)..."):
             worker = load_worker(settings.model)
-        produce_lines(base_config(settings.kafka, ends.bootstrap), route.input, lines, key_field="key")
-        console.print(
-            f"Produced {len(lines)} questions to [bold]{route.input}[/]; answering with {worker.name}"
-        )
-        elapsed_s = asyncio.run(_answer_all(settings, ends, worker, len(lines), console, timeout_s))
-        answers = [
-            orjson.loads(m.value())
-            for m in read_topic(base_config(settings.kafka, ends.bootstrap), route.output, idle_timeout_s=5.0)
-        ]
-    return DemoReport(answers, elapsed_s)
+        kafka = base_config(settings.kafka, ends.bootstrap)
+        produce_lines(kafka, route.input, lines, key_field="key")
+        console.print(f"Produced {len(lines)} questions to [bold]{route.input}[/]; answering with {worker.name}")
+        elapsed_s = asyncio.run(_answer_all(settings, ends, worker, len(lines), console, stay, timeout_s))
+        answers = [orjson.loads(m.value()) for m in read_topic(kafka, route.output or "", idle_timeout_s=5.0)]
+        windows = [orjson.loads(m.value()) for m in read_topic(kafka, route.window.output, idle_timeout_s=2.0)]
+    return DemoReport(answers, windows, elapsed_s)
 
 
-async def _answer_all(
-    settings: Settings, ends: Endpoints, worker, expected: int, console: Console, timeout_s: float
-) -> float:
-    pipeline = Pipeline(
-        settings, ends.bootstrap, ends.redis_url, worker, create_topics=not ends.embedded_kafka
-    )
+async def _answer_all(settings: Settings, ends: Endpoints, worker: LLMWorker, expected: int, console: Console,
+                      stay: bool, timeout_s: float) -> float:
+    pipeline = Pipeline(settings, ends.bootstrap, ends.redis_url, worker, create_topics=not ends.embedded_kafka)
     stop = asyncio.Event()
+    runner = await _serve(pipeline, settings, ends, console)
     started_s = time.monotonic()
     running = asyncio.create_task(pipeline.run(stop))
-    with Progress(console=console, transient=True) as progress:
-        bar = progress.add_task("answering", total=expected)
-        while pipeline.written < expected and not running.done():
-            if time.monotonic() - started_s > timeout_s:
-                raise StreamerError(f"only {pipeline.written} of {expected} answered in {timeout_s:.0f} s")
-            progress.update(bar, completed=pipeline.written)
-            await asyncio.sleep(0.1)
-    elapsed_s = time.monotonic() - started_s
-    stop.set()
-    await running
+    try:
+        with Progress(console=console, transient=True) as progress:
+            bar = progress.add_task("answering", total=expected)
+            while not _finished(pipeline, expected) and not running.done():
+                if time.monotonic() - started_s > timeout_s:
+                    raise StreamerError(f"only {pipeline.written} of {expected} answered in {timeout_s:.0f} s")
+                progress.update(bar, completed=pipeline.written)
+                await asyncio.sleep(0.1)
+        elapsed_s = time.monotonic() - started_s
+        if stay and not running.done():
+            console.print("Done; still running so the dashboard stays live. Ctrl-C to stop.")
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
+            await asyncio.wait([running, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.set()
+        await running
+        if runner is not None:
+            await http.stop(runner)
     return elapsed_s
 
 
+def _finished(pipeline: Pipeline, expected: int) -> bool:
+    """Every question answered and every window it opened closed and written."""
+    return pipeline.written >= expected and all(stage.open_windows == 0 for stage in pipeline.stages.values())
+
+
+async def _serve(pipeline: Pipeline, settings: Settings, ends: Endpoints, console: Console):
+    """Metrics and the dashboard on the HTTP port (any free port when the configured one is taken)."""
+    if settings.observe.http_port is None:
+        return None
+    app = http.build_app(pipeline.metrics, http.readiness_of(pipeline.probes()))
+    add_dashboard(app, ends.redis_url, settings.redis.prefix)
+    try:
+        runner = await http.serve(app, settings.observe.http_host, settings.observe.http_port)
+    except OSError:
+        runner = await http.serve(app, settings.observe.http_host, 0)
+    console.print(f"Dashboard: [bold]http://localhost:{http.bound_port(runner)}/[/]  (metrics at /metrics)")
+    return runner
+
+
 def print_report(report: DemoReport, console: Console) -> None:
-    table = Table(title="Answers", show_lines=False)
+    table = Table(title="Answers")
     for column in ("id", "answer", "tokens", "latency ms"):
         table.add_column(column)
     for answer in sorted(report.answers, key=lambda a: a["id"]):
-        table.add_row(
-            answer["id"], answer["output"][:100], str(answer["tokens_out"]), f"{answer['latency_ms']:.0f}"
-        )
+        table.add_row(answer["id"], answer["output"][:100], str(answer["tokens_out"]), f"{answer['latency_ms']:.0f}")
     console.print(table)
+    windows = Table(title="Windows (10 s tumbling, per key)")
+    for column in ("key", "start", "events"):
+        windows.add_column(column)
+    for window in sorted(report.windows, key=lambda w: (str(w["key"]), w["window"]["start"])):
+        start = time.strftime("%H:%M:%S", time.localtime(window["window"]["start"] / 1000))
+        windows.add_row(str(window["key"]), start, str(window["count"]))
+    console.print(windows)
     if not report.answers:
         return
     latencies = sorted(a["latency_ms"] for a in report.answers)
@@ -94,3 +136,5 @@ def print_report(report: DemoReport, console: Console) -> None:
         f"{len(report.answers) / report.elapsed_s:.2f} events/s, {tokens / report.elapsed_s:.1f} output tokens/s, "
         f"latency p50 {statistics.median(latencies):.0f} ms, p99 {p99:.0f} ms"
     )
+
+
