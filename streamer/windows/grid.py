@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Generic
 
 from streamer.windows.assign import Window, WindowSpec, boundary_ms, covering
-from streamer.windows.model import LATE, NO_WATERMARK_MS, Added, Aggregator, E, OpenWindow, S, key_order
+from streamer.windows.model import LATE, Added, Aggregator, E, OpenWindow, S, WatermarkFloor, key_order
 
 _Bucket = dict[Any, OpenWindow[S]]
 
@@ -28,7 +28,7 @@ class _Slot(Generic[S]):
     added: Added
 
 
-class GridWindows(Generic[S, E]):
+class GridWindows(WatermarkFloor, Generic[S, E]):
     """Tumbling or sliding windows per key; see `WindowEngine` for the contract."""
 
     def __init__(self, spec: WindowSpec, aggregator: Aggregator[S, E]) -> None:
@@ -43,16 +43,11 @@ class GridWindows(Generic[S, E]):
         self._starts: list[int] = []  # heap of bucket starts: the next window to close is at [0]
         self._slots: dict[int, _Slot[S]] = {}
         self._slot_ends: list[tuple[int, int]] = []  # heap of (first window end, slot): when a slot goes stale
-        self._watermark_ms = NO_WATERMARK_MS
+        super().__init__()
         self._open = 0
 
-    @property
-    def watermark_ms(self) -> int | None:
-        return None if self._watermark_ms == NO_WATERMARK_MS else self._watermark_ms
-
     def add(self, key: Any, ts_ms: int, event: E, ref: Any, watermark_ms: int | None) -> Added:
-        if watermark_ms is not None and watermark_ms > self._watermark_ms:
-            self._watermark_ms = watermark_ms
+        self._advance(watermark_ms)
         slot = self._slots.get(ts_ms // self._unit_ms)
         if slot is None or slot.first_end_ms <= self._watermark_ms:
             return self._add_uncached(key, ts_ms, event, ref)
@@ -60,8 +55,7 @@ class GridWindows(Generic[S, E]):
         return slot.added
 
     def expire(self, watermark_ms: int | None) -> list[OpenWindow[S]]:
-        if watermark_ms is not None and watermark_ms > self._watermark_ms:
-            self._watermark_ms = watermark_ms
+        self._advance(watermark_ms)
         last_closed_start_ms = self._watermark_ms - self._size_ms
         starts = self._starts
         if not starts or starts[0] > last_closed_start_ms:

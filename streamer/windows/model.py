@@ -64,3 +64,18 @@ class Added:
 
 
 LATE = Added(late=True, windows=())
+
+
+class WatermarkFloor:
+    """The highest watermark an engine has been given: windows closed by it never reopen."""
+
+    def __init__(self) -> None:
+        self._watermark_ms = NO_WATERMARK_MS
+
+    @property
+    def watermark_ms(self) -> int | None:
+        return None if self._watermark_ms == NO_WATERMARK_MS else self._watermark_ms
+
+    def _advance(self, watermark_ms: int | None) -> None:
+        if watermark_ms is not None and watermark_ms > self._watermark_ms:
+            self._watermark_ms = watermark_ms

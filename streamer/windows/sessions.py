@@ -17,10 +17,10 @@ import itertools
 from typing import Any, Generic
 
 from streamer.windows.assign import Window, WindowSpec
-from streamer.windows.model import LATE, NO_WATERMARK_MS, Added, Aggregator, E, OpenWindow, S, key_order
+from streamer.windows.model import LATE, Added, Aggregator, E, OpenWindow, S, WatermarkFloor, key_order
 
 
-class SessionWindows(Generic[S, E]):
+class SessionWindows(WatermarkFloor, Generic[S, E]):
     """Session windows per key; see `WindowEngine` for the contract."""
 
     def __init__(self, spec: WindowSpec, aggregator: Aggregator[S, E]) -> None:
@@ -33,16 +33,11 @@ class SessionWindows(Generic[S, E]):
         # heap of (end when pushed, key order, seq, session): the next session to close is at [0]
         self._ends: list[tuple[int, tuple[bool, Any], int, OpenWindow[S]]] = []
         self._seq = itertools.count()
-        self._watermark_ms = NO_WATERMARK_MS
+        super().__init__()
         self._open = 0
 
-    @property
-    def watermark_ms(self) -> int | None:
-        return None if self._watermark_ms == NO_WATERMARK_MS else self._watermark_ms
-
     def add(self, key: Any, ts_ms: int, event: E, ref: Any, watermark_ms: int | None) -> Added:
-        if watermark_ms is not None and watermark_ms > self._watermark_ms:
-            self._watermark_ms = watermark_ms
+        self._advance(watermark_ms)
         proto_end_ms = ts_ms + self._gap_ms
         sessions = self._sessions.get(key, [])
         touching = [
@@ -66,8 +61,7 @@ class SessionWindows(Generic[S, E]):
         return Added(late=False, windows=(session.window,))
 
     def expire(self, watermark_ms: int | None) -> list[OpenWindow[S]]:
-        if watermark_ms is not None and watermark_ms > self._watermark_ms:
-            self._watermark_ms = watermark_ms
+        self._advance(watermark_ms)
         ends = self._ends
         closed: list[OpenWindow[S]] = []
         while ends and ends[0][0] <= self._watermark_ms:
