@@ -123,6 +123,7 @@ class Route(_Section):
     template: str | None = Field(None, description="for `prompt`: text with one `{text}` placeholder")
     labels: list[str] = Field(default_factory=list, description="for `classify`")
     target_lang: str = Field("French", description="for `translate`")
+    slo_ms: int | None = Field(None, ge=1, description="answers slower than this count as SLO misses")
     window: WindowSettings | None = None
 
     @model_validator(mode="after")

@@ -96,6 +96,8 @@ class EventHandler:
             return
         answer = self._answer(event, route, raw, generated, arrived_s)
         self._metrics.answered(route.name, answer.latency_ms / 1000, answer.tokens_out)
+        if route.slo_ms is not None and answer.latency_ms > route.slo_ms:
+            self._metrics.slo_miss(route.name)  # still answered: a late answer beats none
         self._writer.add(Outcome(route.output or "", _key(event, raw), answer, (ref,), route.name))
 
     def _answer(self, event: InputEvent, route: Route, raw: RawMessage, generated: Generated,

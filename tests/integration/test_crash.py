@@ -42,8 +42,10 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_counts_once(kafka_boo
                 },
                 "redis": {"url": redis_url, "prefix": tag},
                 "batching": {"max_batch": 8, "max_queue": 16},
-        "observe": {"http_host": "127.0.0.1", "http_port": port},
-                "routes": [{"name": "q", "input": f"in-{tag}", "output": f"out-{tag}", "max_new_tokens": 8}],
+                "observe": {"http_host": "127.0.0.1", "http_port": port},
+                "routes": [
+                    {"name": "q", "input": f"in-{tag}", "output": f"out-{tag}", "max_new_tokens": 8, "slo_ms": 1}
+                ],
             }
         )
     )
@@ -80,6 +82,8 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_counts_once(kafka_boo
         metrics = scrape.read().decode()
     answered = [line for line in metrics.splitlines() if line.startswith('streamer_answered_total{route="q"}')]
     assert answered and float(answered[0].split()[-1]) > 0  # this process answered what the first left
+    misses = [line for line in metrics.splitlines() if line.startswith('streamer_slo_misses_total{route="q"}')]
+    assert misses and float(misses[0].split()[-1]) > 0  # no model answers within a 1 ms SLO
     second.send_signal(signal.SIGTERM)
     assert second.wait(60) == 0, log.read_text()[-3000:]
 
