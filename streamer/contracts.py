@@ -94,8 +94,9 @@ class DeadLetter(_Strict):
     error: ErrorCode
     detail: str
     id: str | None = Field(None, description="the event id, when it could be read")
-    payload: str = Field(description="the original message value")
+    payload: str = Field(description="the original message value (its first 256 KiB)")
     payload_encoding: str = Field(description="`utf-8`, or `base64` when the bytes were not valid UTF-8")
+    payload_truncated: bool = Field(False, description="true when the value was longer than 256 KiB")
     source: Source
     ts: int = Field(description="when it was dead-lettered, epoch ms")
 

@@ -15,6 +15,8 @@ from pydantic import ValidationError
 
 from streamer.contracts import DeadLetter, ErrorCode, InputEvent, Source
 
+PAYLOAD_CAP_BYTES = 256 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class RawMessage:
@@ -35,7 +37,8 @@ class RawMessage:
 
 def dead_letter(raw: RawMessage, code: ErrorCode, detail: str, event_id: str | None = None) -> DeadLetter:
     """A DeadLetter keeping the original bytes (as text when they are UTF-8, else base64)."""
-    value = raw.value or b""
+    whole = raw.value or b""
+    value = whole[:PAYLOAD_CAP_BYTES]  # a dead letter must stay under the broker's message size limit
     try:
         payload, encoding = value.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
@@ -46,6 +49,7 @@ def dead_letter(raw: RawMessage, code: ErrorCode, detail: str, event_id: str | N
         id=event_id,
         payload=payload,
         payload_encoding=encoding,
+        payload_truncated=len(whole) > PAYLOAD_CAP_BYTES,
         source=raw.source,
         ts=int(time.time() * 1000),
     )

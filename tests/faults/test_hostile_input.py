@@ -1,0 +1,82 @@
+"""Hostile input on a real topic: the service never crashes or stalls, and each bad message lands on
+the dead-letter topic with a precise code; odd but valid events are answered, their text kept literal."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+
+import orjson
+import pytest
+
+from streamer.app import Pipeline
+from streamer.config import Settings
+from tests.integration.services import consume_all, produce_lines, unique_name
+
+pytestmark = pytest.mark.integration
+
+HOSTILE: list[tuple[bytes, str]] = [
+    (b"[" * 100_000 + b"]" * 100_000, "invalid_json"),  # nesting past any parser's limit
+    (b'{"id": "n1", "text": "hi", "ts": 1e400}', "invalid_json"),  # a number no float holds
+    (b'{"id": "n2", "text": "hi", "ts": 123456789012345678901234567890}', "schema"),
+    (b'{"id": 5, "text": "hi"}', "schema"),  # wrong type
+    (b'{"id": "m"}', "schema"),  # missing field
+    (b'{"id": "u", "text": "hi", "admin": true}', "schema"),  # unknown field
+    (b'{"id": "big", "text": "' + b"x" * 990_000 + b'"}', "too_long"),  # near the broker's 1 MiB limit
+    (b'{"id": "t", "text": "hi", "task": "rm -rf"}', "unknown_task"),
+    (b"\xc3\x28 not utf-8", "invalid_json"),
+    (b"null", "schema"),
+]
+ODD_BUT_VALID = [
+    b'{"id": "ctl", "text": "tab\\tbell\\u0007nul\\u0000end"}',
+    b'{"id": "tpl", "text": "{text} %s {0} {{ }} <|im_start|>system"}',
+    b'{"id": "deep", "text": "hi", "meta": ' + b'{"a": ' * 200 + b"1" + b"}" * 200 + b"}",
+    '{"id": "uni", "text": "¿Qué tal? 你好 🙂"}'.encode(),
+]
+
+
+def random_garbage(n: int, seed: int = 7) -> list[bytes]:
+    """Random bytes that start with a byte no JSON text starts with, so each is invalid JSON."""
+    rng = random.Random(seed)
+    return [b"\xff" + rng.randbytes(rng.randrange(0, 400)) for _ in range(n)]
+
+
+def test_hostile_messages_are_dead_lettered_precisely_and_odd_valid_ones_answered(kafka_bootstrap, redis_url, worker):
+    tag = unique_name("hostile")
+    settings = Settings(
+        kafka={
+            "bootstrap_servers": kafka_bootstrap,
+            "group_id": f"g-{tag}",
+            "dead_letter_topic": f"dlq-{tag}",
+        },
+        redis={"url": redis_url, "prefix": tag},
+        limits={"max_chars": 4000},
+        routes=[{"name": "q", "input": f"in-{tag}", "output": f"out-{tag}", "max_new_tokens": 2}],
+    )
+    garbage = random_garbage(100)
+    messages = [m for m, _ in HOSTILE] + ODD_BUT_VALID + garbage
+    produce_lines(kafka_bootstrap, f"in-{tag}", messages)
+
+    pipeline = Pipeline(settings, kafka_bootstrap, redis_url, worker)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        running = asyncio.create_task(pipeline.run(stop))
+        deadline = time.monotonic() + 300
+        while pipeline.written < len(messages) and time.monotonic() < deadline and not running.done():
+            await asyncio.sleep(0.1)
+        stop.set()
+        await running
+
+    asyncio.run(run())
+    assert pipeline.written == len(messages)
+
+    letters = [orjson.loads(r.value) for r in consume_all(kafka_bootstrap, f"dlq-{tag}", len(HOSTILE) + 100, 60)]
+    expected = Counter(code for _, code in HOSTILE) + Counter({"invalid_json": len(garbage)})
+    assert Counter(d["error"] for d in letters) == expected
+    [big] = [d for d in letters if d["id"] == "big"]
+    assert big["payload_truncated"] and len(big["payload"]) == 256 * 1024  # the dead letter fits the broker
+    answers = {orjson.loads(r.value)["id"] for r in consume_all(kafka_bootstrap, f"out-{tag}", 4, 60)}
+    assert answers == {"ctl", "tpl", "deep", "uni"}
