@@ -18,11 +18,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from streamer.config import Route, Settings, load_settings
+from streamer.config import LimitsSettings, Route, Settings, load_settings
 from streamer.contracts import CONTRACTS
 from streamer.errors import ConfigError, StreamerError
 
 if TYPE_CHECKING:
+    from streamer.api import LLMPool as APIPool
     from streamer.app import Pipeline
     from streamer.engine.worker import LLMWorker
     from streamer.runtime import Endpoints
@@ -172,6 +173,39 @@ def dashboard(
         raise _fail(exc) from None
     except KeyboardInterrupt:
         pass
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port of the OpenAI-compatible API")] = 8000,
+    log_level: str = "info",
+) -> None:
+    """Serve the model as an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions); no Kafka."""
+    from streamer.api import LLMPool as APIPool
+
+    _logging(log_level)
+    try:
+        settings = _settings(config)
+        with console.status("Loading the model..."):
+            pool = APIPool.from_settings(settings.model, settings.batching)
+        asyncio.run(_serve_until_signal(pool, host, port, settings.limits))
+    except ConfigError as exc:
+        raise _fail(exc, 2) from None
+    except (StreamerError, OSError) as exc:
+        raise _fail(exc) from None
+
+
+async def _serve_until_signal(pool: APIPool, host: str, port: int, limits: LimitsSettings) -> None:
+    """Serve until SIGTERM/SIGINT; requests already queued are answered before exit."""
+    from streamer.serve.openai import run_server
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await run_server(pool, host, port, limits, stop=stop)
 
 
 @app.command()

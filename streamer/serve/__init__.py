@@ -1,0 +1,1 @@
+"""Serving the model over HTTP: an OpenAI-compatible API (`streamer.serve.openai`)."""

@@ -1,0 +1,361 @@
+"""An OpenAI-compatible HTTP API over one `streamer.LLMPool`, so OpenAI clients and tools work unchanged.
+
+POST /v1/chat/completions, POST /v1/completions (both with `stream`), GET /v1/models. Every HTTP
+request becomes a call on the shared pool, so concurrent requests are micro-batched together.
+
+Differences from OpenAI, on purpose or for now:
+- Streaming sends the finished completion as server-sent-event chunks after generation ends (the
+  batched worker returns whole rows), so clients get OpenAI's chunk format but no earlier first token.
+- /v1/completions runs the prompt through the model's chat template as one user message: the worker
+  only does chat, and a raw-continuation path would bypass the batcher.
+- `model` is required but not checked: there is one model, named in every response.
+- `stop` cuts the text after generation; usage still counts every generated token.
+- Unknown parameters (top_p, seed, user, ...) are accepted and ignored, as many clients send them;
+  parameters whose meaning we cannot honour (n > 1, echo) are rejected with a 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Literal, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from streamer.api import Completion, GenerationError, LLMPool
+from streamer.config import LimitsSettings
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy /v1/completions
+
+
+# --- requests -------------------------------------------------------------------------------------
+
+
+class _Request(BaseModel):
+    """Requests ignore unknown fields: clients send many optional parameters we do not use."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def as_worker_message(self) -> dict[str, str]:
+        """`developer` is OpenAI's newer name for the system turn; text parts are joined."""
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class _Generation(_Request):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2, description="OpenAI's default; 0 is greedy")
+    n: Literal[1] = Field(1, description="one choice per prompt")
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str] = Field(description="a list gives one choice per prompt, generated as one batch")
+    echo: Literal[False] = False
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+
+# --- responses ------------------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, completions: Sequence[Completion]) -> Usage:
+        prompt = sum(c.tokens_in for c in completions)
+        generated = sum(c.tokens_out for c in completions)
+        return cls(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: None = None
+
+
+class TextCompletionResponse(BaseModel):
+    """Both the whole /v1/completions answer and each of its stream chunks (OpenAI uses one shape)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "streamer"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))
+
+    def response(self) -> web.Response:
+        return web.json_response(text=self.body.model_dump_json(), status=self.status)
+
+
+def invalid_request(exc: ValidationError) -> APIError:
+    """One 400 naming every bad field (`messages.0.role: Input should be ...`); param is the first."""
+    fields = [".".join(str(p) for p in e["loc"]) or "body" for e in exc.errors()]
+    message = "; ".join(f"{f}: {e['msg']}" for f, e in zip(fields, exc.errors(), strict=True))
+    return APIError(400, message, param=fields[0] if fields else None)
+
+
+def apply_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """Cut the text before the earliest stop sequence; True when one was found."""
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+# --- routes ---------------------------------------------------------------------------------------
+
+
+class _Routes:
+    """The handlers, bound to one pool and its limits (no module state, so apps can coexist)."""
+
+    def __init__(self, api: LLMPool, limits: LimitsSettings) -> None:
+        self.api = api
+        self.limits = limits
+        self.created = int(time.time())
+
+    async def models(self, _: web.Request) -> web.Response:
+        body = ModelList(data=[ModelCard(id=self.api.model, created=self.created)])
+        return web.json_response(text=body.model_dump_json())
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            req = await _parse(request, ChatCompletionRequest)
+            max_new = self._max_tokens(req.max_completion_tokens or req.max_tokens, self.limits.max_new_tokens)
+            messages = [m.as_worker_message() for m in req.messages]
+            done = await self._generate([messages], req, max_new)
+        except APIError as exc:
+            return exc.response()
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        [(completion, text, finish)] = done
+        usage = Usage.of([completion])
+        if not req.stream:
+            body = ChatCompletionResponse(
+                id=ident, created=created, model=self.api.model, usage=usage,
+                choices=[ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=finish)],
+            )
+            return web.json_response(text=body.model_dump_json())
+
+        def chunk(delta: ChunkDelta, finish_reason: FinishReason | None = None) -> ChatCompletionChunk:
+            choice = ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)
+            return ChatCompletionChunk(id=ident, created=created, model=self.api.model, choices=[choice])
+
+        chunks = [chunk(ChunkDelta(role="assistant", content="")), chunk(ChunkDelta(content=text)),
+                  chunk(ChunkDelta(), finish)]
+        if req.include_usage:
+            chunks.append(ChatCompletionChunk(id=ident, created=created, model=self.api.model, choices=[],
+                                              usage=usage))
+        return await _send_events(request, chunks)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            req = await _parse(request, CompletionRequest)
+            max_new = self._max_tokens(req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
+            done = await self._generate([[{"role": "user", "content": p}] for p in req.prompts], req, max_new)
+        except APIError as exc:
+            return exc.response()
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        usage = Usage.of([c for c, _, _ in done])
+        choices = [TextChoice(index=i, text=text, finish_reason=finish) for i, (_, text, finish) in enumerate(done)]
+        if not req.stream:
+            body = TextCompletionResponse(id=ident, created=created, model=self.api.model, choices=choices,
+                                          usage=usage)
+            return web.json_response(text=body.model_dump_json())
+        chunks = [TextCompletionResponse(id=ident, created=created, model=self.api.model, choices=[c])
+                  for c in choices]
+        if req.include_usage:
+            chunks.append(TextCompletionResponse(id=ident, created=created, model=self.api.model, choices=[],
+                                                 usage=usage))
+        return await _send_events(request, chunks)
+
+    def _max_tokens(self, asked: int | None, default: int) -> int:
+        cap = self.limits.max_new_tokens
+        if asked is not None and asked > cap:
+            raise APIError(400, f"max_tokens is {asked}; this server allows at most {cap}", param="max_tokens")
+        return asked or min(default, cap)
+
+    async def _generate(self, chats: list[list[dict[str, str]]], req: _Generation,
+                        max_new: int) -> list[tuple[Completion, str, FinishReason]]:
+        """Run every chat concurrently (one batch), then apply `stop`."""
+        try:
+            completions = await asyncio.gather(
+                *(self.api.generate(chat, max_new_tokens=max_new, temperature=req.temperature) for chat in chats)
+            )
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        except GenerationError as exc:
+            log.warning("generation failed: %s", exc)
+            raise APIError(500, f"the model failed on this request: {exc}", type_="server_error") from None
+        done: list[tuple[Completion, str, FinishReason]] = []
+        for completion in completions:
+            text, stopped = apply_stop(completion.text, req.stops)
+            done.append((completion, text, "stop" if stopped else completion.finish_reason))
+        return done
+
+
+async def _parse(request: web.Request, model: type[M]) -> M:
+    try:
+        return model.model_validate_json(await request.read())
+    except ValidationError as exc:
+        raise invalid_request(exc) from None
+
+
+async def _send_events(request: web.Request, chunks: Sequence[BaseModel]) -> web.StreamResponse:
+    """Server-sent events, one chunk per `data:` line, closed by `data: [DONE]` as OpenAI does."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    for chunk in chunks:
+        await response.write(f"data: {chunk.model_dump_json()}\n\n".encode())
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+def add_openai_routes(app: web.Application, api: LLMPool, limits: LimitsSettings | None = None) -> None:
+    """Add the /v1 routes to an app (e.g. the service's metrics app); `api` must be started to answer."""
+    routes = _Routes(api, limits or LimitsSettings())
+    app.router.add_get("/v1/models", routes.models)
+    app.router.add_post("/v1/chat/completions", routes.chat)
+    app.router.add_post("/v1/completions", routes.completions)
+
+
+async def start_server(api: LLMPool, host: str, port: int, limits: LimitsSettings | None = None) -> web.AppRunner:
+    """Listen on host:port (0 picks a free port); `await runner.cleanup()` stops. Does not start `api`."""
+    app = web.Application()
+    add_openai_routes(app, api, limits)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    bound = runner.addresses[0][1]
+    log.info("OpenAI-compatible API on http://%s:%d/v1 (model %s)", host, bound, api.model)
+    return runner
+
+
+async def run_server(api: LLMPool, host: str, port: int, limits: LimitsSettings | None = None,
+                     stop: asyncio.Event | None = None) -> None:
+    """Start the pool and serve until `stop` is set or the task is cancelled; queued calls finish first."""
+    async with api:
+        runner = await start_server(api, host, port, limits)
+        try:
+            await (stop or asyncio.Event()).wait()
+        finally:
+            await runner.cleanup()
