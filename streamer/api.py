@@ -20,6 +20,7 @@ from streamer.engine.pool import Generated
 from streamer.engine.pool import LLMPool as EnginePool
 from streamer.engine.worker import GenRequest, GenResult, LLMWorker, ScoreRequest, ScoreResult
 from streamer.errors import StreamerError
+from streamer.lifecycle import AsyncLifecycle
 from streamer.tasks.prompts import Messages, classify_messages, summarize_messages
 
 Prompt = str | Sequence[Mapping[str, str]]
@@ -65,7 +66,7 @@ class Classification:
     latency_ms: float
 
 
-class LLMPool:
+class LLMPool(AsyncLifecycle):
     """One resident model behind an async micro-batcher; use as `async with pool:`."""
 
     def __init__(self, worker: LLMWorker, batching: BatchingSettings | None = None, *,
@@ -86,13 +87,6 @@ class LLMPool:
     @property
     def model(self) -> str:
         return self.engine.worker.name
-
-    async def __aenter__(self) -> LLMPool:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.aclose()
 
     async def start(self) -> None:
         await self.engine.start()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from streamer.batching.batcher import BatchRules, MicroBatcher
 from streamer.engine.worker import GenRequest, GenResult, LLMWorker, ScoreRequest, ScoreResult
+from streamer.lifecycle import AsyncLifecycle
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class _Queued:
     tokens: int
 
 
-class LLMPool:
+class LLMPool(AsyncLifecycle):
     def __init__(self, worker: LLMWorker, rules: BatchRules,
                  on_batch: Callable[[int, float], None] | None = None) -> None:
         """`on_batch(size, model_s)` hears of every batch the worker finished (metrics)."""
@@ -42,13 +43,6 @@ class LLMPool:
         self.inflight_tokens = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-worker")
         self._batcher: MicroBatcher[_Queued, Generated] = MicroBatcher(rules, self._run_batch)
-
-    async def __aenter__(self) -> LLMPool:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.aclose()
 
     async def start(self) -> None:
         await self._batcher.start()
