@@ -201,7 +201,7 @@ class LLMWorker:
         try:
             return run_batch(requests)
         except Exception as exc:
-            self._after_failure()
+            self.after_failure()
             if len(requests) == 1:
                 log.warning("a single request failed: %r", exc)
                 return [failed(requests[0], _describe(exc))]
@@ -233,8 +233,12 @@ class LLMWorker:
 
     def _result(self, row: list[int], tokens_in: int, request: GenRequest) -> GenResult:
         kept = trim_generated(row, request.max_new_tokens, self.eos_ids, request.ignore_eos)
-        text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
-        return GenResult(text=text, tokens_in=int(tokens_in), tokens_out=len(kept))
+        return GenResult(text=self.decode(kept), tokens_in=int(tokens_in), tokens_out=len(kept))
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Generated tokens as the answer text (special tokens dropped, outer whitespace trimmed)."""
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
 
     def _generation_kwargs(self, request: GenRequest, max_new_tokens: int) -> dict[str, Any]:
         """Greedy for temperature 0, sampling otherwise; EOS suppressed for ignore_eos."""
@@ -252,8 +256,8 @@ class LLMWorker:
 
     def _score_batch(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         """One forward pass over prompt+label rows, left-padded so every label ends the row."""
-        prompts = self._prompt_ids([r.messages for r in requests])
-        label_ids = [self._label_ids(r.labels) for r in requests]
+        prompts = self.prompt_ids([r.messages for r in requests])
+        label_ids = [self.label_ids(r.labels) for r in requests]
         pairs = [(p, ids) for p, labels in zip(prompts, label_ids, strict=True) for ids in labels]
         input_ids, mask = _left_pad([p + ids for p, ids in pairs], self.pad_id, self.device)
         # Forward (unlike generate) numbers positions 0..L-1 whatever the padding; count real tokens.
@@ -280,11 +284,11 @@ class LLMWorker:
         best = max(request.labels, key=scores.__getitem__)
         return ScoreResult(label=best, scores=scores, tokens_in=tokens_in)
 
-    def _prompt_ids(self, conversations: Sequence[Sequence[Mapping[str, str]]]) -> list[list[int]]:
+    def prompt_ids(self, conversations: Sequence[Sequence[Mapping[str, str]]]) -> list[list[int]]:
         """Unpadded templated prompts ending in the assistant header, where the label will follow."""
         return [list(ids) for ids in self._apply_template(conversations)["input_ids"]]
 
-    def _label_ids(self, labels: Sequence[str]) -> list[list[int]]:
+    def label_ids(self, labels: Sequence[str]) -> list[list[int]]:
         """Label tokens as the model would write them at the start of its answer, specials as text."""
         with self._tokenizer_lock:
             enc = self.tokenizer(list(labels), add_special_tokens=False, split_special_tokens=True)
@@ -317,7 +321,7 @@ class LLMWorker:
         except Exception:
             return 0
 
-    def _after_failure(self) -> None:
+    def after_failure(self) -> None:
         """Release cached CUDA memory, since the likeliest batch failure is running out of it."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
