@@ -10,14 +10,14 @@ engine class stays importable as `streamer.engine.pool.LLMPool`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from streamer.batching.batcher import BatchRules
-from streamer.config import BatchingSettings, ModelSettings
+from streamer.config import BatchingSettings, EngineSettings, ModelSettings
+from streamer.engine.build import build_pool
+from streamer.engine.continuous import ContinuousPool
 from streamer.engine.pool import Generated
-from streamer.engine.pool import LLMPool as EnginePool
 from streamer.engine.worker import GenRequest, GenResult, LLMWorker, ScoreRequest, ScoreResult
 from streamer.errors import StreamerError
 from streamer.lifecycle import AsyncLifecycle
@@ -67,22 +67,23 @@ class Classification:
 
 
 class LLMPool(AsyncLifecycle):
-    """One resident model behind an async micro-batcher; use as `async with pool:`."""
+    """One resident model behind the continuous-batching engine (or static micro-batches); `async with pool:`."""
 
-    def __init__(self, worker: LLMWorker, batching: BatchingSettings | None = None, *,
+    def __init__(self, worker: LLMWorker, batching: BatchingSettings | None = None,
+                 engine: EngineSettings | None = None, *,
                  on_batch: Callable[[int, float], None] | None = None) -> None:
         """Wrap an already loaded worker (tests and the server share one); `on_batch(size, model_s)` as the engine's."""
-        rules = BatchRules(**(batching or BatchingSettings()).model_dump())
-        self.engine = EnginePool(worker, rules, on_batch=on_batch)
+        self.engine = build_pool(worker, batching or BatchingSettings(), engine or EngineSettings(), on_batch)
         self._started = False
 
     @classmethod
-    def from_settings(cls, model: ModelSettings | None = None, batching: BatchingSettings | None = None, *,
+    def from_settings(cls, model: ModelSettings | None = None, batching: BatchingSettings | None = None,
+                      engine: EngineSettings | None = None, *,
                       on_batch: Callable[[int, float], None] | None = None) -> LLMPool:
         """Load and warm the model (blocking: seconds from the local cache; call it before serving)."""
         from streamer.runtime import load_worker  # heavy (Kafka, Redis helpers): only when loading
 
-        return cls(load_worker(model or ModelSettings()), batching, on_batch=on_batch)
+        return cls(load_worker(model or ModelSettings()), batching, engine, on_batch=on_batch)
 
     @property
     def model(self) -> str:
@@ -102,6 +103,32 @@ class LLMPool(AsyncLifecycle):
         request = GenRequest(to_messages(prompt), max_new_tokens=max_new_tokens, temperature=temperature)
         return await self._complete(request, deadline_ms)
 
+    async def stream(self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0,
+                     deadline_ms: float | None = None) -> AsyncIterator[str | Completion]:
+        """`generate`, but the text arrives in pieces as the engine samples tokens, then the Completion.
+
+        The static pool (models the engine cannot drive) yields the whole text in one piece.
+        """
+        started_s = time.monotonic()
+        request = GenRequest(to_messages(prompt), max_new_tokens=max_new_tokens, temperature=temperature)
+        self._check_started()
+        if not isinstance(self.engine, ContinuousPool):
+            done = await self._complete(request, deadline_ms)
+            yield done.text
+            yield done
+            return
+        tokens: list[int] = []
+        sent = ""
+        async for item in self.engine.stream(request, deadline_ms):
+            if isinstance(item, int):
+                tokens.append(item)
+                text = self.engine.worker.decode(tokens, strip=False).lstrip()
+                if len(text) > len(sent) and not text.endswith("\ufffd"):  # wait out a split multi-byte char
+                    yield text[len(sent) :]
+                    sent = text
+            else:
+                yield self._completion(request, item, started_s, deadline_ms)
+
     async def classify(self, text: str, labels: Sequence[str], system_prompt: str | None = None) -> Classification:
         """Pick one of `labels` by log-likelihood: always a label, never free text, independent of sampling."""
         started_s = time.monotonic()
@@ -120,8 +147,13 @@ class LLMPool(AsyncLifecycle):
 
     async def _complete(self, request: GenRequest, deadline_ms: float | None) -> Completion:
         started_s = time.monotonic()
-        done = await self._run(request)
+        return self._completion(request, await self._run(request, deadline_ms), started_s, deadline_ms)
+
+    def _completion(self, request: GenRequest, done: Generated, started_s: float,
+                    deadline_ms: float | None) -> Completion:
         result = done.result
+        if result.error is not None:
+            raise GenerationError(result.error)
         assert isinstance(result, GenResult)
         latency_ms = _ms_since(started_s)
         return Completion(
@@ -136,13 +168,16 @@ class LLMPool(AsyncLifecycle):
             batch_size=done.batch_size,
         )
 
-    async def _run(self, request: GenRequest | ScoreRequest) -> Generated:
-        if not self._started:
-            raise PoolNotStarted("start the pool first: `async with pool:` or `await pool.start()`")
-        done = await self.engine.generate(request)
+    async def _run(self, request: GenRequest | ScoreRequest, deadline_ms: float | None = None) -> Generated:
+        self._check_started()
+        done = await self.engine.generate(request, deadline_ms)
         if done.result.error is not None:
             raise GenerationError(done.result.error)
         return done
+
+    def _check_started(self) -> None:
+        if not self._started:
+            raise PoolNotStarted("start the pool first: `async with pool:` or `await pool.start()`")
 
 
 def to_messages(prompt: Prompt) -> Messages:

@@ -20,9 +20,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from streamer.batching.batcher import BatchRules
 from streamer.config import Settings
-from streamer.engine.pool import LLMPool
+from streamer.engine.build import build_pool
 from streamer.engine.worker import LLMWorker
 from streamer.events import EventHandler
 from streamer.kafka.admin import ensure_topics
@@ -51,7 +50,7 @@ class Pipeline:
         self._bootstrap = bootstrap
         self._create_topics = create_topics
         self._tracker = OffsetTracker()
-        self._pool = LLMPool(worker, BatchRules(**settings.batching.model_dump()), on_batch=self.metrics.batch_done)
+        self._pool = build_pool(worker, settings.batching, settings.engine, on_batch=self.metrics.batch_done)
         self._sink = KafkaSink(producer_config(settings.kafka, bootstrap))
         self._state = RedisState(settings.redis, redis_url)
         self._writer = Writer(self._sink, self._state, self._tracker, on_window=self.metrics.window_emitted)

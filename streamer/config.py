@@ -75,6 +75,22 @@ class BatchingSettings(_Section):
         return self
 
 
+class EngineSettings(_Section):
+    """How the resident worker batches: a continuous-batching engine over a paged KV cache, or static batches."""
+
+    kind: Literal["auto", "continuous", "static"] = Field(
+        "auto", description="auto: continuous for Llama-family models, static batches of generate otherwise")
+    block_size: int = Field(16, ge=1, description="token slots per KV-cache block")
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="KV cache size; null: 90% of free GPU memory, or a quarter of free RAM up to 1 GiB")
+    max_running: int = Field(32, ge=1, description="sequences decoding together")
+    max_step_tokens: int = Field(512, ge=1, description="prefill + decode tokens per model step (chunked prefill)")
+    target_step_ms: float | None = Field(
+        None, gt=0, description="size steps from measured latency to stay under this; null: max_step_tokens")
+    default_deadline_ms: float = Field(
+        60_000, gt=0, description="deadline of requests without one (route slo_ms / params.deadline_ms)")
+
+
 class LimitsSettings(_Section):
     max_chars: int = Field(4000, ge=1)
     max_new_tokens: int = Field(512, ge=1, description="cap on any request's max_new_tokens")
@@ -163,6 +179,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     model: ModelSettings = ModelSettings()
     batching: BatchingSettings = BatchingSettings()
+    engine: EngineSettings = EngineSettings()
     limits: LimitsSettings = LimitsSettings()
     observe: ObserveSettings = ObserveSettings()
     routes: list[Route] = Field(default_factory=_default_routes, min_length=1)

@@ -34,6 +34,8 @@ class Params(_Strict):
     max_new_tokens: int | None = Field(None, ge=1, le=4096)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     target_lang: str | None = Field(None, min_length=1, max_length=64, description="for `translate`")
+    deadline_ms: int | None = Field(
+        None, ge=1, le=86_400_000, description="answer within this many ms of arrival; else the route's slo_ms")
 
 
 class InputEvent(_Strict):

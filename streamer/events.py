@@ -16,7 +16,8 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 from streamer.config import Route, Settings
 from streamer.contracts import Answer, DeadLetter, ErrorCode, InputEvent
 from streamer.decode import RawMessage, dead_letter, decode
-from streamer.engine.pool import Generated, LLMPool
+from streamer.engine.build import Pool
+from streamer.engine.pool import Generated
 from streamer.engine.worker import GenRequest, ScoreRequest, ScoreResult
 from streamer.kafka.offsets import OffsetTracker
 from streamer.observe.metrics import Metrics
@@ -27,7 +28,7 @@ from streamer.writer import Outcome, Ref, Writer
 
 
 class EventHandler:
-    def __init__(self, settings: Settings, pool: LLMPool, writer: Writer, tracker: OffsetTracker,
+    def __init__(self, settings: Settings, pool: Pool, writer: Writer, tracker: OffsetTracker,
                  stages: dict[str, WindowStage], metrics: Metrics) -> None:
         self._settings, self._pool, self._writer, self._tracker = settings, pool, writer, tracker
         self._metrics = metrics
@@ -53,7 +54,7 @@ class EventHandler:
         if decoded.task == "none":
             self._tracker.done(*ref)
             return
-        future = self._pool.submit(self._request(decoded, route))
+        future = self._pool.submit(self._request(decoded, route), _deadline_ms(decoded, route))
         future.add_done_callback(functools.partial(self._answered, decoded, route, raw, ref, slot, time.monotonic()))
 
     def _windows(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, now_ms: int) -> LabelSlot | None:
@@ -96,7 +97,8 @@ class EventHandler:
             return
         answer = self._answer(event, route, raw, generated, arrived_s)
         self._metrics.answered(route.name, answer.latency_ms / 1000, answer.tokens_out)
-        if route.slo_ms is not None and answer.latency_ms > route.slo_ms:
+        deadline_ms = _deadline_ms(event, route)
+        if deadline_ms is not None and answer.latency_ms > deadline_ms:
             self._metrics.slo_miss(route.name)  # still answered: a late answer beats none
         self._writer.add(Outcome(route.output or "", _key(event, raw), answer, (ref,), route.name))
 
@@ -121,6 +123,11 @@ class EventHandler:
         if letter.error is ErrorCode.LATE:
             self._metrics.late(route.name)
         self._writer.add(Outcome(target, raw.key, letter, (ref,), route.name))
+
+
+def _deadline_ms(event: InputEvent, route: Route) -> float | None:
+    """The event's own deadline, else its route's SLO: the engine admits the earliest first."""
+    return event.params.deadline_ms or route.slo_ms
 
 
 def _key(event: InputEvent, raw: RawMessage) -> bytes | None:

@@ -72,9 +72,7 @@ class _Job:
 
 
 class Engine:
-    def __init__(self, worker: LLMWorker, config: EngineConfig,
-                 on_token: Callable[[Hashable, int], None] | None = None) -> None:
-        """`on_token(key, token)` hears each generated token as it is sampled (streaming)."""
+    def __init__(self, worker: LLMWorker, config: EngineConfig) -> None:
         self.worker = worker
         self.config = config
         self.allocator = BlockAllocator(config.num_blocks, config.block_size)
@@ -83,7 +81,7 @@ class Engine:
         self.runner = PagedRunner(worker.model, kv)
         self.sizer = StepSizer(config.target_step_s, lowest=config.max_running + config.block_size,
                                highest=config.max_step_tokens)
-        self._on_token = on_token
+        self.on_token: Callable[[Hashable, int], None] | None = None  # hears each generated token (streaming)
         self._suspects = 0
         self.last_step_size = 0
 
@@ -172,8 +170,8 @@ class Engine:
             if chunk.sample and isinstance(job.request, GenRequest) and len(seq.tokens) > seq.prompt_len:
                 job.first_token_s = job.first_token_s or now
                 token = seq.tokens[-1]
-                if self._on_token is not None and token not in seq.stop_ids:
-                    self._on_token(job.key, token)
+                if self.on_token is not None and token not in seq.stop_ids:
+                    self.on_token(job.key, token)
             if job.suspect and chunk.sample:
                 job.suspect = False
                 self._suspects -= 1

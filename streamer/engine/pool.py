@@ -25,6 +25,7 @@ class Generated:
     queued_ms: float
     model_ms: float
     batch_size: int
+    first_token_ms: float | None = None  # from submit to the first generated token (continuous engine only)
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,9 @@ class _Queued:
     tokens: int
 
 
-class LLMPool(AsyncLifecycle):
+class StaticPool(AsyncLifecycle):
+    """Micro-batched static batches of `generate` on one resident worker (models the engine cannot drive)."""
+
     def __init__(self, worker: LLMWorker, rules: BatchRules,
                  on_batch: Callable[[int, float], None] | None = None) -> None:
         """`on_batch(size, model_s)` hears of every batch the worker finished (metrics)."""
@@ -63,21 +66,22 @@ class LLMPool(AsyncLifecycle):
     async def wait_for_room(self) -> None:
         await self._batcher.wait_for_room()
 
-    def submit(self, request: GenRequest | ScoreRequest) -> asyncio.Future[Generated]:
+    def submit(self, request: GenRequest | ScoreRequest, deadline_ms: float | None = None) -> asyncio.Future[Generated]:
         """Queue one request (raises QueueFull when there is no room: the caller pauses its input).
 
         Generate and score requests share the queue; a mixed batch is split again by the worker.
+        Static batches run in arrival order, so `deadline_ms` only matters to the continuous engine.
         """
         tokens = self.worker.prompt_tokens(request)
         future = self._batcher.put(_Queued(request, time.monotonic(), tokens), tokens)
         self.inflight_tokens += tokens
         return future
 
-    async def generate(self, request: GenRequest | ScoreRequest) -> Generated:
+    async def generate(self, request: GenRequest | ScoreRequest, deadline_ms: float | None = None) -> Generated:
         """Submit once there is room and wait for the result."""
         while self.free_slots() == 0:
             await self.wait_for_room()
-        return await self.submit(request)
+        return await self.submit(request, deadline_ms)
 
     async def _run_batch(self, batch: list[_Queued]) -> list[Generated]:
         started_s = time.monotonic()

@@ -18,7 +18,7 @@ from typing import Any
 
 from streamer.config import Route
 from streamer.contracts import TextStats, WindowBounds, WindowResult
-from streamer.engine.pool import LLMPool
+from streamer.engine.build import Pool
 from streamer.engine.worker import GenRequest
 from streamer.kafka.offsets import OffsetTracker
 from streamer.state.redis import RedisState
@@ -37,7 +37,7 @@ def window_id(route: str, key: str | None, kind: str, start_ms: int, end_ms: int
 
 
 class WindowStage:
-    def __init__(self, route: Route, pool: LLMPool, writer: Writer, tracker: OffsetTracker,
+    def __init__(self, route: Route, pool: Pool, writer: Writer, tracker: OffsetTracker,
                  state: RedisState) -> None:
         assert route.window is not None
         self.route, self.window = route, route.window

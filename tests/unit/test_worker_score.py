@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from streamer.batching.batcher import BatchRules
-from streamer.engine.pool import LLMPool
+from streamer.engine.pool import StaticPool
 from streamer.engine.worker import GenRequest, GenResult, LLMWorker, ScoreRequest, ScoreResult, label_score
 from streamer.models.loader import LoadedModel, load_model
 from tests.unit.test_worker_tiny import MARKER, _tokenizer
@@ -175,7 +175,7 @@ def test_prompt_tokens_budget_counts_each_label_row(worker: LLMWorker) -> None:
 
 
 async def test_pool_runs_mixed_batches(worker: LLMWorker) -> None:
-    async with LLMPool(worker, BatchRules(max_batch=4, max_wait_ms=50)) as pool:
+    async with StaticPool(worker, BatchRules(max_batch=4, max_wait_ms=50)) as pool:
         futures = [pool.submit(_gen(TEXTS[0])), pool.submit(_score(TEXTS[1]))]
         gen, scored = await asyncio.gather(*futures)
     assert isinstance(gen.result, GenResult) and isinstance(scored.result, ScoreResult)

@@ -1,0 +1,73 @@
+"""Builds the pool the settings ask for: the continuous-batching engine where it can drive the model,
+static micro-batches of `generate` otherwise (see README, "Which engine runs")."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from streamer.batching.batcher import BatchRules
+from streamer.config import BatchingSettings, EngineSettings
+from streamer.engine.continuous import ContinuousPool
+from streamer.engine.engine import Engine, EngineConfig
+from streamer.engine.paged import Shape, supports
+from streamer.engine.pool import StaticPool
+from streamer.engine.worker import LLMWorker
+from streamer.errors import StreamerError
+
+log = logging.getLogger(__name__)
+
+Pool = ContinuousPool | StaticPool
+
+_CPU_KV_CAP = 2**30
+
+
+class EngineUnsupported(StreamerError):
+    """`engine.kind: continuous` for a model the paged runner cannot drive."""
+
+
+def build_pool(worker: LLMWorker, batching: BatchingSettings, engine: EngineSettings,
+               on_batch: Callable[[int, float], None] | None = None) -> Pool:
+    drivable = supports(worker.model)
+    if engine.kind == "continuous" and not drivable:
+        raise EngineUnsupported(
+            f"engine.kind continuous drives Llama-family models; {worker.model.config.model_type!r} needs static")
+    if engine.kind == "static" or not drivable:
+        log.info("engine: static micro-batches of generate")
+        return StaticPool(worker, BatchRules(**batching.model_dump()), on_batch=on_batch)
+    config = EngineConfig(
+        block_size=engine.block_size,
+        num_blocks=kv_cache_blocks(engine, Shape.of(worker.model), worker.loaded.dtype, worker.device),
+        max_running=engine.max_running,
+        max_step_tokens=engine.max_step_tokens,
+        target_step_s=None if engine.target_step_ms is None else engine.target_step_ms / 1000,
+    )
+    log.info("engine: continuous batching, %d KV blocks of %d tokens", config.num_blocks, config.block_size)
+    return ContinuousPool(Engine(worker, config), batching.max_queue, engine.default_deadline_ms, on_batch)
+
+
+def kv_cache_blocks(engine: EngineSettings, shape: Shape, dtype: torch.dtype, device: torch.device) -> int:
+    """Blocks that fit the configured size, else most of free GPU memory, else a quarter of free RAM up to 1 GiB."""
+    if engine.kv_cache_gib is not None:
+        budget = engine.kv_cache_gib * 2**30
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = 0.9 * free
+    else:
+        budget = min(_available_ram() / 4, _CPU_KV_CAP)
+    return max(1, int(budget // (shape.bytes_per_token(dtype) * engine.block_size)))
+
+
+def _available_ram() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else total physical memory."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

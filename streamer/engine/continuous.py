@@ -1,0 +1,186 @@
+"""The async front end of the continuous-batching engine.
+
+Callers on the event loop submit requests; one engine thread takes whatever arrived between two
+steps, runs the next step (torch releases the GIL while it computes, so Kafka polling and Redis
+writes go on) and hands finished results back to the loop. A request joins the running batch at the
+next step instead of waiting for a batch to form or to finish.
+
+Backpressure is the same contract as the static pool's: at most `max_queue` requests are queued or
+running; `submit` raises QueueFull beyond that and `wait_for_room()` says when to resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Hashable
+from dataclasses import dataclass
+
+from streamer.batching.batcher import BatcherClosed, QueueFull
+from streamer.engine.engine import Engine, Finished
+from streamer.engine.pool import Generated
+from streamer.engine.worker import LLMWorker, Request
+from streamer.lifecycle import AsyncLifecycle
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Call:
+    request: Request
+    deadline_s: float
+    submitted_s: float
+    tokens: int
+    future: asyncio.Future[Generated]
+    stream: asyncio.Queue[int | None] | None = None
+
+
+class ContinuousPool(AsyncLifecycle):
+    def __init__(self, engine: Engine, max_queue: int, default_deadline_ms: float,
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
+        """`on_batch(size, step_s)` hears of every engine step (sequences in it, its duration)."""
+        self.engine = engine
+        self.worker: LLMWorker = engine.worker
+        self.max_queue = max_queue
+        self.default_deadline_s = default_deadline_ms / 1000
+        self.inflight_tokens = 0
+        self._on_batch = on_batch
+        self._calls: dict[int, _Call] = {}
+        self._keys = itertools.count()
+        self._inbox: list[tuple[int, _Call]] = []
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._room = asyncio.Event()
+        self._failure: BaseException | None = None
+        engine.on_token = self._token_from_thread
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for the engine to admit them."""
+        return self.engine.scheduler.waiting + len(self._inbox)
+
+    def free_slots(self) -> int:
+        return self.max_queue - len(self._calls)
+
+    async def wait_for_room(self) -> None:
+        while self.free_slots() <= 0:
+            self._room.clear()
+            await self._room.wait()
+
+    async def start(self) -> None:
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._serve, name="llm-engine", daemon=True)
+            self._thread.start()
+
+    async def aclose(self) -> None:
+        """Take no more requests, finish every one already taken, then stop the engine thread."""
+        self._closing = True
+        with self._wake:
+            self._wake.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    def submit(self, request: Request, deadline_ms: float | None = None) -> asyncio.Future[Generated]:
+        """Queue one request; the earliest deadline is admitted first. Raises QueueFull when full."""
+        return self._submit(request, deadline_ms, stream=False).future
+
+    async def generate(self, request: Request, deadline_ms: float | None = None) -> Generated:
+        """Submit once there is room and wait for the result."""
+        await self.wait_for_room()
+        return await self.submit(request, deadline_ms)
+
+    async def stream(self, request: Request, deadline_ms: float | None = None) -> AsyncIterator[int | Generated]:
+        """Each generated token id as the engine samples it, then the finished result."""
+        await self.wait_for_room()
+        call = self._submit(request, deadline_ms, stream=True)
+        assert call.stream is not None
+        while (token := await call.stream.get()) is not None:
+            yield token
+        yield await call.future
+
+    def _submit(self, request: Request, deadline_ms: float | None, stream: bool) -> _Call:
+        if self._failure is not None:
+            raise RuntimeError("the engine thread failed") from self._failure
+        if self._closing:
+            raise BatcherClosed("the pool is closing; no new requests")
+        if self.free_slots() <= 0:
+            raise QueueFull(f"pool full: {len(self._calls)} requests queued or running")
+        now = time.monotonic()
+        tokens = self.worker.prompt_tokens(request)
+        deadline_s = now + (deadline_ms / 1000 if deadline_ms is not None else self.default_deadline_s)
+        loop = asyncio.get_running_loop()
+        call = _Call(request, deadline_s, now, tokens, loop.create_future(), stream=asyncio.Queue() if stream else None)
+        key = next(self._keys)
+        self._calls[key] = call
+        self.inflight_tokens += tokens
+        with self._wake:
+            self._inbox.append((key, call))
+            self._wake.notify()
+        return call
+
+    def _serve(self) -> None:
+        """The engine thread: admit what arrived, step, hand results back; exits once closed and drained."""
+        try:
+            while True:
+                with self._wake:
+                    while not self._inbox and self.engine.idle and not self._closing:
+                        self._wake.wait()
+                    arrived, self._inbox = self._inbox, []
+                if not arrived and self.engine.idle and self._closing:
+                    return
+                finished = [f for key, call in arrived if (f := self.engine.add(key, call.request, call.deadline_s))]
+                started = time.monotonic()
+                finished += self.engine.step()
+                self._report(self.engine.last_step_size, time.monotonic() - started)
+                for done in finished:
+                    self._call_soon(self._resolve, done)
+        except BaseException as exc:  # a bug in the engine: fail every caller instead of hanging them
+            log.exception("the engine thread failed")
+            self._failure = exc
+            self._call_soon(self._fail_all, exc)
+
+    def _report(self, size: int, step_s: float) -> None:
+        if self._on_batch is not None and size:
+            self._call_soon(self._on_batch, size, step_s)
+
+    def _token_from_thread(self, key: Hashable, token: int) -> None:
+        call = self._calls.get(key)  # type: ignore[call-overload]  # keys are the ints from _keys
+        if call is not None and call.stream is not None:
+            self._call_soon(call.stream.put_nowait, token)
+
+    def _call_soon(self, callback: Callable[..., object], *args: object) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(callback, *args)
+
+    def _resolve(self, done: Finished) -> None:
+        call = self._calls.pop(done.key)  # type: ignore[call-overload]
+        self.inflight_tokens -= call.tokens
+        self._room.set()
+        finished_s = time.monotonic()
+        generated = Generated(
+            result=done.result,
+            queued_ms=(done.admitted_s - call.submitted_s) * 1000,
+            model_ms=(finished_s - done.admitted_s) * 1000,
+            batch_size=self.engine.last_step_size,
+            first_token_ms=None if done.first_token_s is None else (done.first_token_s - call.submitted_s) * 1000,
+        )
+        if call.stream is not None:
+            call.stream.put_nowait(None)
+        if not call.future.done():
+            call.future.set_result(generated)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for call in self._calls.values():
+            if call.stream is not None:
+                call.stream.put_nowait(None)
+            if not call.future.done():
+                call.future.set_exception(RuntimeError(f"the engine thread failed: {exc!r}"))
+        self._calls.clear()
+        self.inflight_tokens = 0
+        self._room.set()
