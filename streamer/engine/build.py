@@ -46,7 +46,8 @@ def build_pool(worker: LLMWorker, batching: BatchingSettings, engine: EngineSett
         target_step_s=None if engine.target_step_ms is None else engine.target_step_ms / 1000,
     )
     log.info("engine: continuous batching, %d KV blocks of %d tokens", config.num_blocks, config.block_size)
-    return ContinuousPool(Engine(worker, config), batching.max_queue, engine.default_deadline_ms, on_batch)
+    return ContinuousPool(Engine(worker.model, config, worker.eos_ids), worker, batching.max_queue,
+                          engine.default_deadline_ms, on_batch)
 
 
 def kv_cache_blocks(engine: EngineSettings, shape: Shape, dtype: torch.dtype, device: torch.device) -> int:

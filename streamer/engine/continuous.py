@@ -20,9 +20,9 @@ from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 
 from streamer.batching.batcher import BatcherClosed, QueueFull
-from streamer.engine.engine import Engine, Finished
+from streamer.engine.engine import Engine, Finished, TokenRequest
 from streamer.engine.pool import Generated
-from streamer.engine.worker import LLMWorker, Request
+from streamer.engine.worker import GenResult, LLMWorker, Request, Result, ScoreRequest, ScoreResult, label_score
 from streamer.lifecycle import AsyncLifecycle
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass(eq=False)
 class _Call:
     request: Request
+    tokens_request: TokenRequest
     deadline_s: float
     submitted_s: float
     tokens: int
@@ -39,11 +40,12 @@ class _Call:
 
 
 class ContinuousPool(AsyncLifecycle):
-    def __init__(self, engine: Engine, max_queue: int, default_deadline_ms: float,
+    def __init__(self, engine: Engine, worker: LLMWorker, max_queue: int, default_deadline_ms: float,
                  on_batch: Callable[[int, float], None] | None = None) -> None:
-        """`on_batch(size, step_s)` hears of every engine step (sequences in it, its duration)."""
+        """`worker` turns chats into token ids and ids back into text; `on_batch(size, step_s)` hears of
+        every engine step (sequences in it, its duration)."""
         self.engine = engine
-        self.worker: LLMWorker = engine.worker
+        self.worker = worker
         self.max_queue = max_queue
         self.default_deadline_s = default_deadline_ms / 1000
         self.inflight_tokens = 0
@@ -112,10 +114,12 @@ class ContinuousPool(AsyncLifecycle):
         if self.free_slots() <= 0:
             raise QueueFull(f"pool full: {len(self._calls)} requests queued or running")
         now = time.monotonic()
-        tokens = self.worker.prompt_tokens(request)
+        tokens_request = self._tokens_request(request)
+        tokens = len(tokens_request.prompt) * max(1, len(tokens_request.labels))
         deadline_s = now + (deadline_ms / 1000 if deadline_ms is not None else self.default_deadline_s)
         loop = asyncio.get_running_loop()
-        call = _Call(request, deadline_s, now, tokens, loop.create_future(), stream=asyncio.Queue() if stream else None)
+        call = _Call(request, tokens_request, deadline_s, now, tokens, loop.create_future(),
+                     stream=asyncio.Queue() if stream else None)
         key = next(self._keys)
         self._calls[key] = call
         self.inflight_tokens += tokens
@@ -134,7 +138,8 @@ class ContinuousPool(AsyncLifecycle):
                     arrived, self._inbox = self._inbox, []
                 if not arrived and self.engine.idle and self._closing:
                     return
-                finished = [f for key, call in arrived if (f := self.engine.add(key, call.request, call.deadline_s))]
+                finished = [f for key, call in arrived
+                            if (f := self.engine.add(key, call.tokens_request, call.deadline_s))]
                 started = time.monotonic()
                 finished += self.engine.step()
                 self._report(self.engine.last_step_size, time.monotonic() - started)
@@ -164,7 +169,7 @@ class ContinuousPool(AsyncLifecycle):
         self._room.set()
         finished_s = time.monotonic()
         generated = Generated(
-            result=done.result,
+            result=self._result(call, done),
             queued_ms=(done.admitted_s - call.submitted_s) * 1000,
             model_ms=(finished_s - done.admitted_s) * 1000,
             batch_size=self.engine.last_step_size,
@@ -174,6 +179,24 @@ class ContinuousPool(AsyncLifecycle):
             call.stream.put_nowait(None)
         if not call.future.done():
             call.future.set_result(generated)
+
+    def _tokens_request(self, request: Request) -> TokenRequest:
+        prompt = tuple(self.worker.prompt_ids([request.messages])[0])
+        if isinstance(request, ScoreRequest):
+            return TokenRequest(prompt, labels=tuple(tuple(ids) for ids in self.worker.label_ids(request.labels)))
+        stops = frozenset() if request.ignore_eos else self.worker.eos_ids
+        return TokenRequest(prompt, request.max_new_tokens, request.temperature, stops)
+
+    def _result(self, call: _Call, done: Finished) -> Result:
+        """The worker's result types, built the way the static path builds them."""
+        request, tokens_in = call.request, len(call.tokens_request.prompt)
+        if isinstance(request, ScoreRequest):
+            if done.error is not None:
+                return ScoreResult("", {}, tokens_in, error=done.error)
+            return self.worker.score_result(request, tokens_in, [label_score(lp) for lp in done.label_logprobs])
+        if done.error is not None:
+            return GenResult("", tokens_in, 0, error=done.error)
+        return self.worker.gen_result(done.tokens, tokens_in, request)
 
     def _fail_all(self, exc: BaseException) -> None:
         for call in self._calls.values():

@@ -17,22 +17,12 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
+from transformers import PreTrainedModel
 
 from streamer.batching.adaptive import StepSizer
 from streamer.engine.blocks import BlockAllocator
 from streamer.engine.paged import PagedKV, PagedRunner, Row, Shape
 from streamer.engine.scheduler import Plan, Scheduler, Sequence
-from streamer.engine.worker import (
-    GenRequest,
-    GenResult,
-    LLMWorker,
-    Request,
-    Result,
-    ScoreRequest,
-    ScoreResult,
-    label_score,
-    trim_generated,
-)
 
 log = logging.getLogger(__name__)
 
@@ -47,38 +37,66 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class TokenRequest:
+    """What the engine runs: token ids in, token ids (or label log-probs) out; text stays with the worker.
+
+    With `labels`, a score request: no generation; each label's log-probs are returned instead.
+    """
+
+    prompt: tuple[int, ...]
+    max_new_tokens: int = 0
+    temperature: float = 0.0
+    stop_ids: frozenset[int] = frozenset()
+    labels: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def longest(self) -> int:
+        """Tokens the request may ever hold in the cache."""
+        if self.labels:
+            return len(self.prompt) + max(len(label) for label in self.labels)
+        return len(self.prompt) + self.max_new_tokens
+
+
+@dataclass(frozen=True)
 class Finished:
-    """A finished request with its timing (engine clock, monotonic seconds)."""
+    """A finished request with its timing (engine clock, monotonic seconds).
+
+    `tokens`: the generated ids (a stop id included if one ended it); `label_logprobs`: per label,
+    the log-probs of its tokens and then of the answer ending; `error` when it failed alone.
+    """
 
     key: Hashable
-    result: Result
+    tokens: list[int]
+    label_logprobs: list[list[float]]
     admitted_s: float
     first_token_s: float | None
-    steps: int  # model steps that worked on it
+    steps: int
+    error: str | None = None
 
 
 @dataclass(eq=False)
 class _Job:
     key: Hashable
-    request: Request
+    request: TokenRequest
     deadline_s: float
-    prompt: list[int]
     admitted_s: float | None = None
     first_token_s: float | None = None
     steps: int = 0
-    label_ids: list[list[int]] = field(default_factory=list)
-    label_scores: dict[int, float] = field(default_factory=dict)
+    label_logprobs: dict[int, list[float]] = field(default_factory=dict)
     suspect: bool = False  # was in a failed step; runs alone until it passes
 
 
 class Engine:
-    def __init__(self, worker: LLMWorker, config: EngineConfig) -> None:
-        self.worker = worker
+    def __init__(self, model: PreTrainedModel, config: EngineConfig, end_ids: frozenset[int]) -> None:
+        """`end_ids` end an answer (EOS ids): a label's score includes the answer ending right after it."""
+        self.model = model
         self.config = config
+        self.end_ids = sorted(end_ids)
         self.allocator = BlockAllocator(config.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.allocator, config.max_running, config.max_step_tokens)
-        kv = PagedKV(Shape.of(worker.model), config.num_blocks, config.block_size, worker.loaded.dtype, worker.device)
-        self.runner = PagedRunner(worker.model, kv)
+        device = next(model.parameters()).device
+        kv = PagedKV(Shape.of(model), config.num_blocks, config.block_size, model.dtype, device)
+        self.runner = PagedRunner(model, kv)
         self.sizer = StepSizer(config.target_step_s, lowest=config.max_running + config.block_size,
                                highest=config.max_step_tokens)
         self.on_token: Callable[[Hashable, int], None] | None = None  # hears each generated token (streaming)
@@ -93,20 +111,12 @@ class Engine:
     def running(self) -> int:
         return len(self.scheduler.running)
 
-    def add(self, key: Hashable, request: Request, deadline_s: float) -> Finished | None:
+    def add(self, key: Hashable, request: TokenRequest, deadline_s: float) -> Finished | None:
         """Queue a request; a request that can never fit the cache finishes at once with an error."""
-        prompt = self.worker.prompt_ids([request.messages])[0]
-        job = _Job(key, request, deadline_s, prompt)
-        if isinstance(request, ScoreRequest):
-            job.label_ids = self.worker.label_ids(request.labels)
-            longest = len(prompt) + max(len(ids) for ids in job.label_ids)
-            need, sequence = longest, self._sequence(job, prompt, 0, 1)
-        else:
-            need = len(prompt) + request.max_new_tokens
-            sequence = self._sequence(job, prompt, request.max_new_tokens, 1)
-        if not self.scheduler.fits(need):
-            return self._failed(job, f"prompt and answer ({need} tokens) exceed the KV cache")
-        self.scheduler.add(sequence)
+        job = _Job(key, request, deadline_s)
+        if not self.scheduler.fits(request.longest):
+            return self._failed(job, f"prompt and answer ({request.longest} tokens) exceed the KV cache")
+        self.scheduler.add(self._sequence(job, list(request.prompt), request.max_new_tokens, 1))
         return None
 
     def step(self) -> list[Finished]:
@@ -154,8 +164,7 @@ class Engine:
             rows = logits[[i for _, i in picks]]
             greedy = rows.argmax(dim=-1).tolist()
             for n, (seq, _) in enumerate(picks):
-                request = _job(seq).request
-                temperature = request.temperature if isinstance(request, GenRequest) else 0.0
+                temperature = _job(seq).request.temperature
                 if temperature > 0:
                     probs = torch.softmax(rows[n] / temperature, dim=-1)
                     sampled[id(seq)] = int(torch.multinomial(probs, 1))
@@ -167,7 +176,7 @@ class Engine:
         now = time.monotonic()
         for chunk in plan.chunks:
             seq, job = chunk.seq, _job(chunk.seq)
-            if chunk.sample and isinstance(job.request, GenRequest) and len(seq.tokens) > seq.prompt_len:
+            if chunk.sample and len(seq.tokens) > seq.prompt_len and not job.request.labels:
                 job.first_token_s = job.first_token_s or now
                 token = seq.tokens[-1]
                 if self.on_token is not None and token not in seq.stop_ids:
@@ -178,57 +187,43 @@ class Engine:
                 self._isolate()
         finished: list[Finished] = []
         for seq in done:
-            job = _job(seq)
-            if isinstance(job.request, GenRequest):
-                finished.append(self._finished(job, self._gen_result(job, seq)))
-            elif seq.payload[1] is None:  # the score prompt is cached: now its label rows
+            job, label = seq.payload  # type: ignore[misc]  # (job, label index) on every engine sequence
+            if not job.request.labels:
+                finished.append(self._finished(job, tokens=seq.generated))
+            elif label is None:  # the score prompt is cached: now its label rows
                 self._add_label_rows(job)
             else:
-                job.label_scores[seq.payload[1]] = label_score(self._label_logprobs(job, seq, tails[id(seq)]))
-                if len(job.label_scores) == len(job.label_ids):
-                    finished.append(self._finished(job, self._score_result(job)))
+                job.label_logprobs[label] = self._label_logprobs(seq, tails[id(seq)], len(job.request.labels[label]))
+                if len(job.label_logprobs) == len(job.request.labels):
+                    ordered = [job.label_logprobs[i] for i in range(len(job.request.labels))]
+                    finished.append(self._finished(job, label_logprobs=ordered))
         return finished
 
     def _add_label_rows(self, job: _Job) -> None:
-        for i, ids in enumerate(job.label_ids):
-            self.scheduler.add(self._sequence(job, job.prompt + ids, 0, len(ids) + 1, label=i))
+        for i, ids in enumerate(job.request.labels):
+            self.scheduler.add(self._sequence(job, [*job.request.prompt, *ids], 0, len(ids) + 1, label=i))
 
-    def _label_logprobs(self, job: _Job, seq: Sequence, tail: torch.Tensor) -> list[float]:
+    def _label_logprobs(self, seq: Sequence, tail: torch.Tensor, length: int) -> list[float]:
         """Log-probs of the label's tokens, then of ending the answer right after them."""
         logprobs = torch.log_softmax(tail, dim=-1)
-        label = seq.tokens[len(job.prompt) :]
+        label = seq.tokens[-length:]
         picked = [float(logprobs[i, token]) for i, token in enumerate(label)]
-        end = float(torch.logsumexp(logprobs[-1, sorted(self.worker.eos_ids)], dim=-1))
-        return [*picked, end]
-
-    def _gen_result(self, job: _Job, seq: Sequence) -> GenResult:
-        request = job.request
-        assert isinstance(request, GenRequest)
-        kept = trim_generated(seq.generated, request.max_new_tokens, self.worker.eos_ids, request.ignore_eos)
-        return GenResult(self.worker.decode(kept), tokens_in=len(job.prompt), tokens_out=len(kept))
-
-    def _score_result(self, job: _Job) -> ScoreResult:
-        request = job.request
-        assert isinstance(request, ScoreRequest)
-        scores = {label: job.label_scores[i] for i, label in enumerate(request.labels)}
-        best = max(request.labels, key=scores.__getitem__)
-        return ScoreResult(best, scores, tokens_in=len(job.prompt))
+        return [*picked, float(torch.logsumexp(logprobs[-1, self.end_ids], dim=-1))]
 
     def _sequence(self, job: _Job, tokens: list[int], max_new: int, tail: int, label: int | None = None) -> Sequence:
-        request = job.request
-        stops = self.worker.eos_ids if isinstance(request, GenRequest) and not request.ignore_eos else frozenset()
-        return Sequence(list(tokens), max_new, job.deadline_s, stops, tail, payload=(job, label))
+        return Sequence(tokens, max_new, job.deadline_s, job.request.stop_ids, tail, payload=(job, label))
 
     def _step_failed(self, plan: Plan, exc: Exception) -> list[Finished]:
         """Requeue every sequence of the failed step to run alone; one that failed alone is answered with the error."""
-        self.worker.after_failure()
+        if self.runner.device.type == "cuda":
+            torch.cuda.empty_cache()  # the likeliest failure is running out of memory
         seqs = [c.seq for c in plan.chunks]
         self.scheduler.abort(seqs)
         if len(seqs) == 1 and _job(seqs[0]).suspect:
             job = _job(seqs[0])
             log.warning("a request failed alone: %r", exc)
             self._suspects -= 1
-            self._drop_rows(job)
+            self.scheduler.abort([s for s in self.scheduler.sequences() if _job(s) is job])  # its other label rows
             self._isolate()
             return [self._failed(job, f"{type(exc).__name__}: {exc}")]
         log.info("a step of %d sequences failed (%r); running them one at a time", len(seqs), exc)
@@ -241,24 +236,17 @@ class Engine:
         self._isolate()
         return []
 
-    def _drop_rows(self, job: _Job) -> None:
-        """A failed score request's other label rows must not run on."""
-        self.scheduler.abort([s for s in self.scheduler.sequences() if _job(s) is job])
-
     def _isolate(self) -> None:
         self.scheduler.max_running = 1 if self._suspects else self.config.max_running
 
     def _failed(self, job: _Job, error: str) -> Finished:
-        result: Result
-        if isinstance(job.request, ScoreRequest):
-            result = ScoreResult("", {}, tokens_in=len(job.prompt), error=error)
-        else:
-            result = GenResult("", tokens_in=len(job.prompt), tokens_out=0, error=error)
-        return self._finished(job, result)
+        return self._finished(job, error=error)
 
-    def _finished(self, job: _Job, result: Result) -> Finished:
+    def _finished(self, job: _Job, tokens: list[int] | None = None, label_logprobs: list[list[float]] | None = None,
+                  error: str | None = None) -> Finished:
         now = time.monotonic()
-        return Finished(job.key, result, job.admitted_s or now, job.first_token_s, job.steps)
+        return Finished(job.key, tokens or [], label_logprobs or [], job.admitted_s or now, job.first_token_s,
+                        job.steps, error)
 
 
 def _job(seq: Sequence) -> _Job:

@@ -100,12 +100,16 @@ class StepInputs:
                 self.decode_index.append(flat)
                 decode_tables.append(table)
             else:
-                self.prefills.append((flat, row.start, row.end, torch.tensor(table, device=device)))
-        self.ids = torch.tensor(ids, device=device)
-        self.positions = torch.tensor(positions, device=device)
-        self.slots = torch.tensor(slots, device=device)
-        self.logit_index = torch.tensor(logit_index, device=device)
+                self.prefills.append((flat, row.start, row.end, _longs(table, device)))
+        self.ids = _longs(ids, device)
+        self.positions = _longs(positions, device)
+        self.slots = _longs(slots, device)
+        self.logit_index = _longs(logit_index, device)  # may be empty: a step of prompt chunks only
         self.decode = _decode_batch(decode_tables, self.decode_index, device)
+
+
+def _longs(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
 
 
 def _slot_table(blocks: Sequence[int], length: int, block_size: int) -> list[int]:
@@ -127,8 +131,8 @@ def _decode_batch(tables: list[list[int]], index: list[int], device: torch.devic
     padded = [t + [0] * (width - len(t)) for t in tables]
     mask = [[True] * len(t) + [False] * (width - len(t)) for t in tables]
     return _Decode(
-        torch.tensor(index, device=device),
-        torch.tensor(padded, device=device),
+        _longs(index, device),
+        torch.tensor(padded, dtype=torch.long, device=device),
         torch.tensor(mask, device=device)[:, None, None, :],
     )
 

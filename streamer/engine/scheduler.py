@@ -65,15 +65,16 @@ class Sequence:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Compute KV for `seq.tokens[start:end]`; `sample` when that reaches the sequence's last token."""
+    """Compute KV for `seq.tokens[start:end]`; `sample` when that reaches the sequence's last token
+    (fixed at planning: the sampled token is appended to `seq.tokens` afterwards)."""
 
     seq: Sequence
     start: int
     end: int
+    sample: bool = field(init=False)
 
-    @property
-    def sample(self) -> bool:
-        return self.end == len(self.seq.tokens)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sample", self.end == len(self.seq.tokens))
 
 
 @dataclass(frozen=True)

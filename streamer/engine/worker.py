@@ -228,10 +228,11 @@ class LLMWorker:
         generated = out[:, prompt_len:].tolist()
         tokens_in = enc["attention_mask"].sum(dim=1).tolist()
         return [
-            self._result(row, n_in, r) for row, n_in, r in zip(generated, tokens_in, requests, strict=True)
+            self.gen_result(row, n_in, r) for row, n_in, r in zip(generated, tokens_in, requests, strict=True)
         ]
 
-    def _result(self, row: list[int], tokens_in: int, request: GenRequest) -> GenResult:
+    def gen_result(self, row: Sequence[int], tokens_in: int, request: GenRequest) -> GenResult:
+        """A row of generated tokens as the answer: cut at the request's limit and first EOS, decoded."""
         kept = trim_generated(row, request.max_new_tokens, self.eos_ids, request.ignore_eos)
         return GenResult(text=self.decode(kept), tokens_in=int(tokens_in), tokens_out=len(kept))
 
@@ -275,11 +276,11 @@ class LLMWorker:
         lengths = [len(ids) for _, ids in pairs]
         logprobs = iter(_label_logprobs(out.logits, input_ids, lengths, sorted(self.eos_ids)))
         return [
-            self._score_result(r, len(p), [label_score(next(logprobs)) for _ in r.labels])
+            self.score_result(r, len(p), [label_score(next(logprobs)) for _ in r.labels])
             for r, p in zip(requests, prompts, strict=True)
         ]
 
-    def _score_result(self, request: ScoreRequest, tokens_in: int, values: list[float]) -> ScoreResult:
+    def score_result(self, request: ScoreRequest, tokens_in: int, values: list[float]) -> ScoreResult:
         """The best label wins; a tie goes to the label listed first."""
         scores = dict(zip(request.labels, values, strict=True))
         best = max(request.labels, key=scores.__getitem__)

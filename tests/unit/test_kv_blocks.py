@@ -1,0 +1,87 @@
+"""The KV block allocator: no block is ever owned twice or lost, and prefixes are found again."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streamer.engine.blocks import BlockAllocator, OutOfBlocks, block_hashes
+
+
+def check_invariants(alloc: BlockAllocator, owned: list[int]) -> None:
+    free, cached, refs = alloc.states()
+    assert free.isdisjoint(cached) and free.isdisjoint(refs) and cached.isdisjoint(refs)
+    assert free | cached | set(refs) == set(range(alloc.num_blocks)), "a block was lost"
+    assert all(n >= 1 for n in refs.values())
+    for block in set(owned):
+        assert refs[block] == owned.count(block), "the reference count disagrees with the owners"
+    assert alloc.available == len(free) + len(cached)
+
+
+ops = st.lists(st.tuples(st.sampled_from(["allocate", "free", "share", "publish", "lookup"]),
+                         st.integers(0, 1000)), max_size=200)
+
+
+@given(ops, st.integers(1, 12))
+def test_random_operations_never_lose_or_double_own_a_block(script: list[tuple[str, int]], num_blocks: int) -> None:
+    alloc = BlockAllocator(num_blocks, block_size=4)
+    owned: list[int] = []  # one entry per reference held by "sequences"
+    for op, n in script:
+        if op == "allocate":
+            try:
+                block = alloc.allocate()
+            except OutOfBlocks:
+                assert alloc.available == 0
+                continue
+            assert block not in owned, "a block handed out while still owned"
+            owned.append(block)
+        elif op == "free" and owned:
+            alloc.free(owned.pop(n % len(owned)))
+        elif op == "share" and owned:
+            block = owned[n % len(owned)]
+            alloc.share(block)
+            owned.append(block)
+        elif op == "publish" and owned:
+            alloc.publish(owned[n % len(owned)], block_hash=n % 7)
+        elif op == "lookup":
+            block = alloc.lookup(n % 7)
+            if block is not None:
+                owned.append(block)
+        check_invariants(alloc, owned)
+    for block in list(owned):
+        alloc.free(block)
+    assert alloc.in_use == 0 and alloc.available == num_blocks, "blocks leaked once every owner let go"
+
+
+def test_a_freed_published_block_is_reused_by_the_next_prompt_with_that_prefix() -> None:
+    alloc = BlockAllocator(4, block_size=2)
+    block = alloc.allocate()
+    alloc.publish(block, 42)
+    alloc.free(block)
+    assert alloc.lookup(42) == block
+    assert alloc.lookup(43) is None
+
+
+def test_cached_blocks_are_evicted_least_recently_used_first_when_fresh_ones_run_out() -> None:
+    alloc = BlockAllocator(2, block_size=2)
+    a, b = alloc.allocate(), alloc.allocate()
+    alloc.publish(a, 1)
+    alloc.publish(b, 2)
+    alloc.free(a)
+    alloc.free(b)
+    assert alloc.allocate() == a  # a was cached first, so it goes first
+    assert alloc.lookup(1) is None and alloc.lookup(2) == b
+
+
+def test_allocating_past_the_last_block_raises_instead_of_overcommitting() -> None:
+    alloc = BlockAllocator(1, block_size=1)
+    alloc.allocate()
+    with pytest.raises(OutOfBlocks):
+        alloc.allocate()
+
+
+def test_block_hashes_chain_the_prefix_so_equal_blocks_after_different_prefixes_differ() -> None:
+    assert block_hashes([1, 2, 3, 4, 5], 2) == block_hashes([1, 2, 3, 4], 2)  # the partial block has no hash
+    assert block_hashes([9, 9, 3, 4], 2)[1] != block_hashes([1, 2, 3, 4], 2)[1]
+    assert len(block_hashes([1, 2, 3], 4)) == 0
