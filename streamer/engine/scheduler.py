@@ -95,6 +95,7 @@ class Scheduler:
         self.allocator = allocator
         self.max_running = max_running
         self.max_step_tokens = max_step_tokens
+        self.reused_tokens = 0  # prompt tokens taken from the prefix cache instead of computed, in total
         self.running: list[Sequence] = []
         self._waiting: list[tuple[float, int, Sequence]] = []  # heap by (deadline, arrival order)
         self._order = itertools.count()
@@ -219,6 +220,7 @@ class Scheduler:
             self._release(seq)
             return False
         seq.blocks.extend(self.allocator.allocate() for _ in range(need))
+        self.reused_tokens += seq.reused
         return True
 
     def _publish(self, seq: Sequence) -> None:
