@@ -179,7 +179,7 @@ def load(config_path: str | None, device: str, dtype: str) -> PreTrainedModel:
         return load_model(None, device=device, dtype=dtype).model
     config = AutoConfig.for_model(**json.loads(Path(config_path).read_text()))
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch_dtype or torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype or torch.bfloat16)
     return model.eval()
 
 
