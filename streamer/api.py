@@ -122,8 +122,9 @@ class LLMPool(AsyncLifecycle):
         async for item in self.engine.stream(request, deadline_ms):
             if isinstance(item, int):
                 tokens.append(item)
-                text = self.engine.worker.decode(tokens, strip=False).lstrip()
-                if len(text) > len(sent) and not text.endswith("\ufffd"):  # wait out a split multi-byte char
+                # Stripped like the final text; a split multi-byte character waits for its other bytes.
+                text = self.engine.worker.decode(tokens)
+                if len(text) > len(sent) and text.startswith(sent) and not text.endswith("\ufffd"):
                     yield text[len(sent) :]
                     sent = text
             else:

@@ -236,11 +236,10 @@ class LLMWorker:
         kept = trim_generated(row, request.max_new_tokens, self.eos_ids, request.ignore_eos)
         return GenResult(text=self.decode(kept), tokens_in=int(tokens_in), tokens_out=len(kept))
 
-    def decode(self, tokens: Sequence[int], strip: bool = True) -> str:
+    def decode(self, tokens: Sequence[int]) -> str:
         """Generated tokens as the answer text (special tokens dropped, outer whitespace trimmed)."""
         with self._tokenizer_lock:
-            text = self.tokenizer.decode(list(tokens), skip_special_tokens=True)
-        return text.strip() if strip else text
+            return self.tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
 
     def _generation_kwargs(self, request: GenRequest, max_new_tokens: int) -> dict[str, Any]:
         """Greedy for temperature 0, sampling otherwise; EOS suppressed for ignore_eos."""

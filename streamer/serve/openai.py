@@ -4,12 +4,13 @@ POST /v1/chat/completions, POST /v1/completions (both with `stream`), GET /v1/mo
 request becomes a call on the shared pool, so concurrent requests are micro-batched together.
 
 Differences from OpenAI, on purpose or for now:
-- Streaming sends the finished completion as server-sent-event chunks after generation ends (the
-  batched worker returns whole rows), so clients get OpenAI's chunk format but no earlier first token.
+- Streaming sends text as the continuous-batching engine samples it (a piece per token, held back only
+  while it could be the start of a `stop` sequence); on the static-batch fallback the whole text
+  arrives in one piece when its batch ends.
 - /v1/completions runs the prompt through the model's chat template as one user message: the worker
   only does chat, and a raw-continuation path would bypass the batcher.
 - `model` is required but not checked: there is one model, named in every response.
-- `stop` cuts the text after generation; usage still counts every generated token.
+- `stop` cuts the text; generation of that request runs on to its limit, and usage counts every token.
 - Unknown parameters (top_p, seed, user, ...) are accepted and ignored, as many clients send them;
   parameters whose meaning we cannot honour (n > 1, echo) are rejected with a 400.
 """
@@ -20,7 +21,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Literal, TypeVar
 
 from aiohttp import web
@@ -222,6 +223,35 @@ def apply_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+class StopScanner:
+    """Streams text while watching for stop sequences that may span pieces.
+
+    The last len(longest stop) - 1 characters are held back, since they could be the start of a stop.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Text safe to send now, and whether a stop sequence ended the answer."""
+        self.pending += piece
+        text, stopped = apply_stop(self.pending, self.stops)
+        if stopped:
+            self.pending = ""
+            return text, True
+        cut = len(self.pending) - self.hold
+        if cut <= 0:
+            return "", False
+        text, self.pending = self.pending[:cut], self.pending[cut:]
+        return text, False
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+
 # --- routes ---------------------------------------------------------------------------------------
 
 
@@ -242,50 +272,122 @@ class _Routes:
             req = await _parse(request, ChatCompletionRequest)
             max_new = self._max_tokens(req.max_completion_tokens or req.max_tokens, self.limits.max_new_tokens)
             messages = [m.as_worker_message() for m in req.messages]
+            if req.stream:
+                return await self._stream_chat(request, req, messages, max_new)
             done = await self._generate([messages], req, max_new)
         except APIError as exc:
             return exc.response()
-        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         [(completion, text, finish)] = done
-        usage = Usage.of([completion])
-        if not req.stream:
-            body = ChatCompletionResponse(
-                id=ident, created=created, model=self.api.model, usage=usage,
-                choices=[ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=finish)],
-            )
-            return web.json_response(text=body.model_dump_json())
+        body = ChatCompletionResponse(
+            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.api.model,
+            usage=Usage.of([completion]),
+            choices=[ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=finish)],
+        )
+        return web.json_response(text=body.model_dump_json())
+
+    async def _stream_chat(self, request: web.Request, req: ChatCompletionRequest, messages: list[dict[str, str]],
+                           max_new: int) -> web.StreamResponse:
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(delta: ChunkDelta, finish_reason: FinishReason | None = None) -> ChatCompletionChunk:
             choice = ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)
             return ChatCompletionChunk(id=ident, created=created, model=self.api.model, choices=[choice])
 
-        chunks = [chunk(ChunkDelta(role="assistant", content="")), chunk(ChunkDelta(content=text)),
-                  chunk(ChunkDelta(), finish)]
-        if req.include_usage:
-            chunks.append(ChatCompletionChunk(id=ident, created=created, model=self.api.model, choices=[],
-                                              usage=usage))
-        return await _send_events(request, chunks)
+        events = _Events(request)
+        await events.send(chunk(ChunkDelta(role="assistant", content="")))
+        done: Completion | None = None
+        try:
+            async for piece, finish, completion in self._pieces(messages, req, max_new):
+                await events.send(chunk(ChunkDelta(content=piece) if piece else ChunkDelta(), finish))
+                done = completion or done
+        except APIError as exc:
+            await events.send(exc.body)
+            return await events.close()
+        if req.include_usage and done is not None:
+            await events.send(ChatCompletionChunk(id=ident, created=created, model=self.api.model, choices=[],
+                                                  usage=Usage.of([done])))
+        return await events.close()
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         try:
             req = await _parse(request, CompletionRequest)
             max_new = self._max_tokens(req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
-            done = await self._generate([[{"role": "user", "content": p}] for p in req.prompts], req, max_new)
+            chats = [[{"role": "user", "content": p}] for p in req.prompts]
+            if req.stream:
+                return await self._stream_completions(request, req, chats, max_new)
+            done = await self._generate(chats, req, max_new)
         except APIError as exc:
             return exc.response()
-        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        usage = Usage.of([c for c, _, _ in done])
         choices = [TextChoice(index=i, text=text, finish_reason=finish) for i, (_, text, finish) in enumerate(done)]
-        if not req.stream:
-            body = TextCompletionResponse(id=ident, created=created, model=self.api.model, choices=choices,
-                                          usage=usage)
-            return web.json_response(text=body.model_dump_json())
-        chunks = [TextCompletionResponse(id=ident, created=created, model=self.api.model, choices=[c])
-                  for c in choices]
-        if req.include_usage:
-            chunks.append(TextCompletionResponse(id=ident, created=created, model=self.api.model, choices=[],
-                                                 usage=usage))
-        return await _send_events(request, chunks)
+        body = TextCompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.api.model,
+                                      choices=choices, usage=Usage.of([c for c, _, _ in done]))
+        return web.json_response(text=body.model_dump_json())
+
+    async def _stream_completions(self, request: web.Request, req: CompletionRequest,
+                                  chats: list[list[dict[str, str]]], max_new: int) -> web.StreamResponse:
+        """Every prompt streams at once (they share the engine's steps); chunks interleave, tagged by index."""
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        events = _Events(request)
+        queue: asyncio.Queue[TextCompletionResponse | APIError | None] = asyncio.Queue()
+        completions: list[Completion] = []
+
+        async def one(index: int, chat: list[dict[str, str]]) -> None:
+            try:
+                async for piece, finish, completion in self._pieces(chat, req, max_new):
+                    choice = TextChoice(index=index, text=piece, finish_reason=finish)
+                    await queue.put(TextCompletionResponse(id=ident, created=created, model=self.api.model,
+                                                           choices=[choice]))
+                    if completion is not None:
+                        completions.append(completion)
+            except APIError as exc:
+                await queue.put(exc)
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(one(i, chat)) for i, chat in enumerate(chats)]
+        open_streams = len(tasks)
+        while open_streams:
+            item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, APIError):
+                await events.send(item.body)
+            else:
+                await events.send(item)
+        await asyncio.gather(*tasks)
+        if req.include_usage and len(completions) == len(chats):
+            await events.send(TextCompletionResponse(id=ident, created=created, model=self.api.model, choices=[],
+                                                     usage=Usage.of(completions)))
+        return await events.close()
+
+    async def _pieces(self, chat: list[dict[str, str]], req: _Generation,
+                      max_new: int) -> AsyncIterator[tuple[str, FinishReason | None, Completion | None]]:
+        """(text, None, None) pieces as they are generated, then ("", finish_reason, completion) once.
+
+        Text that could begin a stop sequence is held back until it cannot; after a stop the rest of
+        the generation is drained unseen, so usage still has every token.
+        """
+        scanner = StopScanner(req.stops)
+        stopped = False
+        try:
+            async for item in self.api.stream(chat, max_new_tokens=max_new, temperature=req.temperature):
+                if isinstance(item, Completion):
+                    if not stopped:
+                        rest = scanner.flush()
+                        if rest:
+                            yield rest, None, None
+                    yield "", "stop" if stopped else item.finish_reason, item
+                    return
+                if stopped:
+                    continue
+                text, stopped = scanner.feed(item)
+                if text:
+                    yield text, None, None
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        except GenerationError as exc:
+            log.warning("generation failed: %s", exc)
+            raise APIError(500, f"the model failed on this request: {exc}", type_="server_error") from None
 
     def _max_tokens(self, asked: int | None, default: int) -> int:
         cap = self.limits.max_new_tokens
@@ -319,15 +421,24 @@ async def _parse(request: web.Request, model: type[M]) -> M:
         raise invalid_request(exc) from None
 
 
-async def _send_events(request: web.Request, chunks: Sequence[BaseModel]) -> web.StreamResponse:
-    """Server-sent events, one chunk per `data:` line, closed by `data: [DONE]` as OpenAI does."""
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    for chunk in chunks:
-        await response.write(f"data: {chunk.model_dump_json()}\n\n".encode())
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
-    return response
+class _Events:
+    """A server-sent-event response, opened on the first chunk, closed by `data: [DONE]` as OpenAI does."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+
+    async def send(self, chunk: BaseModel) -> None:
+        if not self.response.prepared:
+            await self.response.prepare(self.request)
+        await self.response.write(f"data: {chunk.model_dump_json()}\n\n".encode())
+
+    async def close(self) -> web.StreamResponse:
+        if not self.response.prepared:
+            await self.response.prepare(self.request)
+        await self.response.write(b"data: [DONE]\n\n")
+        await self.response.write_eof()
+        return self.response
 
 
 def add_openai_routes(app: web.Application, api: LLMPool, limits: LimitsSettings | None = None) -> None:

@@ -72,6 +72,26 @@ async def test_openai_client(base_url: str) -> None:
         )
         pieces = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
         assert "".join(pieces) == text
+        assert sum(1 for piece in pieces if piece) > 1, "text arrives token by token, not in one piece at the end"
+
+        stop = text.split()[1]  # a word from inside the answer
+        cut = await client.chat.completions.create(
+            model=model, messages=messages, max_tokens=16, temperature=0, stream=True, stop=[stop],
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in cut]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text[: text.index(stop)]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+        prompts = ["Say hello.", "Name a colour."]
+        both = await client.completions.create(model=model, prompt=prompts, max_tokens=8, temperature=0, stream=True)
+        texts = ["", ""]
+        async for chunk in both:
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+        singles = [await client.completions.create(model=model, prompt=p, max_tokens=8, temperature=0) for p in prompts]
+        assert texts == [s.choices[0].text for s in singles]
 
         legacy = await client.completions.create(model=model, prompt="Say hello.", max_tokens=8, temperature=0)
         assert legacy.choices[0].text and legacy.usage is not None and legacy.usage.completion_tokens <= 8

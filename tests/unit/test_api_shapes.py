@@ -39,6 +39,15 @@ class FakePool:
             raise GenerationError("boom")
         return Completion(text, tokens_in=5, tokens_out=3, queued_ms=1.0, latency_ms=2.0, model=self.model)
 
+    async def stream(self, prompt: Sequence[Mapping[str, str]], max_new_tokens: int = 64,
+                     temperature: float = 0.0, deadline_ms: float | None = None) -> AsyncIterator[str | Completion]:
+        """The same answer in two pieces, then the completion, as the engine-backed pool streams."""
+        done = await self.generate(prompt, max_new_tokens, temperature, deadline_ms)
+        half = len(done.text) // 2
+        yield done.text[:half]
+        yield done.text[half:]
+        yield done
+
 
 @pytest.fixture
 async def client() -> AsyncIterator[tuple[TestClient[web.Request, web.Application], FakePool]]:
@@ -163,3 +172,16 @@ async def test_models_lists_the_one_model(client: tuple[TestClient[Any, Any], Fa
     http, _ = client
     body = await (await http.get("/v1/models")).json()
     assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["fake-model"]
+
+
+def test_stop_scanner_holds_back_only_what_could_start_a_stop_sequence() -> None:
+    from streamer.serve.openai import StopScanner
+
+    scanner = StopScanner(["END"])
+    assert scanner.feed("Hello E") == ("Hello", False)  # " E" could begin "END"
+    assert scanner.feed("N") == (" ", False)
+    assert scanner.feed("Dless") == ("", True)  # the stop spanned three pieces
+    plain = StopScanner([])
+    assert plain.feed("abc") == ("abc", False) and plain.flush() == ""
+    tail = StopScanner(["xyz"])
+    assert tail.feed("ax") == ("", False) and tail.flush() == "ax"
