@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from streamer.config import Settings
 from streamer.engine.build import build_pool
+from streamer.engine.continuous import ContinuousPool
 from streamer.engine.worker import LLMWorker
 from streamer.events import EventHandler
 from streamer.kafka.admin import ensure_topics
@@ -143,6 +144,8 @@ class Pipeline:
     def _report(self, source: KafkaSource) -> None:
         """Gauges sampled at the commit cadence: queue, lag, open windows."""
         self.metrics.queue(self._pool.depth, self._pool.inflight_tokens)
+        if isinstance(self._pool, ContinuousPool):
+            self.metrics.kv_cache(*self._pool.kv_usage())
         for (topic, partition), lag in source.lag().items():
             self.metrics.lag(topic, partition, lag)
         for name, stage in self.stages.items():

@@ -97,6 +97,8 @@ class EventHandler:
             return
         answer = self._answer(event, route, raw, generated, arrived_s)
         self._metrics.answered(route.name, answer.latency_ms / 1000, answer.tokens_out)
+        if generated.first_token_ms is not None:
+            self._metrics.first_token(route.name, generated.first_token_ms / 1000)
         deadline_ms = _deadline_ms(event, route)
         if deadline_ms is not None and answer.latency_ms > deadline_ms:
             self._metrics.slo_miss(route.name)  # still answered: a late answer beats none

@@ -69,6 +69,11 @@ class ContinuousPool(AsyncLifecycle):
     def free_slots(self) -> int:
         return self.max_queue - len(self._calls)
 
+    def kv_usage(self) -> tuple[int, int, int]:
+        """(blocks used, blocks in all, prompt tokens reused from the prefix cache so far), for metrics."""
+        allocator = self.engine.allocator
+        return allocator.in_use, allocator.num_blocks, self.engine.scheduler.reused_tokens
+
     async def wait_for_room(self) -> None:
         while self.free_slots() <= 0:
             self._room.clear()

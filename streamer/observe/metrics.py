@@ -31,6 +31,7 @@ class _EventSeries:
     late: Counter
     slo_misses: Counter
     e2e_latency_s: Histogram
+    first_token_s: Histogram
     output_tokens: Counter
 
 
@@ -44,6 +45,8 @@ class _ModelSeries:
     inflight_tokens: Gauge
     model_memory_bytes: Gauge
     cuda_memory_bytes: Gauge
+    kv_blocks: Gauge
+    prefix_reused_tokens: Counter
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,9 @@ def _event_series(registry: CollectorRegistry) -> _EventSeries:
                            registry=registry),
         e2e_latency_s=Histogram("streamer_e2e_latency_seconds", "Event consumed to answer ready.", route,
                                 buckets=LATENCY_BUCKETS_S, registry=registry),
+        first_token_s=Histogram("streamer_time_to_first_token_seconds",
+                                "Request queued to its first generated token (continuous engine).", route,
+                                buckets=LATENCY_BUCKETS_S, registry=registry),
         output_tokens=Counter("streamer_output_tokens", "Tokens generated (rate() gives tokens/s).",
                               registry=registry),
     )
@@ -84,6 +90,11 @@ def _model_series(registry: CollectorRegistry) -> _ModelSeries:
                                  registry=registry),
         cuda_memory_bytes=Gauge("streamer_cuda_memory_bytes", "CUDA memory this process holds, per device.",
                                 ["device"], registry=registry),
+        kv_blocks=Gauge("streamer_kv_blocks", "KV-cache blocks by state: used (owned by sequences) or total.",
+                        ["state"], registry=registry),
+        prefix_reused_tokens=Counter("streamer_prefix_reused_tokens",
+                                     "Prompt tokens taken from the prefix cache instead of computed.",
+                                     registry=registry),
     )
 
 
@@ -108,6 +119,7 @@ class Metrics:
         self._events = _event_series(self.registry)
         self._model = _model_series(self.registry)
         self._stream = _stream_series(self.registry)
+        self._reused_reported = 0
 
     def event_in(self, route: str) -> None:
         self._events.events_in.labels(route).inc()
@@ -129,6 +141,16 @@ class Metrics:
     def batch_done(self, size: int, model_s: float) -> None:
         self._model.batch_size.observe(size)
         self._model.model_latency_s.observe(model_s)
+
+    def first_token(self, route: str, seconds: float) -> None:
+        self._events.first_token_s.labels(route).observe(seconds)
+
+    def kv_cache(self, used_blocks: int, total_blocks: int, reused_tokens_total: int) -> None:
+        self._model.kv_blocks.labels("used").set(used_blocks)
+        self._model.kv_blocks.labels("total").set(total_blocks)
+        if reused_tokens_total > self._reused_reported:  # the engine keeps a total; the counter wants steps
+            self._model.prefix_reused_tokens.inc(reused_tokens_total - self._reused_reported)
+            self._reused_reported = reused_tokens_total
 
     def queue(self, depth: int, inflight_tokens: int) -> None:
         self._model.queue_depth.set(depth)

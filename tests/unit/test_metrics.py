@@ -131,3 +131,14 @@ def test_resident_bytes_counts_parameters_and_buffers() -> None:
     model = SimpleNamespace(parameters=lambda: iter([tensor(10, 2), tensor(3, 4)]),
                             buffers=lambda: iter([tensor(5, 8)]))
     assert resident_bytes(model) == 10 * 2 + 3 * 4 + 5 * 8
+
+
+def test_engine_verbs_report_first_token_and_kv_cache() -> None:
+    m = Metrics()
+    m.first_token("questions", 0.3)
+    m.kv_cache(used_blocks=12, total_blocks=2048, reused_tokens_total=64)
+    m.kv_cache(used_blocks=4, total_blocks=2048, reused_tokens_total=96)  # the engine reports its running total
+    assert value(m, "streamer_time_to_first_token_seconds_count", route="questions") == 1
+    assert value(m, "streamer_kv_blocks", state="used") == 4
+    assert value(m, "streamer_kv_blocks", state="total") == 2048
+    assert value(m, "streamer_prefix_reused_tokens_total") == 96
