@@ -1,4 +1,5 @@
-"""Micro-batched vs one-by-one: the same questions through the real broker, Redis and model, in one run.
+"""One-by-one vs static micro-batches vs the continuous engine: the same questions through the real broker,
+Redis and model, in one run.
 
     .venv/bin/python -m bench.batching [--events 256] [--max-new-tokens 16] [--max-batch 32]
 
@@ -79,13 +80,14 @@ async def _until_written(pipeline: Pipeline, expected: int) -> float:
 
 
 def run_mode(
-    mode: str, max_batch: int, bootstrap: str, redis_url: str, worker: LLMWorker, events: list[bytes]
+    mode: str, engine: str, max_batch: int, bootstrap: str, redis_url: str, worker: LLMWorker, events: list[bytes]
 ) -> Result:
     tag = uuid.uuid4().hex[:8]
     settings = Settings(
         kafka={"bootstrap_servers": bootstrap, "group_id": f"bench-{tag}", "dead_letter_topic": f"dlq-{tag}"},
         redis={"prefix": f"bench-{tag}"},
         batching={"max_batch": max_batch, "max_queue": 64, "max_wait_ms": 20},
+        engine={"kind": engine, "max_running": max_batch},
         routes=[{"name": "q", "input": f"questions-{tag}", "output": f"answers-{tag}"}],
     )
     produce_lines({"bootstrap.servers": bootstrap}, f"questions-{tag}", events)
@@ -122,15 +124,16 @@ def main() -> None:
     with kafka_broker() as bootstrap, redis_server() as redis_url:
         worker = load_worker(settings.model)
         results = [
-            run_mode("one-by-one", 1, bootstrap, redis_url, worker, events),
-            run_mode("micro-batched", args.max_batch, bootstrap, redis_url, worker, events),
+            run_mode("one-by-one", "static", 1, bootstrap, redis_url, worker, events),
+            run_mode("micro-batched", "static", args.max_batch, bootstrap, redis_url, worker, events),
+            run_mode("continuous", "continuous", args.max_batch, bootstrap, redis_url, worker, events),
         ]
     print(f"{'mode':<14} {'events/s':>9} {'tokens/s':>10} {'p50 ms':>9} {'p99 ms':>9}")
     for result in results:
         print(result.row())
-    one, batched = results
-    ratio = (batched.events / batched.elapsed_s) / (one.events / one.elapsed_s)
-    print(f"throughput ratio (micro-batched / one-by-one): {ratio:.2f}x")
+    one, batched, continuous = (r.events / r.elapsed_s for r in results)
+    print(f"throughput ratios: micro-batched / one-by-one {batched / one:.2f}x, "
+          f"continuous / one-by-one {continuous / one:.2f}x, continuous / micro-batched {continuous / batched:.2f}x")
 
 
 if __name__ == "__main__":
