@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from streamer.batching.batcher import BatchRules
 from streamer.config import BatchingSettings, EngineSettings
@@ -38,16 +39,42 @@ def build_pool(worker: LLMWorker, batching: BatchingSettings, engine: EngineSett
     if engine.kind == "static" or not drivable:
         log.info("engine: static micro-batches of generate")
         return StaticPool(worker, BatchRules(**batching.model_dump()), on_batch=on_batch)
-    config = EngineConfig(
+    workers = worker_count(engine, worker)
+    if workers > 1:
+        from streamer.engine.processes import ProcessEngines, child_specs  # it builds its engines with engine_config
+
+        engines = ProcessEngines(child_specs(worker, engine, workers))
+        log.info("engine: continuous batching in %d worker processes", workers)
+        return ContinuousPool(engines, worker, batching.max_queue, engine.default_deadline_ms, on_batch,
+                              on_close=engines.close)
+    config = engine_config(engine, worker.model, worker.loaded.dtype, worker.device)
+    log.info("engine: continuous batching, %d KV blocks of %d tokens", config.num_blocks, config.block_size)
+    return ContinuousPool(Engine(worker.model, config, worker.eos_ids), worker, batching.max_queue,
+                          engine.default_deadline_ms, on_batch)
+
+
+def worker_count(engine: EngineSettings, worker: LLMWorker) -> int:
+    """Engine processes to run: auto is one per CUDA device, or 1 (in this process) on CPU or for a model
+    already split across devices."""
+    split = len(set((getattr(worker.model, "hf_device_map", None) or {}).values())) > 1
+    if engine.workers == "auto":
+        return torch.cuda.device_count() if worker.device.type == "cuda" and not split else 1
+    if engine.workers > 1 and split:
+        raise EngineUnsupported("engine.workers > 1 needs a model on one device; this one has a device_map")
+    if worker.device.type == "cuda" and engine.workers > torch.cuda.device_count():
+        raise EngineUnsupported(f"engine.workers is {engine.workers}; {torch.cuda.device_count()} CUDA devices exist")
+    return engine.workers
+
+
+def engine_config(engine: EngineSettings, model: PreTrainedModel, dtype: torch.dtype,
+                  device: torch.device) -> EngineConfig:
+    return EngineConfig(
         block_size=engine.block_size,
-        num_blocks=kv_cache_blocks(engine, Shape.of(worker.model), worker.loaded.dtype, worker.device),
+        num_blocks=kv_cache_blocks(engine, Shape.of(model), dtype, device),
         max_running=engine.max_running,
         max_step_tokens=engine.max_step_tokens,
         target_step_s=None if engine.target_step_ms is None else engine.target_step_ms / 1000,
     )
-    log.info("engine: continuous batching, %d KV blocks of %d tokens", config.num_blocks, config.block_size)
-    return ContinuousPool(Engine(worker.model, config, worker.eos_ids), worker, batching.max_queue,
-                          engine.default_deadline_ms, on_batch)
 
 
 def kv_cache_blocks(engine: EngineSettings, shape: Shape, dtype: torch.dtype, device: torch.device) -> int:

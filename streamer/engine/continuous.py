@@ -18,12 +18,16 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from streamer.batching.batcher import BatcherClosed, QueueFull
 from streamer.engine.engine import Engine, Finished, TokenRequest
 from streamer.engine.pool import Generated
 from streamer.engine.worker import GenResult, LLMWorker, Request, Result, ScoreRequest, ScoreResult, label_score
 from streamer.lifecycle import AsyncLifecycle
+
+if TYPE_CHECKING:
+    from streamer.engine.processes import ProcessEngines
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +44,14 @@ class _Call:
 
 
 class ContinuousPool(AsyncLifecycle):
-    def __init__(self, engine: Engine, worker: LLMWorker, max_queue: int, default_deadline_ms: float,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+    def __init__(self, engine: Engine | ProcessEngines, worker: LLMWorker, max_queue: int, default_deadline_ms: float,
+                 on_batch: Callable[[int, float], None] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
         """`worker` turns chats into token ids and ids back into text; `on_batch(size, step_s)` hears of
-        every engine step (sequences in it, its duration)."""
+        every engine step (sequences in it, its duration); `on_close` runs once the engine thread stopped
+        (engine worker processes stop there)."""
         self.engine = engine
+        self._on_close = on_close
         self.worker = worker
         self.max_queue = max_queue
         self.default_deadline_s = default_deadline_ms / 1000
@@ -92,6 +99,9 @@ class ContinuousPool(AsyncLifecycle):
             self._wake.notify()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        if self._on_close is not None:
+            await asyncio.to_thread(self._on_close)
+            self._on_close = None
 
     def submit(self, request: Request, deadline_ms: float | None = None) -> asyncio.Future[Generated]:
         """Queue one request; the earliest deadline is admitted first. Raises QueueFull when full."""

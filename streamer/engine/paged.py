@@ -10,6 +10,10 @@ The language-model head runs only on the positions whose logits are wanted.
 It drives the layers of a Hugging Face Llama-family model (Llama, SmolLM2, Mistral, Qwen2) directly,
 so weights, RoPE variants and norms stay the library's; architectures it does not know fall back to
 the static-batch worker (see `supports`).
+
+A model split across devices (`model.device_map`) keeps each layer's keys and values on that layer's
+device and moves the hidden state to each layer before running it, then to the norm's and head's.
+Tested on CPU only (an explicit all-"cpu" map); two real GPUs were not available to test here.
 """
 
 from __future__ import annotations
@@ -40,12 +44,14 @@ class Shape:
     layers: int
     kv_heads: int
     head_dim: int
+    devices: tuple[torch.device, ...] = ()  # per layer, where its weights (so its cache) live; (): all on one
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> Shape:
         c = model.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return cls(c.num_hidden_layers, c.num_key_value_heads, head_dim)
+        devices = tuple(next(layer.parameters()).device for layer in model.model.layers)
+        return cls(c.num_hidden_layers, c.num_key_value_heads, head_dim, devices)
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
         """Keys plus values of one token across all layers."""
@@ -53,13 +59,14 @@ class Shape:
 
 
 class PagedKV:
-    """Per-layer key and value tensors of `num_blocks * block_size` token slots."""
+    """Per-layer key and value tensors [num_blocks, block_size, kv_heads, head_dim], on the layer's device
+    (`device` when the shape does not say). Reads gather whole blocks: contiguous copies, small indices."""
 
     def __init__(self, shape: Shape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
-        slots = num_blocks * block_size
         self.block_size = block_size
-        self.keys = [torch.zeros(slots, shape.kv_heads, shape.head_dim, dtype=dtype, device=device)
-                     for _ in range(shape.layers)]
+        devices = shape.devices or (device,) * shape.layers
+        self.keys = [torch.zeros(num_blocks, block_size, shape.kv_heads, shape.head_dim, dtype=dtype,
+                                 device=devices[i]) for i in range(shape.layers)]
         self.values = [torch.zeros_like(k) for k in self.keys]
 
     @property
@@ -87,54 +94,52 @@ class StepInputs:
         slots: list[int] = []
         logit_index: list[int] = []
         self.decode_index: list[int] = []
-        decode_tables: list[list[int]] = []
-        self.prefills: list[tuple[int, int, int, torch.Tensor]] = []  # (flat start, cache start, end, slots)
+        decode_rows: list[Row] = []
+        self.prefills: list[tuple[int, int, int, torch.Tensor]] = []  # (flat start, cache start, end, blocks)
         for row in rows:
             flat = len(ids)
             ids.extend(row.tokens)
             positions.extend(range(row.start, row.end))
-            table = _slot_table(row.blocks, row.end, block_size)
-            slots.extend(table[row.start : row.end])
+            slots.extend(row.blocks[p // block_size] * block_size + p % block_size for p in range(row.start, row.end))
             logit_index.extend(range(flat + len(row.tokens) - row.logits, flat + len(row.tokens)))
             if row.end - row.start == 1:
                 self.decode_index.append(flat)
-                decode_tables.append(table)
+                decode_rows.append(row)
             else:
-                self.prefills.append((flat, row.start, row.end, _longs(table, device)))
+                self.prefills.append((flat, row.start, row.end, _longs(_used_blocks(row, block_size), device)))
         self.ids = _longs(ids, device)
         self.positions = _longs(positions, device)
         self.slots = _longs(slots, device)
         self.logit_index = _longs(logit_index, device)  # may be empty: a step of prompt chunks only
-        self.decode = _decode_batch(decode_tables, self.decode_index, device)
+        self.decode = _decode_batch(decode_rows, self.decode_index, block_size, device)
 
 
 def _longs(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
 
 
-def _slot_table(blocks: Sequence[int], length: int, block_size: int) -> list[int]:
-    """Cache slot of each position 0..length-1 of a sequence."""
-    return [blocks[p // block_size] * block_size + p % block_size for p in range(length)]
+def _used_blocks(row: Row, block_size: int) -> list[int]:
+    """The blocks holding positions 0..end-1 of the row's sequence."""
+    return list(row.blocks[: -(-row.end // block_size)])
 
 
 @dataclass(frozen=True)
 class _Decode:
     index: torch.Tensor  # flat positions of the decode tokens
-    table: torch.Tensor  # [B, L] slots, padded with slot 0
-    mask: torch.Tensor  # [B, 1, 1, L] True where a slot is part of the sequence
+    blocks: torch.Tensor  # [B, n] block ids, padded with block 0
+    mask: torch.Tensor  # [B, 1, 1, n * block_size] True where a slot holds one of the sequence's positions
 
 
-def _decode_batch(tables: list[list[int]], index: list[int], device: torch.device) -> _Decode | None:
-    if not tables:
+def _decode_batch(rows: list[Row], index: list[int], block_size: int, device: torch.device) -> _Decode | None:
+    if not rows:
         return None
+    tables = [_used_blocks(row, block_size) for row in rows]
     width = max(len(t) for t in tables)
     padded = [t + [0] * (width - len(t)) for t in tables]
-    mask = [[True] * len(t) + [False] * (width - len(t)) for t in tables]
-    return _Decode(
-        _longs(index, device),
-        torch.tensor(padded, dtype=torch.long, device=device),
-        torch.tensor(mask, device=device)[:, None, None, :],
-    )
+    lengths = torch.tensor([row.end for row in rows], device=device)
+    mask = torch.arange(width * block_size, device=device)[None, :] < lengths[:, None]
+    return _Decode(_longs(index, device), torch.tensor(padded, dtype=torch.long, device=device),
+                   mask[:, None, None, :])
 
 
 class PagedRunner:
@@ -154,14 +159,19 @@ class PagedRunner:
         body = self.model.model
         hidden = body.embed_tokens(inputs.ids)
         cos, sin = body.rotary_emb(hidden[None], inputs.positions[None])
-        cos, sin = cos[0], sin[0]
+        placed = {self.device: (inputs, cos[0], sin[0])}
         for i, layer in enumerate(body.layers):
+            device = self.kv.keys[i].device
+            if device not in placed:  # a model split across devices: this layer's inputs, built once per step
+                placed[device] = (StepInputs(rows, self.kv.block_size, device), cos[0].to(device), sin[0].to(device))
+            inputs, cos_i, sin_i = placed[device]
+            hidden = hidden.to(device)
             residual = hidden
             x = layer.input_layernorm(hidden)
-            hidden = residual + self._attention(layer.self_attn, x, cos, sin, inputs, i)
+            hidden = residual + self._attention(layer.self_attn, x, cos_i, sin_i, inputs, i)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        hidden = body.norm(hidden[inputs.logit_index])
-        return self.model.lm_head(hidden).float()
+        hidden = body.norm(hidden[inputs.logit_index].to(body.norm.weight.device))
+        return self.model.lm_head(hidden.to(self.model.lm_head.weight.device)).float()
 
     def _attention(self, attn: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    inputs: StepInputs, layer: int) -> torch.Tensor:
@@ -172,21 +182,21 @@ class PagedRunner:
         v = attn.v_proj(x).view(tokens, -1, head_dim)
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
         keys, values = self.kv.keys[layer], self.kv.values[layer]
-        keys.index_copy_(0, inputs.slots, k)
-        values.index_copy_(0, inputs.slots, v)
+        keys.flatten(0, 1).index_copy_(0, inputs.slots, k)
+        values.flatten(0, 1).index_copy_(0, inputs.slots, v)
         out = torch.empty_like(q)
         decode = inputs.decode
         if decode is not None:
             qd = q[decode.index][:, :, None, :]  # [B, H, 1, D]
-            kd = keys[decode.table].transpose(1, 2)  # [B, Hkv, L, D]
-            vd = values[decode.table].transpose(1, 2)
+            kd = keys[decode.blocks].flatten(1, 2).transpose(1, 2)  # [B, Hkv, n * block_size, D]
+            vd = values[decode.blocks].flatten(1, 2).transpose(1, 2)
             o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=decode.mask, scale=attn.scaling, enable_gqa=True)
             out[decode.index] = o[:, :, 0, :]
-        for flat, start, end, table in inputs.prefills:
+        for flat, start, end, blocks in inputs.prefills:
             n = end - start
             qp = q[flat : flat + n].transpose(0, 1)[None]  # [1, H, n, D]
-            kp = keys[table].transpose(0, 1)[None]  # [1, Hkv, end, D]
-            vp = values[table].transpose(0, 1)[None]
+            kp = keys[blocks].flatten(0, 1)[:end].transpose(0, 1)[None]  # [1, Hkv, end, D]
+            vp = values[blocks].flatten(0, 1)[:end].transpose(0, 1)[None]
             if start == 0:
                 o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=attn.scaling, enable_gqa=True)
             else:

@@ -1,0 +1,171 @@
+"""Engine worker processes on a tiny random Llama (CPU): two children answer like one in-process engine
+and share the work, a SIGKILLed child costs no request, none is left behind after aclose; a model split
+by an explicit device_map gives the same greedy tokens as the unsplit one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from streamer.config import BatchingSettings, EngineSettings
+from streamer.engine.build import build_pool, worker_count
+from streamer.engine.continuous import ContinuousPool
+from streamer.engine.engine import Engine, EngineConfig, TokenRequest
+from streamer.engine.paged import Shape
+from streamer.engine.pool import Generated
+from streamer.engine.processes import ProcessEngines
+from streamer.engine.worker import GenRequest, GenResult, LLMWorker
+from streamer.models.loader import load_model
+from tests.unit.test_worker_tiny import _tokenizer
+
+BATCHING = BatchingSettings()
+TEXTS = ["Hi", "What is two plus two?", "Tell me a long story about a dragon.", "ok", "Why is the sky blue?",
+         "Name three colours.", "Count to ten", "Say something nice"]
+
+
+def engine_settings(workers: int) -> EngineSettings:
+    return EngineSettings(workers=workers, kv_cache_gib=0.01, max_running=8, block_size=4)
+
+
+def ask(text: str, max_new: int) -> GenRequest:
+    return GenRequest(({"role": "user", "content": text},), max_new_tokens=max_new, ignore_eos=True)
+
+
+REQUESTS = [ask(text, 4 + 3 * i) for i, text in enumerate(TEXTS)]
+LONG = ask("Tell me a very long story", 300)  # long enough to be killed mid-run
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Saved to disk so that child processes load it by path, as they load a real model."""
+    tok = _tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny-llama-processes")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_dir: Path) -> LLMWorker:
+    return LLMWorker(load_model(tiny_dir, device="cpu"))
+
+
+async def answers(pool: ContinuousPool, requests: list[GenRequest]) -> list[GenResult]:
+    done = await asyncio.gather(*(pool.generate(r) for r in requests))
+    return [g.result for g in done]  # type: ignore[misc]
+
+
+@pytest.fixture(scope="module")
+def expected(worker: LLMWorker) -> list[GenResult]:
+    """The in-process engine's answers (today's single-engine behaviour)."""
+
+    async def run() -> list[GenResult]:
+        async with build_pool(worker, BATCHING, engine_settings(1)) as pool:
+            assert isinstance(pool, ContinuousPool) and isinstance(pool.engine, Engine)
+            return await answers(pool, [*REQUESTS, LONG])
+
+    return asyncio.run(run())
+
+
+def assert_gone(pids: list[int | None]) -> None:
+    for pid in pids:
+        assert pid is not None
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def processes(worker: LLMWorker, workers: int = 2) -> ContinuousPool:
+    pool = build_pool(worker, BATCHING, engine_settings(workers))
+    assert isinstance(pool, ContinuousPool) and isinstance(pool.engine, ProcessEngines)
+    return pool
+
+
+def test_auto_is_one_in_process_engine_on_cpu_and_a_number_is_that_many_processes(worker: LLMWorker) -> None:
+    assert worker_count(EngineSettings(), worker) == 1
+    assert worker_count(EngineSettings(workers=2), worker) == 2
+    with pytest.raises(ValueError):
+        EngineSettings(workers=0)
+
+
+async def test_two_worker_processes_answer_like_one_in_process_engine_and_share_the_work(
+        worker: LLMWorker, expected: list[GenResult]) -> None:
+    pool = processes(worker)
+    engines = pool.engine
+    assert isinstance(engines, ProcessEngines)
+    async with pool:
+        got = await answers(pool, REQUESTS)
+    assert got == expected[: len(REQUESTS)] and all(r.error is None for r in got)
+    assert sum(engines.routed) == len(REQUESTS) and min(engines.routed) >= 2  # fewest outstanding tokens first
+    assert_gone(engines.pids)
+
+
+async def test_a_killed_worker_process_costs_no_request_and_no_token_twice(
+        worker: LLMWorker, expected: list[GenResult], caplog: pytest.LogCaptureFixture) -> None:
+    pool = processes(worker)
+    engines = pool.engine
+    assert isinstance(engines, ProcessEngines)
+    caplog.set_level(logging.ERROR, logger="streamer.engine.processes")
+    async with pool:
+        stream = pool.stream(LONG)
+        items: list[int | Generated] = [await anext(stream)]  # the first request goes to the first child
+        others = asyncio.gather(*(pool.generate(r) for r in REQUESTS))
+        os.kill(engines.pids[0], signal.SIGKILL)  # type: ignore[arg-type]
+        items += [item async for item in stream]
+        got = [g.result for g in await others]
+    final = items[-1]
+    assert isinstance(final, Generated) and final.result == expected[-1]
+    assert len(items) - 1 == LONG.max_new_tokens and worker.decode(items[:-1]) == expected[-1].text  # type: ignore[arg-type]
+    assert got == expected[: len(REQUESTS)]
+    assert any(re.search(r"died .* retrying its [1-9]", r.getMessage()) for r in caplog.records)
+    assert_gone(engines.pids)
+
+
+async def test_with_every_worker_process_dead_requests_fail_with_a_clear_error(worker: LLMWorker) -> None:
+    pool = processes(worker)
+    engines = pool.engine
+    assert isinstance(engines, ProcessEngines)
+    async with pool:
+        for pid in engines.pids:
+            os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
+        result = (await pool.generate(REQUESTS[0])).result
+    assert result.error is not None and "every engine worker process has died" in result.error
+    assert_gone(engines.pids)
+
+
+async def test_aclose_right_after_start_leaves_no_process_behind(worker: LLMWorker) -> None:
+    pool = processes(worker)
+    async with pool:
+        pass
+    assert_gone(pool.engine.pids)  # type: ignore[union-attr]
+
+
+def test_a_model_split_by_device_map_runs_the_same_greedy_tokens(tiny_dir: Path, worker: LLMWorker) -> None:
+    placement = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
+                 "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    split = load_model(tiny_dir, device="cpu", device_map=placement)
+    assert Shape.of(split.model).devices == (torch.device("cpu"),) * 2 and split.device == torch.device("cpu")
+    config = EngineConfig(block_size=4, num_blocks=512)
+    prompts = [tuple(ids) for ids in worker.prompt_ids([r.messages for r in REQUESTS])]
+    assert run(Engine(split.model, config, frozenset()), prompts) == run(Engine(worker.model, config, frozenset()),
+                                                                         prompts)
+
+
+def run(engine: Engine, prompts: list[tuple[int, ...]]) -> dict[object, list[int]]:
+    for i, prompt in enumerate(prompts):
+        assert engine.add(i, TokenRequest(prompt, 12), 0.0) is None
+    done: dict[object, list[int]] = {}
+    while not engine.idle:
+        done.update((f.key, f.tokens) for f in engine.step())
+    return done
