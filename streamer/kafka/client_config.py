@@ -8,8 +8,33 @@ from streamer.config import KafkaSettings
 
 
 def base_config(settings: KafkaSettings, bootstrap: str) -> dict[str, Any]:
-    """Bootstrap plus the user's extra client settings (security and the like)."""
-    return {"bootstrap.servers": bootstrap, **settings.client}
+    """Bootstrap, the SASL/TLS settings, then the user's extra client settings (which win)."""
+    return {"bootstrap.servers": bootstrap, **security_config(settings), **settings.client}
+
+
+def security_config(settings: KafkaSettings) -> dict[str, Any]:
+    """`kafka.sasl` and `kafka.tls` as librdkafka properties (security.protocol follows from which are set)."""
+    sasl, tls = settings.sasl, settings.tls
+    protocol = {(False, False): "plaintext", (False, True): "ssl",
+                (True, False): "sasl_plaintext", (True, True): "sasl_ssl"}[(sasl is not None, tls is not None)]
+    config: dict[str, Any] = {"security.protocol": protocol}
+    if sasl is not None:
+        config |= {"sasl.mechanism": sasl.mechanism, "sasl.username": sasl.username,
+                   "sasl.password": sasl.password.get_secret_value()}
+    if tls is not None:
+        config["ssl.endpoint.identification.algorithm"] = "https" if tls.verify_hostname else "none"
+        files = {"ssl.ca.location": tls.ca_file, "ssl.certificate.location": tls.cert_file,
+                 "ssl.key.location": tls.key_file}
+        config |= {key: str(path) for key, path in files.items() if path is not None}
+        if tls.key_password is not None:
+            config["ssl.key.password"] = tls.key_password.get_secret_value()
+    return config
+
+
+def describe_security(settings: KafkaSettings) -> str:
+    """How the clients log in, for the startup summary: never the password."""
+    sasl = f"SASL {settings.sasl.mechanism} as {settings.sasl.username}" if settings.sasl else "no SASL"
+    return f"{sasl}, {'TLS' if settings.tls else 'no TLS'}"
 
 
 def consumer_config(settings: KafkaSettings, bootstrap: str) -> dict[str, Any]:

@@ -71,13 +71,13 @@ def container_kafka() -> Iterator[str | None]:
 
 
 @contextlib.contextmanager
-def native_kafka(run_dir: Path, start_timeout_s: float = 180.0) -> Iterator[str]:
-    """`ops/kafka/kafka.sh start` on a free port in run_dir (fetching jars if needed); stopped after."""
+def native_kafka(run_dir: Path, start_timeout_s: float = 180.0, start_args: Sequence[str] = ()) -> Iterator[str]:
+    """`ops/kafka/kafka.sh start [start_args]` on a free port in run_dir (fetching jars if needed); stopped after."""
     port = str(free_port())
     args = ["--port", port, "--dir", str(run_dir)]
     try:
         started = subprocess.run(
-            [str(KAFKA_SH), "start", *args], capture_output=True, text=True, timeout=start_timeout_s
+            [str(KAFKA_SH), "start", *args, *start_args], capture_output=True, text=True, timeout=start_timeout_s
         )
     except subprocess.TimeoutExpired as exc:
         subprocess.run([str(KAFKA_SH), "stop", *args], capture_output=True, timeout=60)
@@ -266,3 +266,37 @@ def wait_for(condition, timeout_s: float, what: str, log: Path) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}; service log:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
+
+
+# --- secured services -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway CA and a server certificate it signed, valid for 127.0.0.1 and localhost (PEM files)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    """Generate the CA and server certificate with the openssl CLI (P-256 keys: fast to make)."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=streamer test CA")
+    openssl("req", *key, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    (directory / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    return TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+
+
+def sasl_kafka(run_dir: Path, user: str, password: str, tls: TlsFiles | None = None
+               ) -> contextlib.AbstractContextManager[str]:
+    """A native broker of its own whose only client listener is SASL_PLAINTEXT (SCRAM-SHA-256/512, PLAIN),
+    or SASL_SSL with `tls` (made by make_tls_files, whose file names kafka.sh --tls-dir expects)."""
+    tls_args = ["--tls-dir", str(tls.ca_file.parent)] if tls is not None else []
+    return native_kafka(run_dir, start_args=["--sasl-scram", f"{user}:{password}", *tls_args])
