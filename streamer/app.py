@@ -30,10 +30,11 @@ from streamer.kafka.client_config import consumer_config, producer_config
 from streamer.kafka.offsets import TP, OffsetTracker
 from streamer.kafka.sink import KafkaSink
 from streamer.kafka.source import KafkaSource
+from streamer.kafka.transactions import CONSUMER_OVERRIDES, TransactionalProducer, producer_overrides
 from streamer.observe.metrics import Metrics, resident_bytes
 from streamer.state.redis import RedisState
 from streamer.windows.stage import WindowStage
-from streamer.writer import Writer
+from streamer.writer import TransactionalWriter, Writer
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,19 @@ class Pipeline:
         self._create_topics = create_topics
         self._tracker = OffsetTracker()
         self._pool = build_pool(worker, settings.batching, settings.engine, on_batch=self.metrics.batch_done)
-        self._sink = KafkaSink(producer_config(settings.kafka, bootstrap))
-        self._state = RedisState(settings.redis, redis_url)
-        self._writer = Writer(self._sink, self._state, self._tracker, on_window=self.metrics.window_emitted)
+        self._exactly_once = settings.processing.guarantee == "exactly_once"
+        self._state = RedisState(settings.redis, redis_url, kafka_decides_windows=self._exactly_once)
+        self._sink: KafkaSink | TransactionalProducer
+        self._writer: Writer
+        if self._exactly_once:
+            self._sink = TransactionalProducer({**producer_config(settings.kafka, bootstrap),
+                                                **producer_overrides(settings.processing, settings.kafka.group_id)})
+            self._writer = TransactionalWriter(self._sink, self._state, self._tracker,
+                                               settings.kafka.commit_interval_ms / 1000, self._group_metadata,
+                                               on_window=self.metrics.window_emitted)
+        else:
+            self._sink = KafkaSink(producer_config(settings.kafka, bootstrap))
+            self._writer = Writer(self._sink, self._state, self._tracker, on_window=self.metrics.window_emitted)
         self.stages = {r.name: WindowStage(r, self._pool, self._writer, self._tracker, self._state)
                        for r in settings.routes if r.window is not None}
         self._handler = EventHandler(settings, self._pool, self._writer, self._tracker, self.stages, self.metrics)
@@ -85,9 +96,10 @@ class Pipeline:
         await self._state.ping()
         if self._create_topics:
             await asyncio.to_thread(ensure_topics, self._settings.kafka, self._bootstrap, self._topics_out())
-        source = KafkaSource(consumer_config(self._settings.kafka, self._bootstrap),
+        consumer = consumer_config(self._settings.kafka, self._bootstrap)
+        source = KafkaSource({**consumer, **CONSUMER_OVERRIDES} if self._exactly_once else consumer,
                              [r.input for r in self._settings.routes], self._tracker,
-                             on_assign=self._assigned, on_revoke=self._revoked)
+                             on_assign=self._assigned, on_revoke=self._revoked, commits=not self._exactly_once)
         self.source = source
         await self._pool.start()
         background = [asyncio.create_task(self._writer.run()), asyncio.create_task(self._serve_sink())]
@@ -108,7 +120,13 @@ class Pipeline:
             if stage := self._stage_of_topic.get(topic):
                 stage.watermarks.assign([(topic, partition)])
 
+    def _group_metadata(self) -> object:
+        assert self.source is not None, "a transaction commits offsets only once consuming started"
+        return self.source.group_metadata()
+
     def _revoked(self, tps: list[TP]) -> None:
+        if isinstance(self._writer, TransactionalWriter):
+            self._writer.forget(tps)
         self.metrics.forget_partitions(tps)
         for topic, partition in tps:
             if stage := self._stage_of_topic.get(topic):
@@ -124,7 +142,8 @@ class Pipeline:
                 source.pause()
             elif source.paused and room >= min(limits.max_batch, limits.max_queue):
                 source.resume()
-            messages = source.poll(0 if source.paused else min(room, _MAX_POLL))
+            # No poll while a transaction is being written: a revoke can then only come between two.
+            messages = [] if self._writer.busy else source.poll(0 if source.paused else min(room, _MAX_POLL))
             now_ms = int(time.time() * 1000)
             for stage in self.stages.values():
                 stage.refresh(now_ms)

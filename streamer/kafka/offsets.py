@@ -87,6 +87,11 @@ class OffsetTracker:
         if part is not None:
             part.finish(offset)
 
+    def commit_points(self) -> dict[TP, int]:
+        """Every tracked partition's commit point, moved or not."""
+        points = {tp: part.commit_point() for tp, part in self._parts.items()}
+        return {tp: point for tp, point in points.items() if point is not None}
+
     def committable(self) -> dict[TP, int]:
         """Offsets to commit now: only partitions whose commit point moved since `mark_committed`."""
         moved = {tp: part.moved() for tp, part in self._parts.items()}

@@ -27,9 +27,12 @@ def _ignore(_: list[TP]) -> None:
 
 class KafkaSource:
     def __init__(self, config: dict[str, Any], topics: Sequence[str], tracker: OffsetTracker, *,
-                 on_assign: PartitionsListener = _ignore, on_revoke: PartitionsListener = _ignore) -> None:
-        """`on_assign`/`on_revoke` tell other stages (window watermarks) which partitions feed them."""
+                 on_assign: PartitionsListener = _ignore, on_revoke: PartitionsListener = _ignore,
+                 commits: bool = True) -> None:
+        """`on_assign`/`on_revoke` tell other stages (window watermarks) which partitions feed them.
+        `commits=False` (exactly once): offsets are committed inside the producer's transactions instead."""
         self._tracker = tracker
+        self._commits = commits
         self._listeners = (on_assign, on_revoke)
         self._paused = False
         self._consumer = Consumer({**config, "on_commit": _log_commit_error})
@@ -44,7 +47,11 @@ class KafkaSource:
     def poll(self, max_messages: int) -> list[Message]:
         """Up to `max_messages` ready messages, without waiting; broker hiccups are logged, fatal errors raise."""
         if max_messages <= 0:
-            return []  # paused for lack of room; polling again would hand out more than we can hold
+            if not self._paused:
+                return []  # no room; polling again would hand out more than we can hold
+            # Paused partitions hand out nothing, but polling still serves rebalances and the group
+            # session: a long pause (Redis or Kafka away) must not leave a revoke unheard.
+            max_messages = 1
         ready = []
         for message in self._consumer.consume(num_messages=max_messages, timeout=0):
             error = message.error()
@@ -68,10 +75,14 @@ class KafkaSource:
 
     def commit(self, *, sync: bool = False) -> None:
         """Commit every partition whose fully-written point moved."""
-        offsets = self._tracker.committable()
+        offsets = self._tracker.committable() if self._commits else {}
         if offsets:
             self._commit(offsets, sync=sync)
             self._tracker.mark_committed(offsets)
+
+    def group_metadata(self) -> object:
+        """The member's generation, which a transaction's offset commit must carry (KIP-447 fencing)."""
+        return self._consumer.consumer_group_metadata()
 
     def reachable(self, timeout_s: float = 1.0) -> bool:
         """Whether the cluster answers a metadata request (blocking: call it from a thread)."""
@@ -106,6 +117,8 @@ class KafkaSource:
         consumer.incremental_assign(partitions)
         if self._paused:
             consumer.pause(partitions)
+        else:  # librdkafka keeps a partition's pause flag across a loss and reassignment
+            consumer.resume(partitions)
         self._listeners[0]([(p.topic, p.partition) for p in partitions])
         log.info("assigned %s", _names(partitions))
 
@@ -113,7 +126,7 @@ class KafkaSource:
         # In-flight events of these partitions still finish and are written (idempotently); their offsets
         # are no longer ours, so commit what is fully written now and forget the rest.
         final = self._tracker.forget((p.topic, p.partition) for p in partitions)
-        if final:
+        if final and self._commits:
             self._commit(final, sync=True)
         self._listeners[1]([(p.topic, p.partition) for p in partitions])
         log.info("revoked %s", _names(partitions))

@@ -1,0 +1,148 @@
+"""A transactional producer: a batch's records and the input offsets they finish commit together or not at all.
+
+Transactional id scheme (KIP-447): one id per instance, not per input partition. Zombies are fenced
+twice over: a restarted instance reusing its id (`processing.transactional_id`, e.g. the pod name)
+bumps the producer epoch in `init_transactions`, which aborts its predecessor's open transaction at
+once; and every `send_offsets_to_transaction` carries the consumer's group metadata (generation,
+member id), so an instance that lost its partitions in a rebalance can no longer commit offsets for
+them — the coordinator refuses, and its transaction aborts. Per-partition ids (the pre-KIP-447
+scheme) would need one producer per input partition; brokers >= 2.5 make that unnecessary.
+
+Blocking calls run in a thread; records are produced without delivery callbacks, because a
+committed transaction already means every record of it was acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from enum import Enum
+from typing import Any
+
+from confluent_kafka import KafkaException, Producer, TopicPartition
+
+from streamer.config import ProcessingSettings
+from streamer.errors import StreamerError
+from streamer.kafka.offsets import TP
+
+log = logging.getLogger(__name__)
+
+_CALL_TIMEOUT_S = 10.0
+_GIVE_UP_S = 30.0  # then abort and produce the batch again in a fresh transaction
+
+
+class TransactionFenced(StreamerError):
+    """Another instance with this transactional id took over, or the error is fatal: this process must stop."""
+
+
+class Ending(Enum):
+    COMMITTED = "committed"
+    ABORTED = "aborted"  # nothing of the batch is visible; produce it again in a new transaction
+
+
+def transactional_id(processing: ProcessingSettings, group_id: str) -> str:
+    """The configured id, else one unique to this process (safe, but a crash's open transaction then
+    blocks read_committed readers until `transaction_timeout_ms`)."""
+    return processing.transactional_id or f"{group_id}-{uuid.uuid4().hex[:12]}"
+
+
+def producer_overrides(processing: ProcessingSettings, group_id: str) -> dict[str, Any]:
+    return {
+        "transactional.id": transactional_id(processing, group_id),
+        "transaction.timeout.ms": processing.transaction_timeout_ms,
+        "enable.idempotence": True,
+    }
+
+
+CONSUMER_OVERRIDES: dict[str, Any] = {"isolation.level": "read_committed"}
+"""The input consumer skips aborted records (e.g. a chained streamer's) and reads only committed ones."""
+
+
+Record = tuple[str, bytes | None, bytes]
+"""topic, key, value"""
+
+
+class TransactionalProducer:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._producer = Producer(config)
+        self._open = False
+
+    async def start(self) -> None:
+        """Register the id with the coordinator, fencing any earlier producer that used it."""
+        await self._retrying("init", self._producer.init_transactions)
+
+    async def transact(self, records: list[Record], offsets: dict[TP, int], group_metadata: object) -> Ending:
+        """Produce `records` and commit `offsets` (next offset to read, per partition) in one transaction."""
+        self._call(self._producer.begin_transaction)
+        self._open = True
+        try:
+            for topic, key, value in records:
+                self._produce(topic, key, value)
+            positions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+            if positions:
+                await self._retrying("offsets", lambda: self._producer.send_offsets_to_transaction(
+                    positions, group_metadata, _CALL_TIMEOUT_S), _GIVE_UP_S)
+            await self._retrying("commit", lambda: self._producer.commit_transaction(_CALL_TIMEOUT_S), _GIVE_UP_S)
+        except _Abortable as exc:
+            log.warning("transaction aborted (%s); its records will be produced again", exc)
+            await self._retrying("abort", lambda: self._producer.abort_transaction(_CALL_TIMEOUT_S))
+            self._open = False
+            return Ending.ABORTED
+        self._open = False
+        return Ending.COMMITTED
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key)
+                return
+            except BufferError:
+                self._producer.poll(0.05)  # local queue full: let deliveries drain, then retry
+            except KafkaException as exc:
+                raise _Abortable(exc.args[0].str()) from None
+
+    def poll(self) -> None:
+        self._producer.poll(0)
+
+    async def flush(self, timeout_s: float) -> int:
+        """Abort a transaction left open at exit (its offsets were not committed: it is replayed)."""
+        if self._open:
+            try:
+                await asyncio.to_thread(self._producer.abort_transaction, timeout_s)
+            except KafkaException as exc:
+                log.warning("abort at exit failed: %s", exc.args[0].str())
+            self._open = False
+        return len(self._producer)
+
+    def _call(self, action: Any) -> None:
+        try:
+            action()
+        except KafkaException as exc:
+            raise TransactionFenced(f"Kafka transaction failed: {exc.args[0].str()}") from None
+
+    async def _retrying(self, what: str, action: Any, give_up_s: float | None = None) -> None:
+        """Retry retriable errors (a broker away) until they pass; abortable ones raise _Abortable, and so
+        do retriable ones still failing after `give_up_s` (the transaction is then aborted and redone)."""
+        attempt = 0
+        began = time.monotonic()
+        while True:
+            try:
+                await asyncio.to_thread(action)
+                return
+            except KafkaException as exc:
+                error = exc.args[0]
+                if error.txn_requires_abort():
+                    raise _Abortable(error.str()) from None
+                if error.fatal() or not error.retriable():
+                    raise TransactionFenced(f"Kafka transaction {what} failed: {error.str()}") from None
+                if give_up_s is not None and time.monotonic() - began > give_up_s:
+                    raise _Abortable(f"{what} still failing after {give_up_s:.0f} s: {error.str()}") from None
+                attempt += 1
+                log.warning("transaction %s (attempt %d): %s; retrying", what, attempt, error.str())
+                await asyncio.sleep(min(0.1 * attempt, 1.0))
+
+
+class _Abortable(Exception):
+    """The current transaction failed and must be aborted; the producer itself is fine."""

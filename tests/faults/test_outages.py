@@ -1,0 +1,103 @@
+"""Redis and the Kafka broker each stopped for 20 s mid-stream: the service waits, retries with
+backoff, catches up, and loses or doubles nothing.
+
+Plumbing only: route task `none` stands in for the LLM (see tests/faults/scenario.py). Both use
+services of the test's own, never the session's shared broker and redis-server.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+
+import pytest
+
+from streamer.state.server import free_port
+from tests.faults.scenario import (
+    RestartableKafka,
+    RestartableRedis,
+    Service,
+    Stream,
+    check,
+    produce,
+    producing,
+    report,
+    stop,
+)
+from tests.integration.services import create_topic, native_kafka
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+OUTAGE_S = 20
+
+
+def events_in(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as scrape:
+        found = re.search(r'^streamer_events_in_total\{route="w"\} (\S+)$', scrape.read().decode(), re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_redis_stopped_for_20_s_pauses_consumption_then_catches_up(kafka_bootstrap, tmp_path):
+    """While Redis is away the write cycle retries with backoff, outcomes pile up to `max_queue`, the
+    consumer pauses (events consumed stop growing though input waits), and once Redis is back
+    everything is written exactly once."""
+    own_redis = RestartableRedis(tmp_path)
+    own_redis.start()
+    try:
+        service, stream = Service(tmp_path, kafka_bootstrap, own_redis.url), Stream()
+        service.http_port = free_port()
+        create_topic(kafka_bootstrap, service.input, partitions=3)
+        produce(kafka_bootstrap, service.input, stream, 0, 600, rate_per_s=None)
+        process = service.start()
+        service.wait(lambda: service.counters().get("windows", 0) >= 8, 120, "the first windows")
+        own_redis.stop()
+        with producing(kafka_bootstrap, service.input, stream, 600, rate_per_s=(stream.events - 600) / OUTAGE_S):
+            time.sleep(OUTAGE_S - 6)
+            consumed = events_in(service.http_port)
+            time.sleep(6)
+            assert events_in(service.http_port) == consumed, "consumption did not pause"
+        assert consumed < stream.events and process.poll() is None
+        own_redis.start()
+        recovery_s = service.wait(service.progressed(), 120, "commits after Redis returned")
+        service.wait(service.finished, 180, "offsets at the end")
+        assert stop(process) == 0
+        assert "redis write failed" in service.log.read_text()
+        report(f"redis stopped {OUTAGE_S} s (exactly once)", check(service, stream), recovery_s)
+    finally:
+        own_redis.stop()
+
+
+EXACTLY_ONCE_STALLS = pytest.mark.xfail(run=False, reason=(
+    "known bug: in exactly-once mode the service stops consuming after the broker returns (the transaction "
+    "open during the outage is aborted and redone, then nothing more is committed); see RELIABILITY.md"))
+
+
+@pytest.mark.parametrize("guarantee", ["at_least_once", pytest.param("exactly_once", marks=EXACTLY_ONCE_STALLS)])
+def test_kafka_broker_stopped_for_20_s_then_restarted(redis_url, tmp_path, guarantee):
+    """The transaction under way when the broker goes retries (or aborts and is produced again) until
+    the broker is back on its old data; the consumer resumes from the committed offsets."""
+    run_dir = tmp_path / "kafka"
+    with native_kafka(run_dir) as bootstrap:
+        broker = RestartableKafka(run_dir, bootstrap)
+        # the default transaction timeout outlasts the outage: records and the commit wait for the broker
+        # The session and the transaction both outlast the outage: the member keeps its partitions
+        # (no replay into still-open windows), records and the commit wait for the broker.
+        service = Service(tmp_path, bootstrap, redis_url, guarantee, transaction_timeout_ms=60_000,
+                          session_timeout_ms=45_000)
+        stream = Stream()
+        service.http_port = free_port()
+        create_topic(bootstrap, service.input, partitions=3)
+        produce(bootstrap, service.input, stream, 0, 1200, rate_per_s=None)
+        process = service.start()
+        service.wait(lambda: service.counters().get("windows", 0) >= 8, 120, "the first windows")
+        broker.stop()
+        time.sleep(OUTAGE_S)
+        assert process.poll() is None, "the service died with the broker"
+        broker.start()
+        back_at = time.monotonic()
+        produce(bootstrap, service.input, stream, 1200, stream.events, rate_per_s=None)
+        service.wait(service.finished, 120, "offsets at the end")
+        recovery_s = time.monotonic() - back_at
+        assert stop(process) == 0
+        report(f"kafka broker stopped {OUTAGE_S} s ({guarantee})", check(service, stream), recovery_s)
