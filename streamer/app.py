@@ -146,7 +146,7 @@ class Pipeline:
             messages = [] if self._writer.busy else source.poll(0 if source.paused else min(room, _MAX_POLL))
             now_ms = int(time.time() * 1000)
             for stage in self.stages.values():
-                stage.refresh(now_ms)
+                stage.refresh(now_ms, paused=source.paused)
             for message in messages:
                 self._handler.accept(message, now_ms)
             now_s = time.monotonic()

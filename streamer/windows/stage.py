@@ -65,9 +65,11 @@ class WindowStage:
         """The error that stopped emitting windows, if any: the pipeline stops on it rather than stall."""
         return self._failure
 
-    def refresh(self, now_ms: int) -> None:
+    def refresh(self, now_ms: int, paused: bool = False) -> None:
         """Read the watermark once per poll batch: a lower bound while the batch is added, so it can
-        only make fewer events late, never more."""
+        only make fewer events late, never more. While the consumer is `paused` no partition idles."""
+        if paused:
+            self.watermarks.hold(now_ms)
         self._watermark_ms = self.watermarks.current(now_ms)
 
     def add(self, item: WindowItem, ref: Ref, now_ms: int) -> bool:

@@ -68,6 +68,15 @@ class Watermarks:
         if part.max_event_ms is None or event_ts_ms > part.max_event_ms:
             part.max_event_ms = event_ts_ms
 
+    def hold(self, now_ms: int) -> None:
+        """The consumer is paused (backpressure), not the input: no partition goes idle meanwhile.
+
+        Without this a pause longer than `idle_timeout_ms` would make every partition idle, the
+        watermark would jump to the wall clock, and the backlog waiting in Kafka would arrive late.
+        """
+        for part in self._parts.values():
+            part.last_seen_ms = now_ms
+
     def current(self, now_ms: int) -> int | None:
         """The watermark at processing time `now_ms`, or None while nothing can be said yet."""
         candidate = self._candidate_ms(now_ms)

@@ -83,6 +83,17 @@ def test_when_every_partition_is_idle_the_watermark_follows_processing_time() ->
     assert wm.current(now_ms=60_001) == 60_000
 
 
+def test_while_the_consumer_is_paused_no_partition_goes_idle() -> None:
+    wm = marks(lateness_ms=100)
+    wm.assign([P0, P1], now_ms=0)
+    wm.observe(P0, 2_000, now_ms=0)
+    wm.observe(P1, 1_000, now_ms=0)
+    for now_ms in range(0, 5 * IDLE_MS, IDLE_MS // 2):  # backpressure: the backlog waits in Kafka
+        wm.hold(now_ms)
+        assert wm.current(now_ms) == 900, "the pause must not move event time to the wall clock"
+    assert not wm.idle(P1, now_ms=5 * IDLE_MS - 1)
+
+
 def test_revoked_partitions_stop_counting_and_their_stragglers_are_ignored() -> None:
     wm = marks()
     wm.assign([P0, P1], now_ms=0)
