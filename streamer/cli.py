@@ -47,7 +47,9 @@ def _settings(path: Path | None) -> Settings:
 
 
 def _fail(error: Exception, code: int = 1) -> typer.Exit:
-    console.print(f"[red]error:[/] {error}", highlight=False)
+    from streamer.observe.logs import redact
+
+    console.print(f"[red]error:[/] {escape(redact(str(error)))}", highlight=False)
     return typer.Exit(code)
 
 
@@ -66,6 +68,7 @@ def run(config: ConfigOption = None, log_level: str = "info") -> None:
         settings = _settings(config)
         setup_logging(log_level, json=settings.observe.json_logs, run_id=new_run_id())
         with endpoints(settings) as ends:
+            _check_access(settings, ends)
             with console.status("Loading the model..."):
                 worker = load_worker(settings.model)
             console.print(startup_summary(settings, ends, worker))
@@ -77,6 +80,16 @@ def run(config: ConfigOption = None, log_level: str = "info") -> None:
         raise _fail(exc, 2) from None
     except (StreamerError, OSError) as exc:
         raise _fail(exc) from None
+
+
+def _check_access(settings: Settings, ends: Endpoints) -> None:
+    """Wrong credentials or TLS settings fail the start here, naming what failed, before the model loads."""
+    from streamer.kafka.admin import check_access
+    from streamer.state.probe import check_redis
+
+    check_redis(ends.redis_url)
+    if not ends.embedded_kafka:
+        check_access(settings.kafka, ends.bootstrap)
 
 
 async def _until_signal(pipeline: Pipeline, settings: Settings, redis_url: str) -> None:
@@ -102,6 +115,8 @@ async def _until_signal(pipeline: Pipeline, settings: Settings, redis_url: str) 
 
 def startup_summary(settings: Settings, ends: Endpoints, worker: LLMWorker) -> Table:
     """One screen saying what this process is about to do, so a wrong setting shows before traffic does."""
+    from streamer.kafka.client_config import describe_security
+
     table = Table(title="streamer run", show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -109,12 +124,14 @@ def startup_summary(settings: Settings, ends: Endpoints, worker: LLMWorker) -> T
     redis = redact_url(ends.redis_url) + (" (embedded redis-server)" if ends.embedded_redis else "")
     batching = settings.batching
     rows = {
-        "kafka": f"{kafka}, group {settings.kafka.group_id}",
+        "kafka": f"{kafka}, group {settings.kafka.group_id}, {describe_security(settings.kafka)}",
         "redis": f"{redis}, prefix {settings.redis.prefix}",
         "model": f"{worker.name} on {worker.device} ({worker.loaded.dtype}), compression: none",
         "batching": f"max_batch {batching.max_batch}, max_wait_ms {batching.max_wait_ms:g}, "
         f"max_queue {batching.max_queue}",
-        "guarantee": "at least once (answers keyed by event id; Redis state applied once per event)",
+        "guarantee": "exactly once (Kafka transactions, read_committed input, Redis fenced by offset)"
+        if settings.processing.guarantee == "exactly_once"
+        else "at least once (answers keyed by event id; Redis state applied once per event)",
         "http": f"{settings.observe.http_host}:{settings.observe.http_port}" if settings.observe.http_port else "off",
     }
     for name, value in rows.items():
@@ -125,10 +142,10 @@ def startup_summary(settings: Settings, ends: Endpoints, worker: LLMWorker) -> T
 
 
 def redact_url(url: str) -> str:
-    """A URL without its password, for showing."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    return f"{scheme}{sep}{userinfo.split(':')[0]}:***@{host}" if at and ":" in userinfo else url
+    """A URL without its password (in the userinfo or a query parameter), for showing."""
+    from streamer.observe.logs import redact
+
+    return redact(url)
 
 
 @app.command()
@@ -160,10 +177,12 @@ def dashboard(
 ) -> None:
     """Serve the live dashboard: it reads only Redis, so it works for any streamer deployment."""
     from streamer.observe.dashboard.server import run_dashboard
+    from streamer.state.client_url import client_url
 
     try:
         settings = _settings(config)
-        url = redis_url or (settings.redis.url.get_secret_value() if settings.redis.url else None)
+        url = redis_url or (client_url(settings.redis, settings.redis.url.get_secret_value())
+                            if settings.redis.url else None)
         if url is None:
             raise ConfigError("no Redis to read: pass --redis-url or set redis.url (STREAMER_REDIS__URL)")
         asyncio.run(run_dashboard(url, settings.redis.prefix, host, port))
@@ -262,6 +281,59 @@ def tail(
         else:
             sys.stdout.write(orjson.dumps(doc).decode() + "\n")
             sys.stdout.flush()
+
+
+@app.command()
+def compress(
+    sources: Annotated[
+        list[Path] | None, typer.Argument(help="model directory (default: SmolLM2); with --report: artifacts")
+    ] = None,
+    recipe: Annotated[
+        list[str] | None,
+        typer.Option("--recipe", "-r", help="distil, lowrank, prune-magnitude, prune-2:4, then one of "
+                     "int8-dynamic (CPU), int8-weight, int4-weight, fp8 (CUDA); repeat to compose"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="artifact directory to write")] = None,
+    report: Annotated[bool, typer.Option(help="print the figures of the artifacts given side by side")] = False,
+    force: Annotated[bool, typer.Option(help="keep the artifact even if it fails the quality gate")] = False,
+    corpus: Annotated[
+        Path | None, typer.Option(help="training texts: JSONL with 'text' (`streamer tail`) or .txt")
+    ] = None,
+    target_params: Annotated[float, typer.Option(help="lowrank: fraction of the parameters to keep")] = 0.7,
+    energy: Annotated[float | None, typer.Option(help="lowrank: energy threshold instead of a target")] = None,
+    sparsity: Annotated[float, typer.Option(help="prune-magnitude: fraction of weights zeroed")] = 0.5,
+    keep_layers: Annotated[float, typer.Option(help="distil: fraction of the teacher's layers kept")] = 0.5,
+    steps: Annotated[int, typer.Option(help="distil: training steps")] = 200,
+    recover_steps: Annotated[int, typer.Option(help="lowrank/prune: recovery fine-tune steps")] = 0,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    lr: float = 1e-4,
+    checkpoints: Annotated[Path | None, typer.Option(help="checkpoint folder (resumes from it)")] = None,
+    max_ppl_ratio: Annotated[float, typer.Option(help="gate: max perplexity / source perplexity")] = 1.3,
+    min_agreement: Annotated[float, typer.Option(help="gate: min greedy-token agreement")] = 0.8,
+    eval_prompts: Annotated[int, typer.Option(help="held-out prompts for agreement (max 200)")] = 200,
+    device: str = "auto",
+    threads: int | None = None,
+) -> None:
+    """Compress a model, measure it against the source side by side, gate it and write an artifact."""
+    from streamer.compress.command import GATE_EXIT, run_compress
+    from streamer.compress.distil import TrainOptions
+    from streamer.compress.errors import GateFailed
+    from streamer.compress.gate import Bounds
+
+    try:
+        run_compress(
+            sources or [], report=report, recipes=recipe or [], out=out, threads=threads,
+            train=TrainOptions(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr),
+            bounds=Bounds(max_ppl_ratio=max_ppl_ratio, min_agreement=min_agreement),
+            force=force, corpus=corpus, target_params=target_params, energy=energy, sparsity=sparsity,
+            keep_layers=keep_layers, recover_steps=recover_steps, checkpoints=checkpoints,
+            eval_prompts=eval_prompts, device=device,
+        )
+    except GateFailed as exc:
+        raise _fail(exc, GATE_EXIT) from None
+    except (StreamerError, OSError) as exc:
+        raise _fail(exc) from None
 
 
 @app.command()

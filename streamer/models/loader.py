@@ -38,6 +38,8 @@ class LoadedModel:
     name: str
     device: torch.device
     dtype: torch.dtype
+    directory: Path | None = None
+    manifest: dict[str, Any] | None = None  # a compressed artifact's manifest.json, reported by the worker
 
 
 def load_model(
@@ -45,8 +47,12 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     cache_dir: Path = DEFAULT_CACHE_DIR,
+    device_map: str | dict[str, int | str] | None = None,
 ) -> LoadedModel:
     """Load `path` (a transformers model directory, or a .gguf file), or the default model if None.
+
+    `device_map` (accelerate's: "auto" or module name -> device) splits the weights across devices;
+    `device` is then where inputs go (the embeddings' device).
 
     GGUF files go through the local cache, since reading them directly takes ~20 s every start.
     """
@@ -54,11 +60,32 @@ def load_model(
     dev = resolve_device(device, where)
     dt = resolve_dtype(dtype, dev, where)
     directory, name = _model_directory(path, Path(cache_dir).expanduser())
-    model = _load_weights(directory, dev, dt)
+    manifest = None
+    if (directory / "manifest.json").is_file():
+        model, manifest, name = _load_artifact(directory, dev, dt)
+    else:
+        model = _load_weights(directory, dev, dt, device_map)
+        if device_map is not None:
+            dev = model.get_input_embeddings().weight.device
     tokenizer = _load_tokenizer(directory)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=dev, dtype=dt)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=name, device=dev, dtype=dt, directory=directory, manifest=manifest
+    )
+
+
+def _load_artifact(directory: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, dict[str, Any], str]:
+    """A `streamer compress` artifact: rebuilt as its manifest says, named `dir (recipe of source)`."""
+    from streamer.compress.artifact import load
+    from streamer.errors import StreamerError
+
+    try:
+        model, manifest = load(directory, device, dtype)
+    except (*_LOAD_ERRORS, StreamerError) as exc:
+        raise ModelLoadError(directory, f"compressed artifact: {exc}") from exc
+    name = f"{directory.name} ({manifest.recipe} of {Path(manifest.source).name})"
+    return model, manifest.model_dump(mode="json"), name
 
 
 def resolve_device(device: str, where: Path) -> torch.device:
@@ -99,15 +126,18 @@ def _model_directory(path: Path | None, cache_dir: Path) -> tuple[Path, str]:
     return path, path.name
 
 
-def _load_weights(directory: Path, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
-    """The model in eval mode with gradients off, on `device`."""
+def _load_weights(directory: Path, device: torch.device, dtype: torch.dtype,
+                  device_map: str | dict[str, int | str] | None = None) -> PreTrainedModel:
+    """The model in eval mode with gradients off, on `device` (or where `device_map` puts each module)."""
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True,
+                                                     device_map=device_map)
     except _LOAD_ERRORS as exc:
         raise ModelLoadError(directory, f"{type(exc).__name__}: {exc}") from exc
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -1,0 +1,94 @@
+"""`streamer compress` on the real SmolLM2: the artifact a run writes is served by a worker through a
+real Kafka broker and redis-server, its manifest holds the figures the command printed, and the
+quality gate refuses (and `--force` keeps) a model outside the bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from streamer.app import Pipeline
+from streamer.compress.manifest import Manifest
+from streamer.compress.report import cells
+from streamer.config import ModelSettings
+from streamer.runtime import load_worker
+from tests.integration.services import consume_all, produce_lines, unique_name
+from tests.integration.test_pipeline import question, run_until_written, settings_for
+
+# Each compress run measures two models on 2 shared cores: minutes, not seconds.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
+
+QUESTIONS = 12
+FAST_EVAL = ["--eval-prompts", "16", "--threads", "2"]
+# A float recipe: the paged engine reads `lm_head.weight.device`, which an int8-dynamic LM head (whose
+# `weight` is a method) does not have yet — see docs/compression.md.
+SERVED = ["--recipe", "prune-magnitude", "--sparsity", "0.3", "--min-agreement", "0.2", "--max-ppl-ratio", "3"]
+
+
+def streamer_compress(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "streamer", "compress", *args, *FAST_EVAL],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("compress") / "smol-sparse"
+    done = streamer_compress(*SERVED, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout
+
+
+def test_the_manifest_holds_the_figures_the_command_printed(artifact):
+    out, printed = artifact
+    manifest = Manifest.read(out)
+
+    assert manifest.recipe == "prune-magnitude" and manifest.gate.passed
+    for cell in cells(manifest.source_figures, None) + cells(manifest.figures, manifest.source_figures):
+        if cell != "—":
+            assert cell in printed
+    assert manifest.figures.params == manifest.source_figures.params
+
+
+def test_a_worker_loads_the_artifact_by_path_and_answers_through_kafka(artifact, kafka_bootstrap, redis_url):
+    out, _ = artifact
+    worker = load_worker(ModelSettings(path=out, device="cpu"))
+    assert worker.name == "smol-sparse (prune-magnitude of SmolLM2-135M-Instruct)"
+    assert worker.loaded.manifest["figures"] == Manifest.read(out).figures.model_dump()
+
+    tag = unique_name("compress")
+    settings = settings_for(kafka_bootstrap, redis_url, tag)
+    produce_lines(kafka_bootstrap, settings.routes[0].input, [question(i) for i in range(QUESTIONS)])
+    asyncio.run(run_until_written(Pipeline(settings, kafka_bootstrap, redis_url, worker), QUESTIONS, timeout_s=300))
+
+    letters = consume_all(kafka_bootstrap, settings.kafka.dead_letter_topic, 1, timeout_s=5)
+    assert not letters, letters[0].value[:500]
+    answers = [
+        orjson.loads(m.value) for m in consume_all(kafka_bootstrap, settings.routes[0].output, QUESTIONS, timeout_s=120)
+    ]
+    assert sorted(a["id"] for a in answers) == [f"q-{i:03d}" for i in range(QUESTIONS)]
+    assert all(a["output"] and a["model"] == worker.name for a in answers)
+
+
+def test_the_quality_gate_fails_the_command_unless_forced(tmp_path):
+    impossible = ["--recipe", "prune-magnitude", "--sparsity", "0.3", "--min-agreement", "1.01"]
+
+    refused = streamer_compress(*impossible, "--out", str(tmp_path / "refused"))
+    forced = streamer_compress(*impossible, "--out", str(tmp_path / "forced"), "--force")
+
+    assert refused.returncode == 3
+    assert "quality gate failed" in refused.stderr and "below 101%" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert Manifest.read(tmp_path / "forced").gate.forced

@@ -1,0 +1,243 @@
+"""Each compression recipe end to end on a tiny random Llama: the artifact's shapes, its manifest,
+and that reloading it (as a worker would, through `load_model`) gives the very model that was measured."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+from streamer.compress import distil, prune
+from streamer.compress.errors import CompressError
+from streamer.compress.gate import Bounds
+from streamer.compress.lowrank import LowRankLinear
+from streamer.compress.manifest import Manifest
+from streamer.compress.pipeline import CompressOptions, compress
+from streamer.models.loader import load_model
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+CHARS = list(" abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!'\n:-;()\"")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+OPEN_GATE = Bounds(max_ppl_ratio=1e9, min_agreement=0.0)
+CORPUS_TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+def _tokenizer() -> Any:
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIALS + CHARS)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.add_special_tokens(SPECIALS)
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<unk>"
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = _tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    directory = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "texts.jsonl"
+    path.write_text("\n".join(json.dumps({"text": CORPUS_TEXT}) for _ in range(4)) + "\n")
+    return path
+
+
+def run(tiny_dir: Path, out: Path, recipes: list[str], **options: Any) -> Manifest:
+    options = {"bounds": OPEN_GATE, "eval_prompts": 4, "device": "cpu", "progress": False, **options}
+    outcome = compress(tiny_dir, CompressOptions(recipes=recipes, out=out, **options))
+    assert outcome.published
+    return Manifest.read(out)
+
+
+def logits(model: nn.Module, text: str = "hello world") -> torch.Tensor:
+    ids = torch.tensor([[SPECIALS.__len__() + CHARS.index(c) for c in text]])
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+def assert_reloads_identically(out: Path) -> None:
+    """The worker's loader twice gives the same logits: the artifact fully determines the model."""
+    first, second = load_model(out, device="cpu"), load_model(out, device="cpu")
+    assert torch.equal(logits(first.model), logits(second.model))
+    assert first.manifest == Manifest.read(out).model_dump(mode="json")
+    recipe = "+".join(step["recipe"] for step in first.manifest["steps"])
+    assert first.name == f"{out.name} ({recipe} of {Path(first.manifest['source']).name})"
+
+
+def test_int8_dynamic_swaps_every_linear_and_embedding_and_reloads_from_int8_weights(tiny_dir, tmp_path):
+    manifest = run(tiny_dir, tmp_path / "int8", ["int8-dynamic"])
+
+    assert manifest.weights == "quantized.pt" and (tmp_path / "int8" / "quantized.pt").is_file()
+    loaded = load_model(tmp_path / "int8", device="cpu")
+    modules = list(loaded.model.modules())
+    assert not any(type(m) in (nn.Linear, nn.Embedding) for m in modules)
+    assert sum(isinstance(m, DynamicLinear) for m in modules) == 4 * 7 + 1  # 7 per block, plus the LM head
+    assert manifest.figures.resident_bytes < 0.4 * manifest.source_figures.resident_bytes
+    assert_reloads_identically(tmp_path / "int8")
+
+
+def test_magnitude_pruning_zeroes_the_requested_share_and_keeps_it_zero_through_recovery(tiny_dir, corpus, tmp_path):
+    manifest = run(tiny_dir, tmp_path / "sparse", ["prune-magnitude"], sparsity=0.6, corpus=corpus, recover_steps=3)
+
+    assert manifest.steps[0].options == {"sparsity": 0.6, "recover_steps": 3}
+    model = load_model(tmp_path / "sparse", device="cpu").model
+    for linear in prune.decoder_linears(model).values():
+        assert (linear.weight == 0).float().mean().item() == pytest.approx(0.6, abs=0.01)
+    assert_reloads_identically(tmp_path / "sparse")
+
+
+def test_two_four_pruning_leaves_at_most_two_nonzeros_in_every_group_of_four(tiny_dir, tmp_path):
+    run(tiny_dir, tmp_path / "24", ["prune-2:4"])
+
+    model = load_model(tmp_path / "24", device="cpu").model
+    assert all(prune.is_two_four(linear.weight) for linear in prune.decoder_linears(model).values())
+    if not torch.cuda.is_available():
+        with pytest.raises(CompressError, match="CUDA"):
+            prune.to_semi_structured(model)
+
+
+def test_low_rank_reaches_the_target_size_and_the_loader_rebuilds_the_factors(tiny_dir, tmp_path):
+    manifest = run(tiny_dir, tmp_path / "lr", ["lowrank"], target_params=0.8)
+
+    ranks = manifest.steps[0].structure["ranks"]
+    assert ranks and manifest.figures.params <= 0.8 * manifest.source_figures.params
+    model = load_model(tmp_path / "lr", device="cpu").model
+    for name, rank in ranks.items():
+        module = model.get_submodule(name)
+        assert isinstance(module, LowRankLinear) and module.down.out_features == rank
+    assert_reloads_identically(tmp_path / "lr")
+
+
+def test_low_rank_at_full_energy_reproduces_the_layer():
+    linear = nn.Linear(16, 8)
+    svd = torch.linalg.svd(linear.weight.detach(), full_matrices=False)
+    factored = LowRankLinear.from_linear(linear, 8, svd)
+    x = torch.randn(3, 16)
+    assert torch.allclose(factored(x), linear(x), atol=1e-5)
+
+
+def test_distilled_student_keeps_half_the_layers_and_composes_with_int8(tiny_dir, corpus, tmp_path):
+    manifest = run(
+        tiny_dir,
+        tmp_path / "student",
+        ["distil", "int8-dynamic"],
+        corpus=corpus,
+        train=distil.TrainOptions(steps=4, batch_size=2, seq_len=32, checkpoint_every=2),
+    )
+
+    assert manifest.steps[0].structure == {"kept_layers": [0, 3], "teacher_layers": 4}
+    assert manifest.recipe == "distil+int8-dynamic"
+    loaded = load_model(tmp_path / "student", device="cpu")
+    assert loaded.model.config.num_hidden_layers == 2
+    assert not (tmp_path / ".student.checkpoints").exists()  # removed once the artifact is published
+    assert_reloads_identically(tmp_path / "student")
+
+
+def test_distillation_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(tiny_dir, corpus, tmp_path):
+    teacher = load_model(tiny_dir, device="cpu")
+    blocks = distil.token_blocks([CORPUS_TEXT] * 4, teacher.tokenizer, 32)
+    options = distil.TrainOptions(steps=4, batch_size=2, seq_len=32, checkpoint_every=2)
+
+    def student() -> nn.Module:
+        torch.manual_seed(1)
+        return distil.shallow_student(teacher.model, 0.5)[0]
+
+    straight = student()
+    distil.train_kl(straight, teacher.model, blocks, options, progress=False)
+    interrupted = student()
+    distil.train_kl(
+        interrupted,
+        teacher.model,
+        blocks,
+        distil.TrainOptions(**{**options.__dict__, "steps": 2}),
+        tmp_path,
+        progress=False,
+    )
+    resumed = student()
+    losses = distil.train_kl(resumed, teacher.model, blocks, options, tmp_path, progress=False)
+
+    assert len(losses) == 2  # only the two steps after the checkpoint ran
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_the_quality_gate_refuses_a_bad_model_unless_forced(tiny_dir, tmp_path):
+    strict = Bounds(max_ppl_ratio=1.0, min_agreement=1.01)
+    options = {"bounds": strict, "eval_prompts": 4, "device": "cpu", "progress": False}
+
+    refused = compress(tiny_dir, CompressOptions(["lowrank"], tmp_path / "no", target_params=0.8, **options))
+    forced = compress(
+        tiny_dir, CompressOptions(["lowrank"], tmp_path / "yes", force=True, target_params=0.8, **options)
+    )
+
+    assert not refused.published and not (tmp_path / "no").exists()
+    assert refused.manifest.gate.reasons and not refused.manifest.gate.passed
+    assert forced.published and Manifest.read(tmp_path / "yes").gate.forced
+
+
+def test_the_report_prints_every_artifact_in_a_folder_side_by_side(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from streamer.cli import app
+
+    run(tiny_dir, tmp_path / "a", ["prune-2:4"])
+    run(tiny_dir, tmp_path / "b", ["lowrank"], target_params=0.8)
+
+    printed = CliRunner().invoke(app, ["compress", "--report", str(tmp_path)], env={"COLUMNS": "200"})
+    assert printed.exit_code == 0, printed.output
+    assert "prune-2:4" in printed.output and "lowrank" in printed.output
+    assert printed.output.count("greedy agreement") == 1
+
+
+@pytest.mark.parametrize(
+    ("recipes", "message"),
+    [
+        ([], "at least one"),
+        (["shrink"], "unknown recipe"),
+        (["int8-dynamic", "lowrank"], "must come last"),
+        (["lowrank", "distil"], "distil must come first"),
+        (["distil"], "--corpus"),
+        (["int4-weight"], "CUDA"),
+    ],
+)
+def test_impossible_recipe_lists_are_refused_before_any_model_is_loaded(recipes, message, tmp_path):
+    if torch.cuda.is_available() and message == "CUDA":
+        pytest.skip("a GPU is present")
+    with pytest.raises(CompressError, match=message):
+        compress(tmp_path / "never-loaded", CompressOptions(recipes=recipes, out=tmp_path / "out"))
