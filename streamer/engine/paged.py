@@ -18,6 +18,7 @@ Tested on CPU only (an explicit all-"cpu" map); two real GPUs were not available
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -114,6 +115,13 @@ class StepInputs:
         self.decode = _decode_batch(decode_rows, self.decode_index, block_size, device)
 
 
+def _device_of(module: torch.nn.Module, default: torch.device) -> torch.device:
+    """Where a module's tensors live; `default` for one without any (a dynamically quantized Linear)."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return default
+
+
 def _longs(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
 
@@ -170,8 +178,8 @@ class PagedRunner:
             x = layer.input_layernorm(hidden)
             hidden = residual + self._attention(layer.self_attn, x, cos_i, sin_i, inputs, i)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        hidden = body.norm(hidden[inputs.logit_index].to(body.norm.weight.device))
-        return self.model.lm_head(hidden.to(self.model.lm_head.weight.device)).float()
+        hidden = body.norm(hidden[inputs.logit_index].to(_device_of(body.norm, hidden.device)))
+        return self.model.lm_head(hidden.to(_device_of(self.model.lm_head, hidden.device))).float()
 
     def _attention(self, attn: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    inputs: StepInputs, layer: int) -> torch.Tensor:
