@@ -21,54 +21,16 @@ from streamer.compress.lowrank import LowRankLinear
 from streamer.compress.manifest import Manifest
 from streamer.compress.pipeline import CompressOptions, compress
 from streamer.models.loader import load_model
+from tests.tiny import CHARS, SPECIALS, save_tiny_llama
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
-CHARS = list(" abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!'\n:-;()\"")
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 OPEN_GATE = Bounds(max_ppl_ratio=1e9, min_agreement=0.0)
 CORPUS_TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
 
-def _tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(SPECIALS + CHARS)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.add_special_tokens(SPECIALS)
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<unk>"
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tok = _tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    directory = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"), hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=4, max_position_embeddings=2048, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +48,7 @@ def run(tiny_dir: Path, out: Path, recipes: list[str], **options: Any) -> Manife
 
 
 def logits(model: nn.Module, text: str = "hello world") -> torch.Tensor:
-    ids = torch.tensor([[SPECIALS.__len__() + CHARS.index(c) for c in text]])
+    ids = torch.tensor([[len(SPECIALS) + CHARS.index(c) for c in text]])
     with torch.inference_mode():
         return model(input_ids=ids).logits
 

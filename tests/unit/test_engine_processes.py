@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from streamer.config import BatchingSettings, EngineSettings
 from streamer.engine.build import build_pool, worker_count
@@ -24,7 +23,7 @@ from streamer.engine.pool import Generated
 from streamer.engine.processes import ProcessEngines
 from streamer.engine.worker import GenRequest, GenResult, LLMWorker
 from streamer.models.loader import load_model
-from tests.unit.test_worker_tiny import _tokenizer
+from tests.tiny import save_tiny_llama
 
 BATCHING = BatchingSettings()
 TEXTS = ["Hi", "What is two plus two?", "Tell me a long story about a dragon.", "ok", "Why is the sky blue?",
@@ -46,15 +45,7 @@ LONG = ask("Tell me a very long story", 300)  # long enough to be killed mid-run
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Saved to disk so that child processes load it by path, as they load a real model."""
-    tok = _tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny-llama-processes")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-processes"), max_position_embeddings=1024)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Label scoring on tiny random models with the character tokenizer of test_worker_tiny.
+"""Label scoring on tiny random models with the character tokenizer of tests/tiny.py.
 
 Two architectures: Llama (rotary positions, blind to a constant position shift) and GPT-2 (learned
 absolute positions), so wrong position ids under left padding change the scores. Weights are drawn
@@ -22,7 +22,8 @@ from streamer.batching.batcher import BatchRules
 from streamer.engine.pool import StaticPool
 from streamer.engine.worker import GenRequest, GenResult, LLMWorker, ScoreRequest, ScoreResult, label_score
 from streamer.models.loader import LoadedModel, load_model
-from tests.unit.test_worker_tiny import MARKER, _tokenizer
+from tests.tiny import tiny_tokenizer
+from tests.unit.test_worker_tiny import MARKER
 
 LABELS = ("yes", "no", "not sure")  # 3, 2 and 8 tokens with the character tokenizer
 TEXTS = ["Hi", "Is the sky blue today?", "Tell me a long story about a dragon and a knight.", "ok"]
@@ -32,7 +33,7 @@ TEXTS = ["Hi", "Is the sky blue today?", "Tell me a long story about a dragon an
 def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    tok = _tokenizer()
+    tok = tiny_tokenizer()
     common: dict[str, Any] = {
         "vocab_size": len(tok),
         "bos_token_id": tok.bos_token_id,
