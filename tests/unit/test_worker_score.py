@@ -111,7 +111,7 @@ def test_score_is_total_log_prob_with_the_end_of_answer() -> None:
 
 
 def test_tie_goes_to_the_first_label(worker: LLMWorker) -> None:
-    result = worker._score_result(_score("x", ("a", "b")), 5, [-1.0, -1.0])
+    result = worker.score_result(_score("x", ("a", "b")), 5, [-1.0, -1.0])
     assert result == ScoreResult("a", {"a": -1.0, "b": -1.0}, 5)
 
 
