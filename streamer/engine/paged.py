@@ -87,32 +87,36 @@ class Row:
 
 
 class StepInputs:
-    """Flat tensors of one step, built once and shared by every layer."""
+    """Flat tensors of one step, built once and shared by every layer.
+
+    Decode tokens come first in the flat order, sorted by length and cut into groups (`DecodeGroup`),
+    so each group's queries and outputs are plain slices and its keys are padded only to its own
+    longest sequence; prefill chunks follow. Logits still come out in the caller's row order.
+    """
 
     def __init__(self, rows: Sequence[Row], block_size: int, device: torch.device) -> None:
+        decoding = sorted((i for i, row in enumerate(rows) if row.end - row.start == 1), key=lambda i: rows[i].end)
+        order = decoding + [i for i, row in enumerate(rows) if row.end - row.start != 1]
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        logit_index: list[int] = []
-        self.decode_index: list[int] = []
-        decode_rows: list[Row] = []
+        flat_of: dict[int, int] = {}
         self.prefills: list[tuple[int, int, int, torch.Tensor]] = []  # (flat start, cache start, end, blocks)
-        for row in rows:
-            flat = len(ids)
+        for i in order:
+            row = rows[i]
+            flat_of[i] = len(ids)
             ids.extend(row.tokens)
             positions.extend(range(row.start, row.end))
             slots.extend(row.blocks[p // block_size] * block_size + p % block_size for p in range(row.start, row.end))
-            logit_index.extend(range(flat + len(row.tokens) - row.logits, flat + len(row.tokens)))
-            if row.end - row.start == 1:
-                self.decode_index.append(flat)
-                decode_rows.append(row)
-            else:
-                self.prefills.append((flat, row.start, row.end, _longs(_used_blocks(row, block_size), device)))
+            if row.end - row.start != 1:
+                self.prefills.append((flat_of[i], row.start, row.end, _longs(_used_blocks(row, block_size), device)))
+        logit_index = [p for i, row in enumerate(rows)
+                       for p in range(flat_of[i] + len(row.tokens) - row.logits, flat_of[i] + len(row.tokens))]
         self.ids = _longs(ids, device)
         self.positions = _longs(positions, device)
         self.slots = _longs(slots, device)
         self.logit_index = _longs(logit_index, device)  # may be empty: a step of prompt chunks only
-        self.decode = _decode_batch(decode_rows, self.decode_index, block_size, device)
+        self.decode = _decode_groups([rows[i] for i in decoding], block_size, device)
 
 
 def _device_of(module: torch.nn.Module, default: torch.device) -> torch.device:
@@ -131,23 +135,50 @@ def _used_blocks(row: Row, block_size: int) -> list[int]:
     return list(row.blocks[: -(-row.end // block_size)])
 
 
+GROUP_COST_SLOTS = 256  # one more decode group costs about as much as gathering this many cache slots
+
+
 @dataclass(frozen=True)
-class _Decode:
-    index: torch.Tensor  # flat positions of the decode tokens
+class DecodeGroup:
+    """Decode tokens at flat positions [start, stop), attending over their blocks padded to the group's longest."""
+
+    start: int
+    stop: int
     blocks: torch.Tensor  # [B, n] block ids, padded with block 0
-    mask: torch.Tensor  # [B, 1, 1, n * block_size] True where a slot holds one of the sequence's positions
+    mask: torch.Tensor | None  # [B, 1, 1, n * block_size] True where a slot holds one of the sequence's positions
 
 
-def _decode_batch(rows: list[Row], index: list[int], block_size: int, device: torch.device) -> _Decode | None:
-    if not rows:
-        return None
-    tables = [_used_blocks(row, block_size) for row in rows]
-    width = max(len(t) for t in tables)
-    padded = [t + [0] * (width - len(t)) for t in tables]
-    lengths = torch.tensor([row.end for row in rows], device=device)
-    mask = torch.arange(width * block_size, device=device)[None, :] < lengths[:, None]
-    return _Decode(_longs(index, device), torch.tensor(padded, dtype=torch.long, device=device),
-                   mask[:, None, None, :])
+def group_lengths(lengths: Sequence[int], block_size: int, cost: int = GROUP_COST_SLOTS) -> list[int]:
+    """Where to cut sorted lengths into groups: the ends (exclusive) of the groups that minimise the slots
+    gathered (each group padded to its longest, in whole blocks) plus `cost` per group."""
+    n = len(lengths)
+    width = [-(-length // block_size) * block_size for length in lengths]
+    best = [0] + [0] * n  # best[j]: least cost of the first j lengths
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        best[j], cut[j] = min((best[i] + (j - i) * width[j - 1] + cost, i) for i in range(j))
+    ends, j = [], n
+    while j:
+        ends.append(j)
+        j = cut[j]
+    return ends[::-1]
+
+
+def _decode_groups(rows: list[Row], block_size: int, device: torch.device) -> list[DecodeGroup]:
+    """Rows sorted by length, cut where padding them together would gather more than another group costs."""
+    groups, start = [], 0
+    for stop in group_lengths([row.end for row in rows], block_size):
+        tables = [_used_blocks(row, block_size) for row in rows[start:stop]]
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        lengths = [row.end for row in rows[start:stop]]
+        mask = None
+        if min(lengths) < width * block_size:
+            mask = (torch.arange(width * block_size, device=device)[None, :]
+                    < torch.tensor(lengths, device=device)[:, None])[:, None, None, :]
+        groups.append(DecodeGroup(start, stop, torch.tensor(padded, dtype=torch.long, device=device), mask))
+        start = stop
+    return groups
 
 
 class PagedRunner:
@@ -193,21 +224,22 @@ class PagedRunner:
         keys.flatten(0, 1).index_copy_(0, inputs.slots, k)
         values.flatten(0, 1).index_copy_(0, inputs.slots, v)
         out = torch.empty_like(q)
-        decode = inputs.decode
-        if decode is not None:
-            qd = q[decode.index][:, :, None, :]  # [B, H, 1, D]
-            kd = keys[decode.blocks].flatten(1, 2).transpose(1, 2)  # [B, Hkv, n * block_size, D]
-            vd = values[decode.blocks].flatten(1, 2).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=decode.mask, scale=attn.scaling, enable_gqa=True)
-            out[decode.index] = o[:, :, 0, :]
+        for group in inputs.decode:
+            qd = q[group.start : group.stop, :, None, :]  # [B, H, 1, D]
+            kd = keys[group.blocks].flatten(1, 2).transpose(1, 2)  # [B, Hkv, n * block_size, D]
+            vd = values[group.blocks].flatten(1, 2).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, scale=attn.scaling, enable_gqa=True)
+            out[group.start : group.stop] = o[:, :, 0, :]
         for flat, start, end, blocks in inputs.prefills:
             n = end - start
             qp = q[flat : flat + n].transpose(0, 1)[None]  # [1, H, n, D]
-            kp = keys[blocks].flatten(0, 1)[:end].transpose(0, 1)[None]  # [1, Hkv, end, D]
-            vp = values[blocks].flatten(0, 1)[:end].transpose(0, 1)[None]
-            if start == 0:
+            if start == 0:  # a prompt's first chunk: its keys are the ones just computed, no gather
+                kp = k[flat : flat + n].transpose(0, 1)[None]
+                vp = v[flat : flat + n].transpose(0, 1)[None]
                 o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=attn.scaling, enable_gqa=True)
             else:
+                kp = keys[blocks].flatten(0, 1)[:end].transpose(0, 1)[None]  # [1, Hkv, end, D]
+                vp = values[blocks].flatten(0, 1)[:end].transpose(0, 1)[None]
                 causal = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=causal, scale=attn.scaling, enable_gqa=True)
             out[flat : flat + n] = o[0].transpose(0, 1)

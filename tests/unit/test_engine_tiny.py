@@ -63,6 +63,15 @@ def test_greedy_tokens_equal_one_by_one_generate(model: LlamaForCausalLM, config
         assert done[i].tokens == reference(model, p, n), f"request {i} diverged"
 
 
+def test_decodes_of_far_apart_lengths_run_in_separate_groups_and_still_match_generate(model: LlamaForCausalLM) -> None:
+    rng = random.Random(5)
+    batch = [[rng.randrange(1, VOCAB) for _ in range(n)] for n in (3, 190, 6, 150, 9)]
+    engine = Engine(model, EngineConfig(block_size=4, num_blocks=512), end_ids=frozenset())
+    done = run_all(engine, [TokenRequest(tuple(p), 20) for p in batch])
+    for i, p in enumerate(batch):
+        assert done[i].tokens == reference(model, p, 20), f"request {i} diverged"
+
+
 def test_prompts_sharing_a_prefix_reuse_its_blocks_and_still_match_generate(model: LlamaForCausalLM) -> None:
     system = prompts(1, seed=9)[0] * 2  # a long shared "system prompt"
     batch = [system + tail for tail in prompts(6, seed=3)]
