@@ -83,7 +83,7 @@ class LLMPool(AsyncLifecycle):
         """Load and warm the model (blocking: seconds from the local cache; call it before serving)."""
         from streamer.runtime import load_worker  # heavy (Kafka, Redis helpers): only when loading
 
-        return cls(load_worker(model or ModelSettings()), batching, engine, on_batch=on_batch)
+        return cls(load_worker(model or ModelSettings(), engine), batching, engine, on_batch=on_batch)
 
     @property
     def model(self) -> str:

@@ -70,7 +70,7 @@ def run(config: ConfigOption = None, log_level: str = "info") -> None:
         with endpoints(settings) as ends:
             _check_access(settings, ends)
             with console.status("Loading the model..."):
-                worker = load_worker(settings.model)
+                worker = load_worker(settings.model, settings.engine)
             console.print(startup_summary(settings, ends, worker))
             pipeline = Pipeline(
                 settings, ends.bootstrap, ends.redis_url, worker, create_topics=not ends.embedded_kafka

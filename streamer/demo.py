@@ -55,7 +55,7 @@ def run_demo(settings: Settings, questions: Path, console: Console, *, stay: boo
         console.print(f"Kafka: [bold]{ends.bootstrap}[/]{' (embedded mock cluster)' * ends.embedded_kafka}  "
                       f"Redis: [bold]{ends.redis_url}[/]{' (embedded redis-server)' * ends.embedded_redis}")
         with console.status("Loading the model (the first run converts it into the local cache)..."):
-            worker = load_worker(settings.model)
+            worker = load_worker(settings.model, settings.engine)
         kafka = base_config(settings.kafka, ends.bootstrap)
         produce_lines(kafka, route.input, lines, key_field="key")
         console.print(f"Produced {len(lines)} questions to [bold]{route.input}[/]; answering with {worker.name}")

@@ -39,7 +39,7 @@ def build_pool(worker: LLMWorker, batching: BatchingSettings, engine: EngineSett
     if engine.kind == "static" or not drivable:
         log.info("engine: static micro-batches of generate")
         return StaticPool(worker, BatchRules(**batching.model_dump()), on_batch=on_batch)
-    workers = worker_count(engine, worker)
+    workers = worker_count(engine, worker.device, split=_split(worker.model))
     if workers > 1:
         from streamer.engine.processes import ProcessEngines, child_specs  # it builds its engines with engine_config
 
@@ -53,17 +53,25 @@ def build_pool(worker: LLMWorker, batching: BatchingSettings, engine: EngineSett
                           engine.default_deadline_ms, on_batch)
 
 
-def worker_count(engine: EngineSettings, worker: LLMWorker) -> int:
+def worker_count(engine: EngineSettings, device: torch.device, split: bool) -> int:
     """Engine processes to run: auto is one per CUDA device, or 1 (in this process) on CPU or for a model
-    already split across devices."""
-    split = len(set((getattr(worker.model, "hf_device_map", None) or {}).values())) > 1
+    `split` across devices."""
     if engine.workers == "auto":
-        return torch.cuda.device_count() if worker.device.type == "cuda" and not split else 1
+        return torch.cuda.device_count() if device.type == "cuda" and not split else 1
     if engine.workers > 1 and split:
         raise EngineUnsupported("engine.workers > 1 needs a model on one device; this one has a device_map")
-    if worker.device.type == "cuda" and engine.workers > torch.cuda.device_count():
+    if device.type == "cuda" and engine.workers > torch.cuda.device_count():
         raise EngineUnsupported(f"engine.workers is {engine.workers}; {torch.cuda.device_count()} CUDA devices exist")
     return engine.workers
+
+
+def in_processes(engine: EngineSettings, model: PreTrainedModel, device: torch.device) -> bool:
+    """Whether the engine runs in processes of its own, so this process needs only the model's skeleton."""
+    return engine.kind != "static" and supports(model) and worker_count(engine, device, _split(model)) > 1
+
+
+def _split(model: PreTrainedModel) -> bool:
+    return len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1
 
 
 def engine_config(engine: EngineSettings, model: PreTrainedModel, dtype: torch.dtype,

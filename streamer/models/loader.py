@@ -48,11 +48,14 @@ def load_model(
     dtype: str = "auto",
     cache_dir: Path = DEFAULT_CACHE_DIR,
     device_map: str | dict[str, int | str] | None = None,
+    weights: bool = True,
 ) -> LoadedModel:
     """Load `path` (a transformers model directory, or a .gguf file), or the default model if None.
 
     `device_map` (accelerate's: "auto" or module name -> device) splits the weights across devices;
-    `device` is then where inputs go (the embeddings' device).
+    `device` is then where inputs go (the embeddings' device). `weights=False` builds only the model's
+    skeleton (config, generation config, parameters on the meta device) next to the real tokenizer: for
+    a parent process whose engine processes load the weights themselves.
 
     GGUF files go through the local cache, since reading them directly takes ~20 s every start.
     """
@@ -61,7 +64,9 @@ def load_model(
     dt = resolve_dtype(dtype, dev, where)
     directory, name = _model_directory(path, Path(cache_dir).expanduser())
     manifest = None
-    if (directory / "manifest.json").is_file():
+    if not weights:
+        model, manifest, name = _skeleton(directory, dt, name)
+    elif (directory / "manifest.json").is_file():
         model, manifest, name = _load_artifact(directory, dev, dt)
     else:
         model = _load_weights(directory, dev, dt, device_map)
@@ -84,8 +89,31 @@ def _load_artifact(directory: Path, device: torch.device, dtype: torch.dtype) ->
         model, manifest = load(directory, device, dtype)
     except (*_LOAD_ERRORS, StreamerError) as exc:
         raise ModelLoadError(directory, f"compressed artifact: {exc}") from exc
-    name = f"{directory.name} ({manifest.recipe} of {Path(manifest.source).name})"
-    return model, manifest.model_dump(mode="json"), name
+    return model, manifest.model_dump(mode="json"), _artifact_name(directory, manifest)
+
+
+def _artifact_name(directory: Path, manifest: Any) -> str:
+    return f"{directory.name} ({manifest.recipe} of {Path(manifest.source).name})"
+
+
+def _skeleton(directory: Path, dtype: torch.dtype, name: str) -> tuple[Any, dict[str, Any] | None, str]:
+    """The model's structure without its weights (meta tensors: running it fails loudly), and its name."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if (directory / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(directory, local_files_only=True)
+    except _LOAD_ERRORS as exc:
+        raise ModelLoadError(directory, f"{type(exc).__name__}: {exc}") from exc
+    if not (directory / "manifest.json").is_file():
+        return model.eval(), None, name
+    from streamer.compress.manifest import Manifest
+
+    manifest = Manifest.read(directory)
+    return model.eval(), manifest.model_dump(mode="json"), _artifact_name(directory, manifest)
 
 
 def resolve_device(device: str, where: Path) -> torch.device:

@@ -25,7 +25,7 @@ def test_groups_cover_every_row_once_at_the_least_cost(raw: list[int], per_group
     lengths = sorted(raw)
     ends = group_lengths(lengths, BLOCK, per_group)
     assert ends == sorted(set(ends)) and ends[-1] == len(lengths) and ends[0] > 0
-    every_cut = (list(c) + [len(lengths)] for r in range(len(lengths))
+    every_cut = ([*c, len(lengths)] for r in range(len(lengths))
                  for c in itertools.combinations(range(1, len(lengths)), r))
     assert cost(lengths, ends, per_group) == min(cost(lengths, c, per_group) for c in every_cut)
 

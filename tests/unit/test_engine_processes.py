@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamer.config import BatchingSettings, EngineSettings
+from streamer.config import BatchingSettings, EngineSettings, ModelSettings
 from streamer.engine.build import build_pool, worker_count
 from streamer.engine.continuous import ContinuousPool
 from streamer.engine.engine import Engine, EngineConfig, TokenRequest
@@ -23,6 +23,7 @@ from streamer.engine.pool import Generated
 from streamer.engine.processes import ProcessEngines
 from streamer.engine.worker import GenRequest, GenResult, LLMWorker
 from streamer.models.loader import load_model
+from streamer.runtime import load_worker
 from tests.tiny import save_tiny_llama
 
 BATCHING = BatchingSettings()
@@ -84,8 +85,8 @@ def processes(worker: LLMWorker, workers: int = 2) -> ContinuousPool:
 
 
 def test_auto_is_one_in_process_engine_on_cpu_and_a_number_is_that_many_processes(worker: LLMWorker) -> None:
-    assert worker_count(EngineSettings(), worker) == 1
-    assert worker_count(EngineSettings(workers=2), worker) == 2
+    assert worker_count(EngineSettings(), worker.device, split=False) == 1
+    assert worker_count(EngineSettings(workers=2), worker.device, split=False) == 2
     with pytest.raises(ValueError):
         EngineSettings(workers=0)
 
@@ -100,6 +101,20 @@ async def test_two_worker_processes_answer_like_one_in_process_engine_and_share_
     assert got == expected[: len(REQUESTS)] and all(r.error is None for r in got)
     assert sum(engines.routed) == len(REQUESTS) and min(engines.routed) >= 2  # fewest outstanding tokens first
     assert_gone(engines.pids)
+
+
+async def test_a_parent_whose_engines_run_in_processes_holds_no_copy_of_the_weights(
+        tiny_dir: Path, expected: list[GenResult]) -> None:
+    settings = engine_settings(2)
+    parent = load_worker(ModelSettings(path=tiny_dir, device="cpu"), settings)
+    assert {p.device.type for p in parent.model.parameters()} == {"meta"}
+    async with build_pool(parent, BATCHING, settings) as pool:
+        assert await answers(pool, REQUESTS) == expected[: len(REQUESTS)]
+
+
+def test_a_parent_with_one_in_process_engine_loads_the_weights(tiny_dir: Path) -> None:
+    parent = load_worker(ModelSettings(path=tiny_dir, device="cpu"), engine_settings(1))
+    assert {p.device.type for p in parent.model.parameters()} == {"cpu"}
 
 
 async def test_a_killed_worker_process_costs_no_request_and_no_token_twice(
