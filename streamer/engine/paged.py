@@ -126,6 +126,12 @@ def _device_of(module: torch.nn.Module, default: torch.device) -> torch.device:
     return default
 
 
+def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """`cache[blocks]` as whole-block row copies: index_select is 2-3x faster than advanced indexing on CPU."""
+    rows = cache.flatten(1).index_select(0, blocks.flatten())
+    return rows.view(*blocks.shape, *cache.shape[1:])
+
+
 def _longs(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
 
@@ -226,8 +232,8 @@ class PagedRunner:
         out = torch.empty_like(q)
         for group in inputs.decode:
             qd = q[group.start : group.stop, :, None, :]  # [B, H, 1, D]
-            kd = keys[group.blocks].flatten(1, 2).transpose(1, 2)  # [B, Hkv, n * block_size, D]
-            vd = values[group.blocks].flatten(1, 2).transpose(1, 2)
+            kd = _gather(keys, group.blocks).flatten(1, 2).transpose(1, 2)  # [B, Hkv, n * block_size, D]
+            vd = _gather(values, group.blocks).flatten(1, 2).transpose(1, 2)
             o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, scale=attn.scaling, enable_gqa=True)
             out[group.start : group.stop] = o[:, :, 0, :]
         for flat, start, end, blocks in inputs.prefills:
@@ -238,8 +244,8 @@ class PagedRunner:
                 vp = v[flat : flat + n].transpose(0, 1)[None]
                 o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=attn.scaling, enable_gqa=True)
             else:
-                kp = keys[blocks].flatten(0, 1)[:end].transpose(0, 1)[None]  # [1, Hkv, end, D]
-                vp = values[blocks].flatten(0, 1)[:end].transpose(0, 1)[None]
+                kp = _gather(keys, blocks).flatten(0, 1)[:end].transpose(0, 1)[None]  # [1, Hkv, end, D]
+                vp = _gather(values, blocks).flatten(0, 1)[:end].transpose(0, 1)[None]
                 causal = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=causal, scale=attn.scaling, enable_gqa=True)
             out[flat : flat + n] = o[0].transpose(0, 1)
