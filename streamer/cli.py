@@ -35,7 +35,9 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="YAML settings (default: $STREAMER_CONFIG or ./streamer.yaml)"),
 ]
-BootstrapOption = Annotated[str, typer.Option("--bootstrap", "-b", envvar="KAFKA_BOOTSTRAP_SERVERS")]
+BootstrapOption = Annotated[str | None, typer.Option(
+    "--bootstrap", "-b", envvar="KAFKA_BOOTSTRAP_SERVERS",
+    help="default: kafka.bootstrap_servers of the config, else localhost:9092")]
 SCHEMAS_DIR = Path("schemas")
 
 
@@ -231,23 +233,27 @@ async def _serve_until_signal(pool: APIPool, host: str, port: int, limits: Limit
 def produce(
     topic: str,
     file: Annotated[Path | None, typer.Argument(help="JSONL file; stdin when omitted")] = None,
-    bootstrap: BootstrapOption = "localhost:9092",
+    bootstrap: BootstrapOption = None,
+    config: ConfigOption = None,
     key_field: Annotated[str, typer.Option(help="JSON field used as the message key")] = "key",
     rate: Annotated[float | None, typer.Option(help="records per second (default: as fast as possible)")] = None,
 ) -> None:
-    """Produce JSONL lines (a file or stdin) to a topic, one record per line."""
+    """Produce JSONL lines (a file or stdin) to a topic, one record per line (SASL/TLS as in the config)."""
     from rich.progress import Progress
 
     from streamer.kafka.tools import produce_lines
 
     started_s = time.monotonic()
     try:
+        client = _tool_client(config, bootstrap)
         lines = file.read_bytes().splitlines() if file else sys.stdin.buffer
         total = sum(1 for line in lines if line.strip()) if file else None
         with Progress(console=console, transient=True) as progress:
             bar = progress.add_task(f"producing to {topic}", total=total)
-            count = produce_lines({"bootstrap.servers": bootstrap}, topic, lines, key_field, rate=rate,
+            count = produce_lines(client, topic, lines, key_field, rate=rate,
                                   on_record=lambda: progress.advance(bar))
+    except ConfigError as exc:
+        raise _fail(exc, 2) from None
     except (StreamerError, OSError) as exc:
         raise _fail(exc) from None
     elapsed_s = max(time.monotonic() - started_s, 1e-9)
@@ -258,17 +264,23 @@ def produce(
 @app.command()
 def tail(
     topic: str,
-    bootstrap: BootstrapOption = "localhost:9092",
+    bootstrap: BootstrapOption = None,
+    config: ConfigOption = None,
     limit: Annotated[int | None, typer.Option("--max", "-n", help="stop after this many records")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep waiting for new records")] = False,
     pretty: Annotated[bool | None, typer.Option("--pretty/--json", help="default: pretty on a terminal")] = None,
 ) -> None:
-    """Print a topic's records from the beginning: pretty on a terminal, JSON lines otherwise."""
+    """Print a topic's records from the beginning: pretty on a terminal, JSON lines otherwise (SASL/TLS as in
+    the config)."""
     from streamer.kafka.tools import read_topic
 
+    try:
+        client = _tool_client(config, bootstrap)
+    except ConfigError as exc:
+        raise _fail(exc, 2) from None
     out = Console()
     pretty = out.is_terminal if pretty is None else pretty
-    for message in read_topic({"bootstrap.servers": bootstrap}, topic, limit=limit, follow=follow):
+    for message in read_topic(client, topic, limit=limit, follow=follow):
         value = message.value() or b""
         try:
             doc = orjson.loads(value)
@@ -281,6 +293,13 @@ def tail(
         else:
             sys.stdout.write(orjson.dumps(doc).decode() + "\n")
             sys.stdout.flush()
+
+
+def _tool_client(config: Path | None, bootstrap: str | None) -> dict[str, object]:
+    """The librdkafka settings of `produce`/`tail`: the config's (file or STREAMER_* env) SASL/TLS and client."""
+    from streamer.kafka.client_config import tool_config
+
+    return tool_config(_settings(config).kafka, bootstrap)
 
 
 @app.command()

@@ -31,15 +31,26 @@ def security_config(settings: KafkaSettings) -> dict[str, Any]:
     return config
 
 
+def tool_config(settings: KafkaSettings, bootstrap: str | None) -> dict[str, Any]:
+    """`streamer produce` and `tail` log in as `streamer run` does; an explicit bootstrap wins over the config's."""
+    return base_config(settings, bootstrap or settings.bootstrap_servers or "localhost:9092")
+
+
 def describe_security(settings: KafkaSettings) -> str:
     """How the clients log in, for the startup summary: never the password."""
     sasl = f"SASL {settings.sasl.mechanism} as {settings.sasl.username}" if settings.sasl else "no SASL"
     return f"{sasl}, {'TLS' if settings.tls else 'no TLS'}"
 
 
+TOPIC_DISCOVERY_MS = 5000
+"""How often the consumer re-reads metadata: an input topic created after `streamer run` subscribed is
+picked up within seconds, not after librdkafka's default 5 minutes."""
+
+
 def consumer_config(settings: KafkaSettings, bootstrap: str) -> dict[str, Any]:
     """Manual offsets: streamer commits only what has been fully written."""
     return {
+        "topic.metadata.refresh.interval.ms": TOPIC_DISCOVERY_MS,
         **base_config(settings, bootstrap),
         "group.id": settings.group_id,
         "enable.auto.commit": False,

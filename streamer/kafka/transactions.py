@@ -15,9 +15,12 @@ committed transaction already means every record of it was acknowledged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
@@ -30,7 +33,8 @@ from streamer.kafka.offsets import TP
 log = logging.getLogger(__name__)
 
 _CALL_TIMEOUT_S = 10.0
-_GIVE_UP_S = 30.0  # then abort and produce the batch again in a fresh transaction
+_GRACE_S = 5.0  # past the call's own timeout before a call counts as stuck
+_GIVE_UP_S = 30.0  # an abort still failing then: replace the producer
 
 
 class TransactionFenced(StreamerError):
@@ -65,13 +69,19 @@ Record = tuple[str, bytes | None, bytes]
 
 
 class TransactionalProducer:
-    def __init__(self, config: dict[str, Any]) -> None:
-        self._producer = Producer(config)
+    """One transaction at a time. A transaction that cannot be ended cleanly is not retried in place:
+    the producer is replaced, and the new one's `init_transactions` (same id, next epoch) aborts the
+    old one's open transaction on the coordinator and fences it, whatever state it was left in."""
+
+    def __init__(self, config: dict[str, Any], make: Callable[[dict[str, Any]], Any] = Producer) -> None:
+        self._config = config
+        self._make = make
+        self._producer = make(config)
         self._open = False
 
     async def start(self) -> None:
         """Register the id with the coordinator, fencing any earlier producer that used it."""
-        await self._retrying("init", self._producer.init_transactions)
+        await self._retrying("init", lambda: self._producer.init_transactions(_CALL_TIMEOUT_S))
 
     async def transact(self, records: list[Record], offsets: dict[TP, int], group_metadata: object) -> Ending:
         """Produce `records` and commit `offsets` (next offset to read, per partition) in one transaction."""
@@ -82,16 +92,53 @@ class TransactionalProducer:
                 self._produce(topic, key, value)
             positions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
             if positions:
-                await self._retrying("offsets", lambda: self._producer.send_offsets_to_transaction(
-                    positions, group_metadata, _CALL_TIMEOUT_S), _GIVE_UP_S)
-            await self._retrying("commit", lambda: self._producer.commit_transaction(_CALL_TIMEOUT_S), _GIVE_UP_S)
+                await self._send_offsets(positions, group_metadata)
+            # No giving up here: once EndTxn may have been sent, only the coordinator's answer tells
+            # whether the batch is committed, and redoing a committed batch would duplicate it.
+            await self._retrying("commit", lambda: self._producer.commit_transaction(_CALL_TIMEOUT_S))
         except _Abortable as exc:
             log.warning("transaction aborted (%s); its records will be produced again", exc)
-            await self._retrying("abort", lambda: self._producer.abort_transaction(_CALL_TIMEOUT_S))
-            self._open = False
+            await self._abort()
+            return Ending.ABORTED
+        except _Stuck as exc:
+            log.warning("%s; replacing the producer, its records will be produced again", exc)
+            await self._replace()
             return Ending.ABORTED
         self._open = False
         return Ending.COMMITTED
+
+    async def _send_offsets(self, positions: list[TopicPartition], group_metadata: object) -> None:
+        """librdkafka waits for send_offsets_to_transaction without a deadline of its own (the timeout
+        only applies once the coordinator answers), so with the broker away it can block for minutes.
+        It is not resumable either: any failure ends this transaction."""
+        producer = self._producer
+        try:
+            await _in_daemon_thread(
+                lambda: producer.send_offsets_to_transaction(positions, group_metadata, _CALL_TIMEOUT_S),
+                _CALL_TIMEOUT_S + _GRACE_S)
+        except TimeoutError:
+            raise _Stuck(f"offsets: no answer after {_CALL_TIMEOUT_S + _GRACE_S:.0f} s") from None
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.fatal():
+                raise TransactionFenced(f"Kafka transaction offsets failed: {error.str()}") from None
+            raise _Abortable(f"offsets: {error.str()}") from None
+
+    async def _abort(self) -> None:
+        try:
+            await self._retrying("abort", lambda: self._producer.abort_transaction(_CALL_TIMEOUT_S), _GIVE_UP_S)
+        except _Abortable as exc:
+            log.warning("%s; replacing the producer", exc)
+            await self._replace()
+        self._open = False
+
+    async def _replace(self) -> None:
+        """A fresh producer with the same transactional id; the old one may be stuck in a call, so it is
+        dropped from a daemon thread, never called on this thread again."""
+        old, self._producer = self._producer, self._make(self._config)
+        self._open = False
+        threading.Thread(target=_retire, args=(old,), daemon=True, name="retire-producer").start()
+        await self.start()
 
     def _produce(self, topic: str, key: bytes | None, value: bytes) -> None:
         while True:
@@ -123,8 +170,8 @@ class TransactionalProducer:
             raise TransactionFenced(f"Kafka transaction failed: {exc.args[0].str()}") from None
 
     async def _retrying(self, what: str, action: Any, give_up_s: float | None = None) -> None:
-        """Retry retriable errors (a broker away) until they pass; abortable ones raise _Abortable, and so
-        do retriable ones still failing after `give_up_s` (the transaction is then aborted and redone)."""
+        """Retry retriable errors (a broker away; these calls resume where they stopped) until they pass;
+        abortable ones raise _Abortable, and so do retriable ones still failing after `give_up_s`."""
         attempt = 0
         began = time.monotonic()
         while True:
@@ -142,6 +189,42 @@ class TransactionalProducer:
                 attempt += 1
                 log.warning("transaction %s (attempt %d): %s; retrying", what, attempt, error.str())
                 await asyncio.sleep(min(0.1 * attempt, 1.0))
+
+
+async def _in_daemon_thread(action: Callable[[], object], deadline_s: float) -> None:
+    """Run a blocking call in a daemon thread and wait at most `deadline_s` (TimeoutError). A call that
+    never returns then costs one idle thread, not the event loop, and does not hold up the process's
+    exit as a stuck `asyncio.to_thread` would (the default executor's threads are joined at exit)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if not done.done():
+            done.set_result(None) if error is None else done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            action()
+        except BaseException as exc:  # handed to the awaiting coroutine
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, daemon=True, name="txn-call").start()
+    async with asyncio.timeout(deadline_s):
+        await done
+
+
+def _retire(producer: Any) -> None:
+    """Drop what the replaced producer still queues (its transaction is aborted anyway); the last
+    reference goes with this thread."""
+    with contextlib.suppress(KafkaException, RuntimeError):
+        producer.purge()
+
+
+class _Stuck(Exception):
+    """A transactional call did not return in time: the producer must be replaced."""
 
 
 class _Abortable(Exception):

@@ -68,19 +68,14 @@ def test_redis_stopped_for_20_s_pauses_consumption_then_catches_up(kafka_bootstr
         own_redis.stop()
 
 
-EXACTLY_ONCE_STALLS = pytest.mark.xfail(run=False, reason=(
-    "known bug: in exactly-once mode the service stops consuming after the broker returns (the transaction "
-    "open during the outage is aborted and redone, then nothing more is committed); see RELIABILITY.md"))
-
-
-@pytest.mark.parametrize("guarantee", ["at_least_once", pytest.param("exactly_once", marks=EXACTLY_ONCE_STALLS)])
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_kafka_broker_stopped_for_20_s_then_restarted(redis_url, tmp_path, guarantee):
-    """The transaction under way when the broker goes retries (or aborts and is produced again) until
-    the broker is back on its old data; the consumer resumes from the committed offsets."""
+    """The transaction under way when the broker goes waits for it, or is aborted and produced again
+    (by a fresh producer if a call never answers), until the broker is back on its old data; the
+    instance then catches up by itself, and the consumer resumes from the committed offsets."""
     run_dir = tmp_path / "kafka"
     with native_kafka(run_dir) as bootstrap:
         broker = RestartableKafka(run_dir, bootstrap)
-        # the default transaction timeout outlasts the outage: records and the commit wait for the broker
         # The session and the transaction both outlast the outage: the member keeps its partitions
         # (no replay into still-open windows), records and the commit wait for the broker.
         service = Service(tmp_path, bootstrap, redis_url, guarantee, transaction_timeout_ms=60_000,

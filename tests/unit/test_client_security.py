@@ -1,14 +1,18 @@
-"""How `kafka.sasl/tls` and `redis.username/password/tls` reach the clients, and that showing them hides secrets."""
+"""How `kafka.sasl/tls` and `redis.username/password/tls` reach the clients (`streamer produce` and `tail`
+included), and that showing them hides secrets."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 from redis.connection import parse_url
+from typer.testing import CliRunner
 
+from streamer.cli import app
 from streamer.config import KafkaSettings, RedisSettings
 from streamer.kafka.client_config import base_config, describe_security, security_config
 from streamer.observe.logs import redact
@@ -76,3 +80,44 @@ def test_tls_settings_turn_the_url_into_rediss_with_the_files_and_a_redacted_key
         "ssl_certfile": "/etc/me.pem", "ssl_keyfile": "/etc/me.key", "ssl_password": "kp-2"}
     shown = redact(url)
     assert "pw" not in shown.split("@")[0] and "kp-2" not in shown
+
+
+@pytest.fixture
+def tool_clients(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    """The librdkafka settings `streamer produce` and `tail` hand their clients (which send nothing)."""
+    from streamer.kafka import tools
+
+    seen: list[dict[str, object]] = []
+    monkeypatch.setattr(tools, "produce_lines", lambda config, *_a, **_k: seen.append(config) or 0)
+    monkeypatch.setattr(tools, "read_topic", lambda config, *_a, **_k: seen.append(config) or [])
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    monkeypatch.delenv("STREAMER_CONFIG", raising=False)
+    return seen
+
+
+def test_produce_and_tail_log_in_with_the_sasl_and_tls_of_the_config_file(tool_clients, tmp_path: Path):
+    config = tmp_path / "streamer.yaml"
+    config.write_text(yaml.safe_dump({"kafka": {"bootstrap_servers": "b:9093", "sasl": SASL, "tls": TLS}}))
+    lines = tmp_path / "in.jsonl"
+    lines.write_text('{"id": "1", "text": "hi"}\n')
+    runner = CliRunner()
+    assert runner.invoke(app, ["produce", "t", str(lines), "--config", str(config)]).exit_code == 0
+    assert runner.invoke(app, ["tail", "t", "--config", str(config), "--bootstrap", "other:9093"]).exit_code == 0
+    expected = base_config(KafkaSettings(sasl=SASL, tls=TLS), "b:9093")
+    assert tool_clients == [expected, {**expected, "bootstrap.servers": "other:9093"}]
+
+
+def test_produce_and_tail_take_the_login_from_the_environment_as_run_does(tool_clients, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no ./streamer.yaml
+    for field, value in SASL.items():
+        monkeypatch.setenv(f"STREAMER_KAFKA__SASL__{field.upper()}", value)
+    assert CliRunner().invoke(app, ["tail", "t"]).exit_code == 0
+    assert tool_clients == [base_config(KafkaSettings(sasl=SASL), "localhost:9092")]
+    assert tool_clients[0]["security.protocol"] == "sasl_plaintext"
+
+
+def test_a_broken_config_stops_produce_with_exit_code_2(tool_clients, tmp_path: Path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({"kafka": {"sasl": {"mechanism": "PLAIN"}}}))
+    result = CliRunner().invoke(app, ["produce", "t", "--config", str(config)], input="")
+    assert result.exit_code == 2 and tool_clients == []
