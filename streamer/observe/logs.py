@@ -20,9 +20,10 @@ REDACTED = "***"
 
 # Keys whose values are secrets: password, sasl.password, ssl.key.password, ssl.keystore.password, ...
 _SECRET_KEY = re.compile(r"(?:^|[._-])(?:password|passwd|secret)$", re.IGNORECASE)
-# key=value, key: value, "key": "value" and 'key': 'value' (as in a logged dict) for those keys.
+# key=value, key: value, "key": "value" and 'key': 'value' (as in a logged dict) for those keys; not a
+# URL's user name that happens to look like one (redis://password:...@host: its password is handled below).
 _SECRET_PAIR = re.compile(
-    r"""(?P<key>[\w.-]*(?:password|passwd|secret))(?P<sep>["']?\s*[=:]\s*)(?P<value>"[^"]*"|'[^']*'|[^\s,;&}\]]+)""",
+    r"""(?P<key>(?<![\w.-])(?<!://)[\w.-]*(?:password|passwd|secret))(?P<sep>["']?\s*[=:]\s*)(?P<value>"[^"]*"|'[^']*'|[^\s,;&}\]]+)""",
     re.IGNORECASE,
 )
 # The userinfo password of a URL: redis://user:pass@host, kafka://:pass@host.
