@@ -78,8 +78,7 @@ class ContinuousPool(AsyncLifecycle):
 
     def kv_usage(self) -> tuple[int, int, int]:
         """(blocks used, blocks in all, prompt tokens reused from the prefix cache so far), for metrics."""
-        allocator = self.engine.allocator
-        return allocator.in_use, allocator.num_blocks, self.engine.scheduler.reused_tokens
+        return self.engine.kv_usage()
 
     async def wait_for_room(self) -> None:
         while self.free_slots() <= 0:

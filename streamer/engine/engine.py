@@ -111,6 +111,10 @@ class Engine:
     def running(self) -> int:
         return len(self.scheduler.running)
 
+    def kv_usage(self) -> tuple[int, int, int]:
+        """(blocks used, blocks in all, prompt tokens reused from the prefix cache so far), for metrics."""
+        return self.allocator.in_use, self.allocator.num_blocks, self.scheduler.reused_tokens
+
     def add(self, key: Hashable, request: TokenRequest, deadline_s: float) -> Finished | None:
         """Queue a request; a request that can never fit the cache finishes at once with an error."""
         job = _Job(key, request, deadline_s)

@@ -79,6 +79,7 @@ class _Report:
     tokens: list[tuple[Hashable, int]]
     waiting: int
     step_size: int
+    kv: tuple[int, int, int]  # Engine.kv_usage() after the step
 
 
 def serve_child(spec: ChildSpec, inbox: Any, outbox: Connection) -> None:
@@ -97,7 +98,8 @@ def serve_child(spec: ChildSpec, inbox: Any, outbox: Connection) -> None:
         finished = [f for a in arrived if a is not None and (f := engine.add(a.key, a.request, a.deadline_s))]
         finished += engine.step()
         if finished or tokens:
-            outbox.send(_Report(finished, tokens, engine.scheduler.waiting, engine.last_step_size))
+            outbox.send(_Report(finished, tokens, engine.scheduler.waiting, engine.last_step_size,
+                                engine.kv_usage()))
             tokens.clear()
 
 
@@ -126,6 +128,7 @@ class _Child:
     alive: bool = True
     load: int = 0  # outstanding tokens
     waiting: int = 0  # requests it has not admitted yet, as last reported
+    kv: tuple[int, int, int] = (0, 0, 0)  # its KV usage, as last reported
     routed: int = 0  # requests ever sent to it
 
 
@@ -182,6 +185,11 @@ class ProcessEngines:
     def waiting(self) -> int:
         return sum(c.waiting for c in self._children if c.alive)
 
+    def kv_usage(self) -> tuple[int, int, int]:
+        """Engine.kv_usage summed over the live children, as they last reported."""
+        live = [c.kv for c in self._children if c.alive]
+        return (sum(k[0] for k in live), sum(k[1] for k in live), sum(k[2] for k in live))
+
     def add(self, key: Hashable, request: TokenRequest, deadline_s: float) -> Finished | None:
         """Send a request to the least loaded live child; with none left it finishes at once with an error."""
         return self._route(key, _Pending(request, deadline_s))
@@ -235,6 +243,7 @@ class ProcessEngines:
 
     def _take(self, child: _Child, report: _Report) -> list[Finished]:
         child.waiting = report.waiting
+        child.kv = report.kv
         self.last_step_size += report.step_size
         for key, token in report.tokens:
             pending = self._pending.get(key)

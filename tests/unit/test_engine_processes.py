@@ -98,7 +98,9 @@ async def test_two_worker_processes_answer_like_one_in_process_engine_and_share_
     assert isinstance(engines, ProcessEngines)
     async with pool:
         got = await answers(pool, REQUESTS)
+        used, blocks, _ = pool.kv_usage()  # the children's caches, as they last reported
     assert got == expected[: len(REQUESTS)] and all(r.error is None for r in got)
+    assert blocks > 0 and 0 <= used <= blocks
     assert sum(engines.routed) == len(REQUESTS) and min(engines.routed) >= 2  # fewest outstanding tokens first
     assert_gone(engines.pids)
 
