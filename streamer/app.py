@@ -210,4 +210,5 @@ class Pipeline:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._sink.close()  # after the task that polls it
         await self._state.aclose()

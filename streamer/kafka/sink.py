@@ -54,3 +54,9 @@ class KafkaSink:
             self._producer.poll(0)
             await asyncio.sleep(0.005)
         return len(self._producer)
+
+    def close(self) -> None:
+        """Drop what Kafka did not acknowledge (its offsets are uncommitted: it is replayed) and stop the client
+        now, while the cluster is still up; left to the garbage collector it would keep reconnecting."""
+        self._producer.purge()
+        self._producer.close()

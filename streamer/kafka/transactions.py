@@ -163,6 +163,11 @@ class TransactionalProducer:
             self._open = False
         return len(self._producer)
 
+    def close(self) -> None:
+        """As KafkaSink.close, after `flush` aborted any open transaction."""
+        self._producer.purge()
+        self._producer.close()
+
     def _call(self, action: Any) -> None:
         try:
             action()
