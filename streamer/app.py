@@ -118,7 +118,7 @@ class Pipeline:
     def _assigned(self, tps: list[TP]) -> None:
         for topic, partition in tps:
             if stage := self._stage_of_topic.get(topic):
-                stage.watermarks.assign([(topic, partition)])
+                stage.watermarks.assign([(topic, partition)], served=False)
 
     def _group_metadata(self) -> object:
         assert self.source is not None, "a transaction commits offsets only once consuming started"
@@ -128,9 +128,8 @@ class Pipeline:
         if isinstance(self._writer, TransactionalWriter):
             self._writer.forget(tps)
         self.metrics.forget_partitions(tps)
-        for topic, partition in tps:
-            if stage := self._stage_of_topic.get(topic):
-                stage.watermarks.revoke([(topic, partition)])
+        for stage in self.stages.values():
+            stage.revoke(tps)
 
     async def _consume(self, source: KafkaSource, stop: asyncio.Event, background: list[asyncio.Task[None]]) -> None:
         limits = self._settings.batching
@@ -152,6 +151,8 @@ class Pipeline:
             now_s = time.monotonic()
             if now_s >= next_tick_s:
                 for stage in self.stages.values():
+                    if waiting := stage.watermarks.unserved():
+                        stage.watermarks.serve(source.served(waiting), now_ms)  # their idle clocks start
                     stage.tick(now_ms)
                 next_tick_s = now_s + _TICK_S
             if now_s >= next_commit_s:

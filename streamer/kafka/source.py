@@ -29,7 +29,8 @@ class KafkaSource:
     def __init__(self, config: dict[str, Any], topics: Sequence[str], tracker: OffsetTracker, *,
                  on_assign: PartitionsListener = _ignore, on_revoke: PartitionsListener = _ignore,
                  commits: bool = True) -> None:
-        """`on_assign`/`on_revoke` tell other stages (window watermarks) which partitions feed them.
+        """`on_assign`/`on_revoke` tell other stages (windows) which partitions feed them; revoked and
+        lost partitions are forgotten by the tracker first, so nothing commits or waits on them.
         `commits=False` (exactly once): offsets are committed inside the producer's transactions instead."""
         self._tracker = tracker
         self._commits = commits
@@ -101,6 +102,10 @@ class KafkaSource:
             start = position.offset if position.offset >= 0 else max(low, 0)
             lags[(position.topic, position.partition)] = max(high - start, 0) if high >= 0 else 0
         return lags
+
+    def served(self, tps: list[TP]) -> list[TP]:
+        """Of `tps`, the partitions Kafka has answered a fetch for (their end offset is known here)."""
+        return [tp for tp in tps if self._consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)[1] >= 0]
 
     def close(self) -> None:
         self.commit(sync=True)

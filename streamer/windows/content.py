@@ -1,9 +1,11 @@
 """What a window keeps of its events, updated incrementally per event (never recomputed at close).
 
 Label counts arrive after an event joined its windows (classification runs in the batcher), so each
-event's label is a `LabelSlot` that updates every window holding it when it resolves. Texts for
+event's label is a `LabelSlot` that updates every window holding it when it resolves, and remembers
+it for windows rebuilt later (a partition was revoked: see `WindowEngine.drop`). Texts for
 `summarize` are bounded: past `max_events` or `max_tokens` the window folds them into a running
-summary (map-reduce), so memory never grows without bound and no event is dropped.
+summary (map-reduce), so a prompt never grows without bound and no event is dropped. (The engine
+still holds each open window's events, which a rebuild folds in afresh.)
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ class LabelSlot:
     """One event's label, pending until its classification returns."""
 
     contents: list[Content] = field(default_factory=list)
+    resolved: bool = False
+    label: str | None = None
 
     def resolve(self, label: str | None) -> None:
         """Count the label (None: the classification failed) in every window holding the event."""
+        self.resolved, self.label = True, label
         for content in self.contents:
             if label is not None:
                 content.labels[label] += 1
@@ -97,7 +102,10 @@ class ContentAggregator:
         if self.keep_texts:
             content.texts.append((item.ts_ms, item.text, item.tokens))
             content.text_tokens += item.tokens
-        if item.slot is not None:
+        if item.slot is not None and item.slot.resolved:  # a window rebuilt after its label came
+            if item.slot.label is not None:
+                content.labels[item.slot.label] += 1
+        elif item.slot is not None:
             item.slot.contents.append(content)
             content.slots.append(item.slot)
         return content

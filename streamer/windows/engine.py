@@ -10,6 +10,10 @@ Emit-final: `expire(watermark)` hands over each closed window exactly once, orde
 (end, key, start), and forgets it. Emit-on-update: `peek(key)` shows a key's open windows, for
 provisional results. Keys must be hashable and mutually orderable (str or bytes, as Kafka keys are).
 
+Windows keep their events, so `drop` can take some out again (a revoked partition's, which its next
+owner replays from before them) and rebuild what they leave from the rest: a window may hold events
+of several partitions, and those still owned must stay counted, once.
+
 Pure logic: no I/O and no clock; the caller passes the watermark in (e.g. `Watermarks.current`).
 """
 
@@ -17,7 +21,7 @@ from typing import Any, Generic
 
 from streamer.windows.assign import WindowSpec
 from streamer.windows.grid import GridWindows
-from streamer.windows.model import Added, Aggregator, E, OpenWindow, S
+from streamer.windows.model import Added, Aggregator, E, Lost, OpenWindow, S, refold
 from streamer.windows.sessions import SessionWindows
 
 __all__ = ["Added", "Aggregator", "OpenWindow", "WindowEngine"]
@@ -28,6 +32,7 @@ class WindowEngine(Generic[S, E]):
 
     def __init__(self, spec: WindowSpec, aggregator: Aggregator[S, E]) -> None:
         self.spec = spec
+        self._aggregator = aggregator
         self._impl: GridWindows[S, E] | SessionWindows[S, E] = (
             SessionWindows(spec, aggregator) if spec.kind == "session" else GridWindows(spec, aggregator)
         )
@@ -52,3 +57,21 @@ class WindowEngine(Generic[S, E]):
     def peek(self, key: Any) -> list[OpenWindow[S]]:
         """The key's open windows (end > watermark) ascending by start; live objects, do not mutate."""
         return self._impl.peek(key)
+
+    def drop(self, lost: Lost) -> int:
+        """Take every event whose ref is `lost` out of the windows held, as if it had never been added.
+
+        The other events stay in their windows, each ref still once per window; a window left empty
+        is forgotten, a session left with a hole wider than the gap splits. Returns how many
+        (event, window) parts were taken out.
+        """
+        return self._impl.drop(lost)
+
+    def drop_from(self, window: OpenWindow[S], lost: Lost) -> int:
+        """The same for a window `expire` already handed over but not yet emitted; its bounds stay
+        (its id is taken from them), and it may be left empty (count 0): then emit nothing."""
+        if not window.holds_any(lost):
+            return 0
+        before = window.count
+        refold(window, self._aggregator, window.members(lost))
+        return before - window.count

@@ -2,7 +2,8 @@
 
 Open windows are kept in buckets by window start, one dict of key -> OpenWindow per start, so a
 bucket closes as a whole and `expire` pops buckets off a heap of starts: nothing is scanned while no
-window can close. Memory is one OpenWindow per (key, window) plus one ref per (event, window).
+window can close. Memory is one OpenWindow per (key, window) plus one ref, time and event
+per (event, window).
 
 The hot path is `add`: the windows covering a timestamp depend only on its slot of
 gcd(step, size) ms, so each slot's windows, buckets and `Added` answer are computed once and cached
@@ -14,7 +15,18 @@ from dataclasses import dataclass
 from typing import Any, Generic
 
 from streamer.windows.assign import Window, WindowSpec, boundary_ms, covering
-from streamer.windows.model import LATE, Added, Aggregator, E, OpenWindow, S, WatermarkFloor, key_order
+from streamer.windows.model import (
+    LATE,
+    Added,
+    Aggregator,
+    E,
+    Lost,
+    OpenWindow,
+    S,
+    WatermarkFloor,
+    key_order,
+    refold,
+)
 
 _Bucket = dict[Any, OpenWindow[S]]
 
@@ -79,18 +91,34 @@ class GridWindows(WatermarkFloor, Generic[S, E]):
             if start_ms > open_after_ms and key in bucket
         ]
 
+    def drop(self, lost: Lost) -> int:
+        """Rebuild the windows holding lost events from the others; forget the ones left empty."""
+        taken = 0
+        for bucket in self._buckets.values():
+            for key, open_window in list(bucket.items()):
+                if open_window.holds_any(lost):
+                    taken += open_window.count
+                    refold(open_window, self._aggregator, open_window.members(lost))
+                    taken -= open_window.count
+                    if not open_window.count:
+                        del bucket[key]
+                        self._open -= 1
+        return taken
+
     def _join(self, pairs: tuple[tuple[Window, _Bucket[S]], ...], key: Any, ts_ms: int, event: E, ref: Any) -> None:
         """Fold the event into its window in each bucket, creating the key's window where missing."""
         fold = self._fold
         for window, bucket in pairs:
             open_window = bucket.get(key)
             if open_window is None:
-                open_window = OpenWindow(key, window, self._aggregator.create(), 0, ts_ms, ts_ms, [])
+                open_window = OpenWindow(key, window, self._aggregator.create(), 0, ts_ms, ts_ms)
                 bucket[key] = open_window
                 self._open += 1
             open_window.state = fold(open_window.state, event)
             open_window.count += 1
             open_window.refs.append(ref)
+            open_window.times.append(ts_ms)
+            open_window.events.append(event)
             if ts_ms > open_window.last_ts_ms:
                 open_window.last_ts_ms = ts_ms
             elif ts_ms < open_window.first_ts_ms:

@@ -1,6 +1,7 @@
 """The vocabulary shared by the window engines: aggregators, open windows and what `add` reports."""
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from streamer.windows.assign import Window
@@ -32,13 +33,23 @@ class Aggregator(Protocol[S, E_contra]):
         ...
 
 
+Member = tuple[int, Any, Any]
+"""One event held by a window: (event time, ref, event)."""
+
+
+Lost = Callable[[Any], bool]
+"""Whether an event, by its ref, must leave the windows (e.g. its partition was revoked)."""
+
+
 @dataclass(eq=False, slots=True)
 class OpenWindow(Generic[S]):
     """One key's window being aggregated; mutable, compared by identity.
 
     `first_ts_ms`/`last_ts_ms` are the lowest and highest event times in it (not arrival order);
     `refs` are the opaque handles of its events, in no particular order: the app passes
-    (topic, partition, offset) so an open window keeps those offsets uncommitted until it is emitted.
+    ((topic, partition), offset) so an open window keeps those offsets uncommitted until it is emitted.
+    `times` and `events` run parallel to `refs` (three lists are smaller than a tuple per event), so
+    the window can be rebuilt without some of its events (`refold`).
     """
 
     key: Any
@@ -47,7 +58,35 @@ class OpenWindow(Generic[S]):
     count: int
     first_ts_ms: int
     last_ts_ms: int
-    refs: list[Any]
+    refs: list[Any] = field(default_factory=list)
+    times: list[int] = field(default_factory=list)
+    events: list[Any] = field(default_factory=list)
+
+    def extend(self, other: "OpenWindow[Any]") -> None:
+        self.refs += other.refs
+        self.times += other.times
+        self.events += other.events
+
+    def holds_any(self, lost: Lost) -> bool:
+        return any(lost(ref) for ref in self.refs)
+
+    def members(self, lost: Lost) -> list[Member]:
+        """(time, ref, event) of each event that is not lost, in the order they were added."""
+        return [m for m in zip(self.times, self.refs, self.events, strict=True) if not lost(m[1])]
+
+
+def refold(window: OpenWindow[S], aggregator: "Aggregator[S, Any]", members: list[Member]) -> None:
+    """Rebuild a window's aggregate from `members` alone, as if only they had been added; the
+    bounds stay (a session's are the caller's to set)."""
+    state = aggregator.create()
+    for _, _, event in members:
+        state = aggregator.add(state, event)
+    window.state, window.count = state, len(members)
+    window.times = [ts_ms for ts_ms, _, _ in members]
+    window.refs = [ref for _, ref, _ in members]
+    window.events = [event for _, _, event in members]
+    if members:
+        window.first_ts_ms, window.last_ts_ms = min(window.times), max(window.times)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ event may stretch an open session back over time that an already emitted session
 `expire` pops a heap of session ends. Sessions only grow, so a heap entry is lazily refreshed: when
 popped with an outdated end it is pushed again under the current one, and entries of sessions merged
 away are skipped. Each live session has exactly one entry; nothing is scanned while nothing can close.
+`drop` never shrinks a session: it replaces it with new ones (and new entries), so this holds.
 """
 
 import heapq
@@ -17,7 +18,19 @@ import itertools
 from typing import Any, Generic
 
 from streamer.windows.assign import Window, WindowSpec
-from streamer.windows.model import LATE, Added, Aggregator, E, OpenWindow, S, WatermarkFloor, key_order
+from streamer.windows.model import (
+    LATE,
+    Added,
+    Aggregator,
+    E,
+    Lost,
+    Member,
+    OpenWindow,
+    S,
+    WatermarkFloor,
+    key_order,
+    refold,
+)
 
 
 class SessionWindows(WatermarkFloor, Generic[S, E]):
@@ -54,6 +67,8 @@ class SessionWindows(WatermarkFloor, Generic[S, E]):
         session.state = self._aggregator.add(session.state, event)
         session.count += 1
         session.refs.append(ref)
+        session.times.append(ts_ms)
+        session.events.append(event)
         if ts_ms < session.first_ts_ms or ts_ms > session.last_ts_ms:
             session.first_ts_ms = min(session.first_ts_ms, ts_ms)
             session.last_ts_ms = max(session.last_ts_ms, ts_ms)
@@ -84,10 +99,38 @@ class SessionWindows(WatermarkFloor, Generic[S, E]):
         sessions = self._sessions.get(key, [])
         return sorted((s for s in sessions if s.window.end_ms > self._watermark_ms), key=lambda s: s.window.start_ms)
 
+    def drop(self, lost: Lost) -> int:
+        """Rebuild the sessions holding lost events from the others: what is left splits where its
+        events are more than a gap apart (closed parts close at the next `expire`), or goes."""
+        taken = 0
+        for key, sessions in list(self._sessions.items()):
+            hit = [s for s in sessions if s.holds_any(lost)]
+            if not hit:
+                continue
+            self._forget(key, sessions, hit)
+            for session in hit:
+                kept = session.members(lost)
+                taken += session.count - len(kept)
+                for run in self._runs(sorted(kept, key=lambda m: m[0])):
+                    rebuilt = self._start(key, run[0][0])
+                    refold(rebuilt, self._aggregator, run)
+                    rebuilt.window = Window(rebuilt.first_ts_ms, rebuilt.last_ts_ms + self._gap_ms)
+        return taken
+
+    def _runs(self, members: list[Member]) -> list[list[Member]]:
+        """Members in event-time order, cut where two are more than a gap apart."""
+        runs: list[list[Member]] = []
+        for member in members:
+            if runs and member[0] <= runs[-1][-1][0] + self._gap_ms:
+                runs[-1].append(member)
+            else:
+                runs.append([member])
+        return runs
+
     def _start(self, key: Any, ts_ms: int) -> OpenWindow[S]:
         """A new session holding no events yet; `add` folds the first one in."""
         window = Window(ts_ms, ts_ms + self._gap_ms)
-        session = OpenWindow(key, window, self._aggregator.create(), 0, ts_ms, ts_ms, [])
+        session = OpenWindow(key, window, self._aggregator.create(), 0, ts_ms, ts_ms)
         self._sessions.setdefault(key, []).append(session)
         heapq.heappush(self._ends, (window.end_ms, key_order(key), next(self._seq), session))
         self._open += 1
@@ -104,7 +147,7 @@ class SessionWindows(WatermarkFloor, Generic[S, E]):
             state = self._aggregator.merge(state, other.state)
         others = [s for s in touching if s is not survivor]
         for other in others:
-            survivor.refs.extend(other.refs)
+            survivor.extend(other)
         survivor.state = state
         survivor.count = sum(s.count for s in touching)
         survivor.first_ts_ms = min(s.first_ts_ms for s in touching)

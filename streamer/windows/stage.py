@@ -5,22 +5,27 @@ each window it joined holds its offset (one part per window in the OffsetTracker
 watermark passes a window's end the window closes: its labels are awaited, `summarize` windows get
 one LLM request through the same micro-batcher as per-event work, and the result is written to the
 window topic and Redis; only then are the held offsets released.
+
+When partitions are revoked or lost, their events leave every window not yet emitted (`revoke`):
+offsets are committed only below the lowest event of such a window, so whoever owns a partition
+next, this instance included, replays those events and they count once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections import defaultdict
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 from typing import Any
 
 from streamer.config import Route
 from streamer.contracts import TextStats, WindowBounds, WindowResult
 from streamer.engine.build import Pool
 from streamer.engine.worker import GenRequest
-from streamer.kafka.offsets import OffsetTracker
+from streamer.kafka.offsets import TP, OffsetTracker
 from streamer.state.redis import RedisState
 from streamer.tasks.prompts import summarize_messages
 from streamer.windows.assign import WindowSpec
@@ -28,6 +33,8 @@ from streamer.windows.content import Content, ContentAggregator, WindowItem
 from streamer.windows.engine import OpenWindow, WindowEngine
 from streamer.windows.watermark import Watermarks
 from streamer.writer import Outcome, Ref, Writer, retrying
+
+log = logging.getLogger(__name__)
 
 
 def window_id(route: str, key: str | None, kind: str, start_ms: int, end_ms: int) -> str:
@@ -53,6 +60,7 @@ class WindowStage:
         self._dirty: defaultdict[str | None, int] = defaultdict(int)
         self._last_update_s = time.monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing: set[OpenWindow[Content]] = set()  # handed over by the engine, not yet to the writer
         self._watermark_ms: int | None = None
         self._failure: BaseException | None = None
 
@@ -71,6 +79,20 @@ class WindowStage:
         if paused:
             self.watermarks.hold(now_ms)
         self._watermark_ms = self.watermarks.current(now_ms)
+
+    def revoke(self, tps: Collection[TP]) -> None:
+        """Partitions went to another member or were lost: forget their watermarks and take their
+        events out of every window not yet emitted; their next owner replays them."""
+        gone = set(tps)
+
+        def lost(ref: Ref) -> bool:
+            return ref[0] in gone
+
+        self.watermarks.revoke(gone)
+        taken = self._engine.drop(lost) + sum(self._engine.drop_from(window, lost) for window in self._closing)
+        if taken:
+            log.info("route %s: %d window parts of revoked partitions dropped, their next owner replays them",
+                     self.route.name, taken)
 
     def add(self, item: WindowItem, ref: Ref, now_ms: int) -> bool:
         """Place one event; False when it is late (all its windows closed already)."""
@@ -96,6 +118,7 @@ class WindowStage:
         self.refresh(now_ms)
         closed = self._engine.expire(self._watermark_ms)
         if closed:
+            self._closing.update(closed)
             self._spawn(self._close_all(closed))
         if self.window.emit == "update" and time.monotonic() - self._last_update_s >= self.window.update_every_s:
             self._emit_updates(list(self._dirty))
@@ -137,7 +160,14 @@ class WindowStage:
         self._last_update_s = time.monotonic()
 
     async def _close_all(self, closed: list[OpenWindow[Content]]) -> None:
-        """Emit the windows one tick closed: one Redis read for all, summaries batched by the pool."""
+        """Emit the windows one tick closed, minus what a revoke takes out meanwhile."""
+        try:
+            await self._emit_closed(closed)
+        finally:
+            self._closing.difference_update(closed)
+
+    async def _emit_closed(self, closed: list[OpenWindow[Content]]) -> None:
+        """One Redis read for all, summaries batched by the pool; a window a revoke emptied emits nothing."""
         await asyncio.gather(*(_settled(window.state) for window in closed))
         ids = [self._id(window) for window in closed]
         finals = await retrying("redis read", lambda: self._state.windows_final(ids))
@@ -151,6 +181,8 @@ class WindowStage:
             summaries = await asyncio.gather(*(self._summarize(self._budgeted(w.state.chronological_texts()))
                                                if w.count else _none() for w in fresh))
         for window, summary in zip(fresh, summaries, strict=True):
+            if not window.count:
+                continue
             result = self._result(window, final=True, summary=summary)
             self._writer.add(Outcome(self.window.output, result.id.encode(), result, tuple(window.refs),
                                      self.route.name))

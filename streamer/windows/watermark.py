@@ -8,7 +8,9 @@ partition may still deliver old events; a window [start, end) closes once the wa
 A partition with no input for `idle_timeout_ms` of processing time is idle and stops holding the
 watermark back, so one quiet partition cannot stall every window. A freshly assigned partition that
 has had no event yet holds it back (nothing can be said while it may still deliver old events) until
-it has been assigned for `idle_timeout_ms`.
+it has been assigned for `idle_timeout_ms`. One assigned `unserved` (Kafka has not answered a fetch
+for it yet: its consumer may be waiting for a dead member's pending transaction to resolve) is never
+idle: quiet is not the same as not yet heard from, and calling it idle would turn its whole backlog late.
 
 When every assigned partition is idle, the input has gone quiet and no event can push event time on:
 the watermark then follows processing time, max(watermark so far, highest partition watermark,
@@ -30,6 +32,7 @@ class _Partition:
 
     last_seen_ms: int | None  # None: assigned without a time, the clock starts at the next call
     max_event_ms: int | None = None
+    served: bool = True  # False: Kafka has not served it yet, so it cannot be idle
 
 
 class Watermarks:
@@ -45,14 +48,24 @@ class Watermarks:
         self._parts: dict[Hashable, _Partition] = {}
         self._emitted_ms: int | None = None
 
-    def assign(self, partitions: Iterable[Hashable], now_ms: int | None = None) -> None:
+    def assign(self, partitions: Iterable[Hashable], now_ms: int | None = None, *, served: bool = True) -> None:
         """Start tracking partitions; ones already assigned keep their state.
 
         Without `now_ms` (e.g. from a consumer callback with no clock at hand) a new partition's idle
-        clock starts at the next `current` call instead.
+        clock starts at the next `current` call instead. With `served=False` it starts at `serve`.
         """
         for partition in partitions:
-            self._parts.setdefault(partition, _Partition(last_seen_ms=now_ms))
+            self._parts.setdefault(partition, _Partition(last_seen_ms=now_ms, served=served))
+
+    def unserved(self) -> list[Hashable]:
+        """Assigned partitions Kafka has not served yet."""
+        return [partition for partition, part in self._parts.items() if not part.served]
+
+    def serve(self, partitions: Iterable[Hashable], now_ms: int) -> None:
+        """Kafka has served these partitions: their idle clocks start now."""
+        for partition in partitions:
+            if (part := self._parts.get(partition)) is not None and not part.served:
+                part.served, part.last_seen_ms = True, now_ms
 
     def revoke(self, partitions: Iterable[Hashable]) -> None:
         """Stop tracking partitions; the watermark keeps whatever it already reached."""
@@ -65,6 +78,7 @@ class Watermarks:
         if part is None:
             return
         part.last_seen_ms = now_ms
+        part.served = True
         if part.max_event_ms is None or event_ts_ms > part.max_event_ms:
             part.max_event_ms = event_ts_ms
 
@@ -89,6 +103,8 @@ class Watermarks:
         return self._idle(self._parts[partition], now_ms)
 
     def _idle(self, part: _Partition, now_ms: int) -> bool:
+        if not part.served:
+            return False
         if part.last_seen_ms is None:
             part.last_seen_ms = now_ms  # assigned without a time: its idle clock starts now
         return now_ms - part.last_seen_ms >= self.idle_timeout_ms

@@ -16,10 +16,6 @@ from tests.integration.services import create_topic
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug (RELIABILITY.md): open windows of a revoked partition are not handed over, so when a "
-    "cooperative rebalance moves a partition mid-window its events can be counted twice (seen: 72 of "
-    "2,304 in one CI run of three); nothing is lost"))
 def test_kill_one_of_two_then_a_third_joins_mid_stream(kafka_bootstrap, redis_url, tmp_path):
     service, stream = Service(tmp_path, kafka_bootstrap, redis_url), Stream()
     create_topic(kafka_bootstrap, service.input, partitions=6)

@@ -94,6 +94,26 @@ def test_while_the_consumer_is_paused_no_partition_goes_idle() -> None:
     assert not wm.idle(P1, now_ms=5 * IDLE_MS - 1)
 
 
+def test_a_partition_kafka_has_not_served_yet_is_never_idle_and_its_clock_starts_when_served() -> None:
+    wm = marks()
+    wm.assign([P0], now_ms=0)
+    wm.assign([P1], now_ms=0, served=False)  # e.g. waiting for a dead member's pending transaction
+    wm.observe(P0, 5_000, now_ms=0)
+    assert wm.unserved() == [P1]
+    assert wm.current(now_ms=10 * IDLE_MS) is None, "P1 may still deliver old events, however long it waits"
+    wm.serve([P1], now_ms=10 * IDLE_MS)
+    assert wm.unserved() == []
+    assert wm.current(now_ms=11 * IDLE_MS - 1) is None
+    assert wm.current(now_ms=11 * IDLE_MS) == 11 * IDLE_MS, "served, then quiet for idle_timeout_ms"
+
+
+def test_an_event_shows_a_partition_was_served() -> None:
+    wm = marks()
+    wm.assign([P0], now_ms=0, served=False)
+    wm.observe(P0, 700, now_ms=5)
+    assert wm.unserved() == [] and wm.current(now_ms=5) == 700
+
+
 def test_revoked_partitions_stop_counting_and_their_stragglers_are_ignored() -> None:
     wm = marks()
     wm.assign([P0, P1], now_ms=0)

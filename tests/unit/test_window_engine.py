@@ -18,22 +18,9 @@ from streamer.windows.aggregators import CountAggregator, TextStatsAggregator
 from streamer.windows.assign import Window, WindowSpec, covering
 from streamer.windows.engine import OpenWindow, WindowEngine
 from streamer.windows.model import key_order
+from tests.list_aggregator import ListAggregator
 
 KEYS = ["a", "b", "c", None]  # None: messages without a key, which must still sort
-
-
-class ListAggregator:
-    """State is the list of events, so a wrong merge or a lost event shows up in the state itself."""
-
-    def create(self) -> list[int]:
-        return []
-
-    def add(self, state: list[int], event: int) -> list[int]:
-        state.append(event)
-        return state
-
-    def merge(self, a: list[int], b: list[int]) -> list[int]:
-        return a + b
 
 
 @dataclass(frozen=True)

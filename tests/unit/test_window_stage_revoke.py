@@ -1,0 +1,122 @@
+"""The window stage on a revoke: the partition's events leave open and closing windows and its
+watermark goes, so the replay from the committed offset counts them once. Writer, Redis and pool
+are stand-ins; the OffsetTracker is the real one."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from streamer.config import Route
+from streamer.contracts import WindowResult
+from streamer.kafka.offsets import OffsetTracker
+from streamer.windows.content import WindowItem
+from streamer.windows.stage import WindowStage
+from streamer.writer import Outcome
+
+TOPIC = "in"
+SIZE_MS = 1000
+
+
+class Outcomes:
+    """The writer: keeps what the stage hands over."""
+
+    def __init__(self) -> None:
+        self.added: list[Outcome] = []
+
+    def add(self, outcome: Outcome) -> None:
+        self.added.append(outcome)
+
+    def results(self) -> list[tuple[str | None, int, list[tuple[Any, int]]]]:
+        rows = []
+        for outcome in self.added:
+            assert isinstance(outcome.record, WindowResult)
+            rows.append((outcome.record.key, outcome.record.count, sorted(outcome.releases)))
+        return sorted(rows, key=lambda row: str(row[0]))
+
+
+class SlowRedis:
+    """`windows_final` waits until released: a revoke can land while windows are being emitted."""
+
+    def __init__(self) -> None:
+        self.reading = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def windows_final(self, ids: list[str]) -> list[bool]:
+        self.reading.set()
+        await self.release.wait()
+        return [False] * len(ids)
+
+
+def stage(writer: Outcomes, state: Any, tracker: OffsetTracker, *, per_key: bool = True) -> WindowStage:
+    route = Route.model_validate({"name": "w", "input": TOPIC, "task": "none", "window": {
+        "kind": "tumbling", "size_ms": SIZE_MS, "idle_timeout_ms": 60_000, "per_key": per_key, "output": "win"}})
+    pool = SimpleNamespace(worker=SimpleNamespace(name="none"))
+    return WindowStage(route, pool, writer, tracker, state)  # type: ignore[arg-type]
+
+
+def feed(windows: WindowStage, tracker: OffsetTracker, events: list[tuple[int, int, str, int]], now_ms: int) -> None:
+    """(partition, offset, key, ts) each, as the event handler does for task `none`."""
+    windows.refresh(now_ms)
+    for partition, offset, key, ts_ms in events:
+        ref = ((TOPIC, partition), offset)
+        tracker.track(*ref)
+        assert windows.add(WindowItem(f"event {offset}", ts_ms, key, 0), ref, now_ms)
+        tracker.done(*ref)
+
+
+async def test_a_revoke_while_windows_are_emitted_takes_the_partitions_events_out_of_them() -> None:
+    writer, redis, tracker = Outcomes(), SlowRedis(), OffsetTracker()
+    windows = stage(writer, redis, tracker, per_key=False)  # one window across keys: both partitions in it
+    windows.watermarks.assign([(TOPIC, 0), (TOPIC, 1)], now_ms=0)
+    feed(windows, tracker, [(0, 0, "a", 10), (1, 0, "b", 20), (0, 1, "a", 30), (0, 2, "a", 2500), (1, 1, "b", 2600)],
+         now_ms=1)
+    windows.tick(now_ms=2)  # the watermark (2500) closes [0, 1000)
+    await asyncio.wait_for(redis.reading.wait(), 5)
+    tracker.forget([(TOPIC, 0)])  # what KafkaSource does first on a revoke
+    windows.revoke([(TOPIC, 0)])
+    redis.release.set()
+    await windows.drain()
+    assert writer.results() == [(None, 1, [((TOPIC, 1), 0)])]
+    assert windows.open_windows == 1, "[2000, 3000) stays open with partition 1's event only"
+
+
+async def test_a_window_left_empty_by_a_revoke_emits_nothing() -> None:
+    writer, redis, tracker = Outcomes(), SlowRedis(), OffsetTracker()
+    windows = stage(writer, redis, tracker)
+    windows.watermarks.assign([(TOPIC, 0), (TOPIC, 1)], now_ms=0)
+    feed(windows, tracker, [(0, 0, "a", 10), (1, 0, "b", 20), (0, 1, "a", 2500), (1, 1, "b", 2600)], now_ms=1)
+    windows.tick(now_ms=2)
+    await asyncio.wait_for(redis.reading.wait(), 5)
+    windows.revoke([(TOPIC, 0)])
+    redis.release.set()
+    await windows.drain()
+    assert writer.results() == [("b", 1, [((TOPIC, 1), 0)])]
+
+
+async def test_a_partition_revoked_and_assigned_again_is_replayed_into_its_open_windows_once() -> None:
+    writer, redis, tracker = Outcomes(), SlowRedis(), OffsetTracker()
+    redis.release.set()
+    windows = stage(writer, redis, tracker)
+    windows.watermarks.assign([(TOPIC, 0)], now_ms=0)
+    events = [(0, 0, "a", 10), (0, 1, "a", 20), (0, 2, "a", 30)]
+    feed(windows, tracker, events, now_ms=1)
+    assert tracker.commit_points() == {(TOPIC, 0): 0}, "an open window holds its events uncommitted"
+    tracker.forget([(TOPIC, 0)])  # lost (session timeout), then assigned again
+    windows.revoke([(TOPIC, 0)])
+    windows.watermarks.assign([(TOPIC, 0)], now_ms=2)
+    feed(windows, tracker, [*events, (0, 3, "a", 5000)], now_ms=3)  # the replay from offset 0, then more
+    windows.tick(now_ms=4)
+    await windows.drain()
+    assert writer.results() == [("a", 3, [((TOPIC, 0), 0), ((TOPIC, 0), 1), ((TOPIC, 0), 2)])]
+
+
+def test_a_revoked_partition_no_longer_holds_the_watermark_back() -> None:
+    windows = stage(Outcomes(), SlowRedis(), OffsetTracker())
+    tracker = OffsetTracker()
+    windows.watermarks.assign([(TOPIC, 0), (TOPIC, 1)], now_ms=0)
+    feed(windows, tracker, [(0, 0, "a", 100), (1, 0, "b", 5000)], now_ms=1)
+    windows.revoke([(TOPIC, 0)])
+    windows.refresh(now_ms=2)
+    assert windows.watermarks.current(2) == 5000
