@@ -8,6 +8,7 @@ with CPython), disjoint from the evaluation set in streamer/compress/data.
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -39,6 +40,11 @@ def runs(corpus: Path, train: TrainOptions) -> dict[str, dict]:
                        "train": train},
         "distil-half": {"recipes": ["distil"], "keep_layers": 0.5, "corpus": corpus, "train": train},
     }  # fmt: skip
+
+
+def load() -> str:
+    """The 1/5/15-minute load averages: on a shared machine, what the speed ratios were measured under."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def targets(manifests: dict[str, Manifest]) -> Table:
@@ -88,9 +94,10 @@ def main() -> None:
             continue
         out = out_dir / name
         if not (out / "manifest.json").is_file():
-            console.print(f"[bold]{name}[/]")
+            console.print(f"[bold]{name}[/] (load average {load()})")
             options = CompressOptions(out=out, bounds=NO_GATE, eval_prompts=args.eval_prompts, device="cpu", **spec)
             compress(None, options)
+            console.print(f"{name} done (load average {load()})")
         manifests[name] = Manifest.read(out)
     console.print(report_table([out_dir / name for name in manifests]))
     console.print(targets(manifests))

@@ -51,8 +51,8 @@ def load(directory: Path, device: torch.device, dtype: torch.dtype) -> tuple[nn.
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if manifest.weights == QUANTIZED else dtype)
     if (step := manifest.step("lowrank")) is not None:
         lowrank.rebuild(model, step.structure["ranks"])
-    if manifest.weights == QUANTIZED:
-        quantize.int8_dynamic(model)
+    if (step := manifest.step("int8-dynamic")) is not None:
+        quantize.int8_dynamic(model, step.structure.get("fp16", []))
         state = torch.load(directory / QUANTIZED, weights_only=True)
     else:
         state = load_file(directory / SAFETENSORS)

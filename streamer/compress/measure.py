@@ -36,32 +36,36 @@ class Reference:
 
 def parameter_count(model: nn.Module) -> int:
     """Parameters plus weights held inside quantized packed modules (which are not Parameters)."""
-    return sum(p.numel() for p in model.parameters()) + sum(w.numel() for w in _packed_weights(model))
+    return sum(p.numel() for p in model.parameters()) + sum(w.numel() for _, w in _packed_weights(model))
 
 
 def resident_bytes(model: nn.Module) -> int:
-    """Bytes of weights held in memory: parameters, buffers, and quantized weights with their scales."""
+    """Bytes of weights held in memory: parameters, buffers, and quantized weights with their scales
+    (fp16-weight dynamic Linears unpack to float32 but hold 2 bytes a weight)."""
+    from torch.ao.nn.quantized.modules.linear import LinearPackedParams
+
     dense = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     packed = 0
-    for w in _packed_weights(model):
-        packed += w.numel() * w.element_size()
+    for module, w in _packed_weights(model):
+        fp16 = isinstance(module, LinearPackedParams) and module.dtype == torch.float16
+        packed += w.numel() * (2 if fp16 else w.element_size())
         if w.is_quantized and w.qscheme() in (torch.per_channel_affine, torch.per_channel_affine_float_qparams):
             scales, zeros = w.q_per_channel_scales(), w.q_per_channel_zero_points()
             packed += scales.numel() * scales.element_size() + zeros.numel() * zeros.element_size()
     return dense + packed
 
 
-def _packed_weights(model: nn.Module) -> list[torch.Tensor]:
-    """Quantized weights (and biases) held by torch.ao packed-parameter modules."""
+def _packed_weights(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
+    """Quantized weights (and biases) held by torch.ao packed-parameter modules, with their module."""
     from torch.ao.nn.quantized.modules.embedding_ops import EmbeddingPackedParams
     from torch.ao.nn.quantized.modules.linear import LinearPackedParams
 
     found = []
     for module in model.modules():
         if isinstance(module, LinearPackedParams):
-            found.extend(t for t in module._weight_bias() if t is not None)
+            found.extend((module, t) for t in module._weight_bias() if t is not None)
         elif isinstance(module, EmbeddingPackedParams):
-            found.append(module._weight())
+            found.append((module, module._weight()))
     return found
 
 
@@ -87,8 +91,8 @@ def _left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def _greedy(model: nn.Module, tokenizer, rows: Sequence[list[int]], new_tokens: int) -> torch.Tensor:
-    """Exactly `new_tokens` greedy tokens per row (EOS does not stop it: every row costs the same)."""
+def _greedy(model: nn.Module, tokenizer, rows: Sequence[list[int]], new_tokens: int, fixed: bool) -> torch.Tensor:
+    """Up to `new_tokens` greedy tokens per row; `fixed` suppresses EOS so every row costs the same."""
     ids, mask = _left_pad(rows, tokenizer.pad_token_id)
     device = next(model.parameters()).device
     out = model.generate(
@@ -96,20 +100,30 @@ def _greedy(model: nn.Module, tokenizer, rows: Sequence[list[int]], new_tokens: 
         attention_mask=mask.to(device),
         do_sample=False,
         max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
+        min_new_tokens=new_tokens if fixed else None,
         pad_token_id=tokenizer.pad_token_id,
     )
     return out[:, ids.shape[1] :].cpu()
 
 
+def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """The answer up to and including its first EOS: what follows it is padding, not the source's choice."""
+    end = next((i for i, t in enumerate(tokens) if t in eos), len(tokens) - 1)
+    return tokens[: end + 1]
+
+
 @torch.inference_mode()
 def reference(model: nn.Module, tokenizer, prompts: Sequence[str]) -> Reference:
+    """Greedy answers as the source would give them, EOS included (suppressing it would make the
+    source's own argmax disagree wherever it wanted to stop)."""
+    eos = model.generation_config.eos_token_id
+    eos = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     prompt_rows = _chat_ids(tokenizer, prompts)
     rows = []
     for start in range(0, len(prompt_rows), EVAL_BATCH):
         chunk = prompt_rows[start : start + EVAL_BATCH]
-        generated = _greedy(model, tokenizer, chunk, AGREEMENT_TOKENS)
-        rows.extend((p, g.tolist()) for p, g in zip(chunk, generated, strict=True))
+        generated = _greedy(model, tokenizer, chunk, AGREEMENT_TOKENS, fixed=False)
+        rows.extend((p, _until_eos(g.tolist(), eos)) for p, g in zip(chunk, generated, strict=True))
     return Reference(rows)
 
 
@@ -151,12 +165,12 @@ def tokens_per_second(models: Sequence[nn.Module], tokenizer, prompts: Sequence[
     rows = _chat_ids(tokenizer, [prompts[i % len(prompts)] for i in range(batch)])
     new_tokens = SPEED_TOKENS_B1 if batch == 1 else SPEED_TOKENS_B32
     for model in models:  # warm-up: first calls allocate and pick kernels
-        _greedy(model, tokenizer, rows, 2)
+        _greedy(model, tokenizer, rows, 2, fixed=True)
     best = [0.0] * len(models)
     for _ in range(SPEED_ROUNDS):
         for i, model in enumerate(models):
             start = time.perf_counter()
-            _greedy(model, tokenizer, rows, new_tokens)
+            _greedy(model, tokenizer, rows, new_tokens, fixed=True)
             best[i] = max(best[i], batch * new_tokens / (time.perf_counter() - start))
     return best
 

@@ -169,10 +169,23 @@ def _apply(
             sparsity = 0.5 if two_four else options.sparsity
             return model, Step(recipe=recipe, options=_recovery_options(options, sparsity=sparsity))
         case "int8-dynamic":
-            smooth.smooth(model, loaded.tokenizer, texts or smooth.default_calibration_texts())
-            calibration = str(options.corpus) if texts else "pydoc_data.topics"
-            step = Step(recipe=recipe, options={"smooth_alpha": smooth.ALPHA, "calibration": calibration})
-            return quantize.int8_dynamic(model), step
+            ids = smooth.calibration_ids(model, loaded.tokenizer, texts or smooth.default_calibration_texts())
+            smooth.untie_lm_head(model)
+            smooth.smooth(model, ids)
+            down = [name for name in prune.decoder_linears(model) if name.endswith("mlp.down_proj")]
+            ranked = quantize.most_sensitive(model, ids[:, : quantize.SENSITIVITY_TOKENS], down)
+            fp16 = ranked[: round(len(down) * quantize.FP16_SHARE)]
+            step = Step(
+                recipe=recipe,
+                options={
+                    "smooth_alpha": smooth.ALPHA,
+                    "calibration": str(options.corpus) if texts else "pydoc_data.topics",
+                    "fp16_share": quantize.FP16_SHARE,
+                    "activation_bits": 8 if quantize.full_range_activations() else 7,
+                },
+                structure={"fp16": fp16},
+            )
+            return quantize.int8_dynamic(model, fp16), step
         case _:  # GPU schemes are applied when the artifact is loaded on its device
             return model, Step(
                 recipe=recipe, options={"group_size": quantize.INT4_GROUP_SIZE} if recipe == "int4-weight" else {}

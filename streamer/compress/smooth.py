@@ -1,10 +1,11 @@
 """SmoothQuant-style smoothing before int8 activation quantization (exact in float).
 
-Small Llamas carry a few huge activation channels into their Linear layers; one per-tensor int8
-scale per batch then crushes every other channel (SmolLM2-135M: perplexity 3x with plain int8
-dynamic). Dividing those channels by s in the op that produces them (an RMSNorm weight, or up_proj's
-rows for down_proj) and multiplying the consuming Linear's columns by s leaves the float model
-unchanged but moves the outliers into weights, which are quantized per channel.
+Small Llamas carry a few huge activation channels into their Linear layers; one int8 scale per
+input tensor (what torch's dynamic Linear uses) then crushes every other channel (SmolLM2-135M:
+perplexity 3x with plain int8 dynamic). Dividing those channels by s in the op that produces them
+(an RMSNorm weight; up_proj's rows for down_proj; the final norm for the LM head, once untied) and
+multiplying the consuming Linear's columns by s leaves the float model unchanged (SmolLM2's logits
+move by < 1e-4) but moves the outliers into weights, which are quantized per channel.
 """
 
 from __future__ import annotations
@@ -26,8 +27,23 @@ def default_calibration_texts() -> list[str]:
     return list(topics.values())[:20]
 
 
+def untie_lm_head(model: nn.Module) -> None:
+    """Give the LM head its own weight, so smoothing the final norm into it leaves the embedding alone.
+
+    Costs nothing once quantized: int8 embedding rows and an int8 Linear are stored separately anyway.
+    """
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head.weight is embedding.weight:
+        head.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+
+
 def _groups(model: nn.Module) -> Iterator[tuple[nn.Module, list[nn.Linear]]]:
-    """(producer, consumers sharing its output) in each Llama-style block; factorized layers are skipped."""
+    """(producer, consumers sharing its output) in each Llama-style block, and the final norm with an
+    untied LM head; factorized layers are skipped."""
+    head = model.get_output_embeddings()
+    if head.weight is not model.get_input_embeddings().weight:
+        yield model.model.norm, [head]
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         for producer, consumers in (
@@ -41,10 +57,15 @@ def _groups(model: nn.Module) -> Iterator[tuple[nn.Module, list[nn.Linear]]]:
                 yield producer, consumers
 
 
-@torch.no_grad()
-def smooth(model: nn.Module, tokenizer, texts: list[str], alpha: float = ALPHA) -> None:
-    """Rescale in place from per-channel input maxima seen on `texts` (first CALIBRATION_TOKENS tokens)."""
+def calibration_ids(model: nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
+    """The first CALIBRATION_TOKENS tokens of `texts`, as one row on the model's device."""
     ids = tokenizer(" ".join(texts), add_special_tokens=False)["input_ids"][:CALIBRATION_TOKENS]
+    return torch.tensor([ids], device=next(model.parameters()).device)
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, ids: torch.Tensor, alpha: float = ALPHA) -> None:
+    """Rescale in place from per-channel input maxima seen on the calibration `ids`."""
     groups = list(_groups(model))
     maxima: dict[int, torch.Tensor] = {}
 
@@ -57,7 +78,7 @@ def smooth(model: nn.Module, tokenizer, texts: list[str], alpha: float = ALPHA) 
 
     hooks = [consumers[0].register_forward_pre_hook(recorder(i)) for i, (_, consumers) in enumerate(groups)]
     try:
-        model(input_ids=torch.tensor([ids], device=next(model.parameters()).device))
+        model(input_ids=ids)
     finally:
         for hook in hooks:
             hook.remove()

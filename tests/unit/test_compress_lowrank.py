@@ -4,7 +4,14 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from streamer.compress.lowrank import choose_ranks, energy_for_target, params_after, rank_for_energy, worthwhile
+from streamer.compress.lowrank import (
+    choose_ranks,
+    energy_for_target,
+    params_after,
+    rank_for_energy,
+    thin_svd,
+    worthwhile,
+)
 
 spectrum = st.lists(st.floats(min_value=0.01, max_value=100.0), min_size=2, max_size=40).map(
     lambda xs: torch.tensor(sorted(xs, reverse=True))
@@ -33,3 +40,12 @@ def test_a_target_size_is_met_and_factors_never_grow_a_layer(spectra, fraction):
     ranks = choose_ranks(by_name, shapes, energy_for_target(by_name, shapes, total, target))
     assert params_after(ranks, shapes, total) <= target
     assert all(worthwhile(r, *shapes[n]) for n, r in ranks.items())
+
+
+@given(st.integers(min_value=1, max_value=24), st.integers(min_value=1, max_value=24))
+def test_the_gram_svd_matches_lapack(rows, columns):
+    weight = torch.randn(rows, columns)
+    u, s, vh = thin_svd(weight)
+    expected = torch.linalg.svd(weight.double(), full_matrices=False)
+    assert torch.allclose(s.double(), expected.S, atol=1e-4)
+    assert torch.allclose((u * s) @ vh, weight, atol=1e-4)

@@ -14,11 +14,12 @@ import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-from streamer.compress import distil, prune
+from streamer.compress import distil, prune, smooth
 from streamer.compress.errors import CompressError
 from streamer.compress.gate import Bounds
 from streamer.compress.lowrank import LowRankLinear
 from streamer.compress.manifest import Manifest
+from streamer.compress.measure import _until_eos
 from streamer.compress.pipeline import CompressOptions, compress
 from streamer.models.loader import load_model
 from tests.tiny import CHARS, SPECIALS, save_tiny_llama
@@ -29,8 +30,14 @@ CORPUS_TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny"), hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=4, max_position_embeddings=2048, tie_word_embeddings=True)
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny"),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +69,7 @@ def assert_reloads_identically(out: Path) -> None:
     assert first.name == f"{out.name} ({recipe} of {Path(first.manifest['source']).name})"
 
 
-def test_int8_dynamic_swaps_every_linear_and_embedding_and_reloads_from_int8_weights(tiny_dir, tmp_path):
+def test_int8_dynamic_swaps_every_linear_and_embedding_and_reloads_its_weights(tiny_dir, tmp_path):
     manifest = run(tiny_dir, tmp_path / "int8", ["int8-dynamic"])
 
     assert manifest.weights == "quantized.pt" and (tmp_path / "int8" / "quantized.pt").is_file()
@@ -70,8 +77,30 @@ def test_int8_dynamic_swaps_every_linear_and_embedding_and_reloads_from_int8_wei
     modules = list(loaded.model.modules())
     assert not any(type(m) in (nn.Linear, nn.Embedding) for m in modules)
     assert sum(isinstance(m, DynamicLinear) for m in modules) == 4 * 7 + 1  # 7 per block, plus the LM head
+    fp16 = manifest.steps[0].structure["fp16"]
+    assert len(fp16) == 3 and all(name.endswith("mlp.down_proj") for name in fp16)  # 2/3 of 4, most sensitive
+    assert all(loaded.model.get_submodule(name)._packed_params.dtype == torch.float16 for name in fp16)
     assert manifest.figures.resident_bytes < 0.4 * manifest.source_figures.resident_bytes
     assert_reloads_identically(tmp_path / "int8")
+
+
+def test_smoothing_with_an_untied_head_leaves_the_float_model_and_its_embedding_unchanged(tiny_dir):
+    model = load_model(tiny_dir, device="cpu").model
+    embedding, before = model.get_input_embeddings().weight.clone(), logits(model)
+    ids = torch.tensor([[len(SPECIALS) + CHARS.index(c) for c in CORPUS_TEXT[:200]]])
+
+    smooth.untie_lm_head(model)
+    smooth.smooth(model, ids)
+
+    assert model.lm_head.weight is not model.get_input_embeddings().weight
+    assert not torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
+    assert torch.equal(model.get_input_embeddings().weight, embedding)
+    assert torch.allclose(logits(model), before, atol=1e-4)
+
+
+def test_the_reference_answer_ends_at_the_sources_eos():
+    assert _until_eos([5, 6, 2, 2, 2], {2}) == [5, 6, 2]
+    assert _until_eos([5, 6, 7], {2}) == [5, 6, 7]
 
 
 def test_magnitude_pruning_zeroes_the_requested_share_and_keeps_it_zero_through_recovery(tiny_dir, corpus, tmp_path):
