@@ -144,8 +144,9 @@ class Pipeline:
             # No poll while a transaction is being written: a revoke can then only come between two.
             messages = [] if self._writer.busy else source.poll(0 if source.paused else min(room, _MAX_POLL))
             now_ms = int(time.time() * 1000)
+            unreachable = source.unreachable()
             for stage in self.stages.values():
-                stage.refresh(now_ms, paused=source.paused)
+                stage.refresh(now_ms, paused=source.paused, unreachable=unreachable)
             for message in messages:
                 self._handler.accept(message, now_ms)
             now_s = time.monotonic()

@@ -12,8 +12,11 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+import orjson
+
 from streamer.errors import StreamerError
 from streamer.kafka.offsets import TP, OffsetTracker
+from streamer.kafka.reachability import STATS_INTERVAL_MS, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,9 @@ class KafkaSource:
         self._commits = commits
         self._listeners = (on_assign, on_revoke)
         self._paused = False
-        self._consumer = Consumer({**config, "on_commit": _log_commit_error})
+        self._unreachable: frozenset[TP] = frozenset()
+        self._consumer = Consumer({"statistics.interval.ms": STATS_INTERVAL_MS, **config,
+                                   "on_commit": _log_commit_error, "stats_cb": self._on_stats})
         self._consumer.subscribe(
             list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -103,6 +108,11 @@ class KafkaSource:
             lags[(position.topic, position.partition)] = max(high - start, 0) if high >= 0 else 0
         return lags
 
+    def unreachable(self) -> frozenset[TP]:
+        """Partitions whose leader the client cannot reach (as of its last statistics): their silence
+        is an outage, not quiet input."""
+        return self._unreachable
+
     def served(self, tps: list[TP]) -> list[TP]:
         """Of `tps`, the partitions Kafka has answered a fetch for (their end offset is known here)."""
         return [tp for tp in tps if self._consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)[1] >= 0]
@@ -117,6 +127,9 @@ class KafkaSource:
             self._consumer.commit(offsets=parts, asynchronous=not sync)
         except KafkaException as exc:
             log.warning("commit failed (the next commit supersedes it): %s", exc.args[0].str())
+
+    def _on_stats(self, stats: str) -> None:
+        self._unreachable = unreachable(orjson.loads(stats))
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         consumer.incremental_assign(partitions)

@@ -73,11 +73,14 @@ class WindowStage:
         """The error that stopped emitting windows, if any: the pipeline stops on it rather than stall."""
         return self._failure
 
-    def refresh(self, now_ms: int, paused: bool = False) -> None:
+    def refresh(self, now_ms: int, paused: bool = False, unreachable: Collection[TP] = ()) -> None:
         """Read the watermark once per poll batch: a lower bound while the batch is added, so it can
-        only make fewer events late, never more. While the consumer is `paused` no partition idles."""
+        only make fewer events late, never more. While the consumer is `paused` no partition idles,
+        nor does one it cannot fetch (`unreachable`: its leader is away)."""
         if paused:
             self.watermarks.hold(now_ms)
+        elif unreachable:
+            self.watermarks.hold(now_ms, unreachable)
         self._watermark_ms = self.watermarks.current(now_ms)
 
     def revoke(self, tps: Collection[TP]) -> None:

@@ -82,13 +82,16 @@ class Watermarks:
         if part.max_event_ms is None or event_ts_ms > part.max_event_ms:
             part.max_event_ms = event_ts_ms
 
-    def hold(self, now_ms: int) -> None:
-        """The consumer is paused (backpressure), not the input: no partition goes idle meanwhile.
+    def hold(self, now_ms: int, partitions: Iterable[Hashable] | None = None) -> None:
+        """These partitions (all, by default) do not go idle meanwhile: the consumer is paused
+        (backpressure) or cannot reach their leader (a broker outage), so their silence says nothing
+        about the input.
 
-        Without this a pause longer than `idle_timeout_ms` would make every partition idle, the
-        watermark would jump to the wall clock, and the backlog waiting in Kafka would arrive late.
+        Without this a pause or outage longer than `idle_timeout_ms` would make the partitions idle,
+        the watermark would jump to the wall clock, and the backlog waiting in Kafka would arrive late.
         """
-        for part in self._parts.values():
+        held = self._parts.values() if partitions is None else filter(None, map(self._parts.get, partitions))
+        for part in held:
             part.last_seen_ms = now_ms
 
     def current(self, now_ms: int) -> int | None:

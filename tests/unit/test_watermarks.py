@@ -94,6 +94,17 @@ def test_while_the_consumer_is_paused_no_partition_goes_idle() -> None:
     assert not wm.idle(P1, now_ms=5 * IDLE_MS - 1)
 
 
+def test_a_partition_whose_leader_is_unreachable_does_not_go_idle_while_reachable_quiet_ones_do() -> None:
+    wm = marks()
+    wm.assign([P0, P1], now_ms=0)
+    wm.observe(P0, 2_000, now_ms=0)
+    wm.observe(P1, 1_000, now_ms=0)
+    for now_ms in range(0, 5 * IDLE_MS, IDLE_MS // 2):  # P1's broker is down: its silence is an outage
+        wm.hold(now_ms, [P1, ("unassigned", 9)])
+    assert wm.idle(P0, now_ms=5 * IDLE_MS) and not wm.idle(P1, now_ms=5 * IDLE_MS)
+    assert wm.current(5 * IDLE_MS) == 1_000, "the cut-off partition still holds event time back"
+
+
 def test_a_partition_kafka_has_not_served_yet_is_never_idle_and_its_clock_starts_when_served() -> None:
     wm = marks()
     wm.assign([P0], now_ms=0)
