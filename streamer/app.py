@@ -66,7 +66,8 @@ class Pipeline:
         else:
             self._sink = KafkaSink(producer_config(settings.kafka, bootstrap))
             self._writer = Writer(self._sink, self._state, self._tracker, on_window=self.metrics.window_emitted)
-        self.stages = {r.name: WindowStage(r, self._pool, self._writer, self._tracker, self._state)
+        self.stages = {r.name: WindowStage(r, self._pool, self._writer, self._tracker, self._state,
+                                           on_mixed=self.metrics.window_mixed)
                        for r in settings.routes if r.window is not None}
         self._handler = EventHandler(settings, self._pool, self._writer, self._tracker, self.stages, self.metrics)
         self.source: KafkaSource | None = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import orjson
@@ -167,10 +167,11 @@ class TransactionalWriter(Writer):
         self._idle.clear()
 
     def forget(self, tps: Iterable[TP]) -> None:
-        """Drop the outcomes of revoked partitions: nothing of them was committed, their new owner replays them."""
+        """Drop the outcomes of revoked partitions: nothing of them was committed, their new owner
+        replays them. One that also finishes owned events (a window holding several partitions'
+        events) is kept for those: dropping it would let their offsets commit without a result."""
         gone = set(tps)
-        self._buffer = [o for o in self._buffer if not any(tp in gone for tp, _ in o.releases)]
-        self._held = [o for o in self._held if not any(tp in gone for tp, _ in o.releases)]
+        self._buffer, self._held = _without(self._buffer, gone), _without(self._held, gone)
 
     async def run(self) -> None:
         await self._producer.start()
@@ -187,7 +188,7 @@ class TransactionalWriter(Writer):
             self._held += self._buffer
             self._buffer = []
             ready, self._held = covered(self._held, self._tracker.commit_points())
-            offsets = self._tracker.committable()
+            offsets = below(self._tracker.committable(), self._held)
             if ready or offsets:
                 self._writing = len(ready)
                 try:
@@ -202,9 +203,10 @@ class TransactionalWriter(Writer):
         await retrying("redis write", lambda: self._state.write(_written(ready, payloads), fence=offsets))
         while True:
             # Partitions lost while a try aborted (the session expired) belong to another member now:
-            # commit nothing of theirs, or that member could replay what this one commits.
+            # commit nothing of theirs, or that member could replay what this one commits (as in
+            # `forget`, an outcome that also finishes owned events stays, for those).
             owned = self._tracker.commit_points()
-            kept = [i for i, o in enumerate(ready) if all(tp in owned for tp, _ in o.releases)]
+            kept = [i for i, o in enumerate(ready) if not o.releases or any(tp in owned for tp, _ in o.releases)]
             ready, payloads = [ready[i] for i in kept], [payloads[i] for i in kept]
             offsets = {tp: offset for tp, offset in offsets.items() if tp in owned}
             records = [(o.topic, o.kafka_key, p) for o, p in zip(ready, payloads, strict=True)]
@@ -222,6 +224,30 @@ def covered(outcomes: list[Outcome], points: dict[TP, int]) -> tuple[list[Outcom
         below = all(tp in points and offset < points[tp] for tp, offset in outcome.releases)
         (ready if below else held).append(outcome)
     return ready, held
+
+
+def below(offsets: dict[TP, int], held: list[Outcome]) -> dict[TP, int]:
+    """`offsets` lowered to the first event of any outcome still held: an outcome finishing events of
+    several partitions can wait for one while another's commit point has passed its events already,
+    and committing those without the outcome would lose it on a crash."""
+    capped = dict(offsets)
+    for outcome in held:
+        for tp, offset in outcome.releases:
+            if tp in capped and offset < capped[tp]:
+                capped[tp] = offset
+    return capped
+
+
+def _without(outcomes: list[Outcome], gone: set[TP]) -> list[Outcome]:
+    """Outcomes with the events of `gone` partitions taken out; ones left with none are dropped."""
+    kept = []
+    for outcome in outcomes:
+        owned = tuple(ref for ref in outcome.releases if ref[0] not in gone)
+        if len(owned) == len(outcome.releases):
+            kept.append(outcome)
+        elif owned:
+            kept.append(replace(outcome, releases=owned))
+    return kept
 
 
 def _written(batch: list[Outcome], payloads: list[bytes]) -> list[Written]:

@@ -56,6 +56,7 @@ class _StreamSeries:
     consumer_lag: Gauge
     open_windows: Gauge
     windows_emitted: Counter
+    windows_mixed: Counter
 
 
 def _event_series(registry: CollectorRegistry) -> _EventSeries:
@@ -105,6 +106,9 @@ def _stream_series(registry: CollectorRegistry) -> _StreamSeries:
         open_windows=Gauge("streamer_open_windows", "Windows not closed yet.", ["route"], registry=registry),
         windows_emitted=Counter("streamer_windows_emitted", "Final window results written.", ["route"],
                                 registry=registry),
+        windows_mixed=Counter("streamer_windows_mixed_partitions",
+                              "Final windows holding events of several input partitions (a rebalance "
+                              "can split them: key the input by the window key).", ["route"], registry=registry),
     )
 
 
@@ -173,6 +177,9 @@ class Metrics:
 
     def window_emitted(self, route: str) -> None:
         self._stream.windows_emitted.labels(route).inc()
+
+    def window_mixed(self, route: str) -> None:
+        self._stream.windows_mixed.labels(route).inc()
 
     def sample_device_memory(self) -> dict[str, int]:
         """Set the CUDA memory gauge from torch and return what was read ({} without CUDA)."""

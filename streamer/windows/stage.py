@@ -18,7 +18,7 @@ import hashlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Collection, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any
 
 from streamer.config import Route
@@ -45,8 +45,10 @@ def window_id(route: str, key: str | None, kind: str, start_ms: int, end_ms: int
 
 class WindowStage:
     def __init__(self, route: Route, pool: Pool, writer: Writer, tracker: OffsetTracker,
-                 state: RedisState) -> None:
+                 state: RedisState, on_mixed: Callable[[str], None] = lambda route: None) -> None:
+        """`on_mixed(route)` hears of every final window holding events of several partitions (metrics)."""
         assert route.window is not None
+        self._on_mixed = on_mixed
         self.route, self.window = route, route.window
         self._pool, self._writer, self._tracker, self._state = pool, writer, tracker, state
         w = route.window
@@ -63,6 +65,7 @@ class WindowStage:
         self._closing: set[OpenWindow[Content]] = set()  # handed over by the engine, not yet to the writer
         self._watermark_ms: int | None = None
         self._failure: BaseException | None = None
+        self._warned_mixed = False
 
     @property
     def open_windows(self) -> int:
@@ -186,9 +189,24 @@ class WindowStage:
         for window, summary in zip(fresh, summaries, strict=True):
             if not window.count:
                 continue
+            self._check_partitions(window)
             result = self._result(window, final=True, summary=summary)
             self._writer.add(Outcome(self.window.output, result.id.encode(), result, tuple(window.refs),
                                      self.route.name))
+
+    def _check_partitions(self, window: OpenWindow[Content]) -> None:
+        """Count (and warn once of) a window fed by several partitions: a rebalance moving one of them
+        can split it into partial results with one id on two instances."""
+        partitions = {tp for tp, _ in window.refs}
+        if len(partitions) < 2:
+            return
+        self._on_mixed(self.route.name)
+        if not self._warned_mixed:
+            self._warned_mixed = True
+            log.warning("route %s: window %s holds events of %d partitions; a rebalance can split it into "
+                        "partial results. Produce the input keyed by the window key%s (see README, Windows).",
+                        self.route.name, self._id(window), len(partitions),
+                        "" if self.window.per_key else ", or to one partition: per_key is false")
 
     def _budgeted(self, texts: list[str]) -> list[str]:
         """Keep the newest texts that fit the token budget (roughly 4 characters a token)."""

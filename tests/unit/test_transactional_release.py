@@ -17,7 +17,7 @@ from streamer.contracts import DeadLetter, ErrorCode, Source
 from streamer.kafka import transactions
 from streamer.kafka.offsets import OffsetTracker
 from streamer.kafka.transactions import Ending, TransactionalProducer
-from streamer.writer import Outcome, covered
+from streamer.writer import Outcome, TransactionalWriter, below, covered
 
 TP_A = ("in", 0)
 TP_B = ("in", 1)
@@ -60,6 +60,25 @@ def test_committed_offsets_cover_exactly_the_released_outcomes(finished_flags, r
         point = tracker.commit_points()[TP_A]
         assert sorted(released) == [o for o in sorted(order) if o < point]
         assert all(o.releases[0][1] >= point for o in pending)
+
+
+def test_offsets_never_pass_an_event_of_an_outcome_still_held():
+    """A window holding events of two partitions waits for one of them; the other's commit point has
+    passed its events already, but committing there would lose the window on a crash."""
+    spanning = outcome((TP_A, 4), (TP_B, 9))
+    assert below({TP_A: 8, TP_B: 9}, [spanning]) == {TP_A: 4, TP_B: 9}
+    assert below({TP_A: 3}, [spanning]) == {TP_A: 3}, "never raised, and no partition added"
+
+
+def test_a_revoke_drops_outcomes_of_revoked_partitions_but_keeps_one_spanning_an_owned_partition():
+    """Its owned events were finished when it was added: dropped, they would commit without a result."""
+    writer = TransactionalWriter(None, None, OffsetTracker(), 1.0, object)  # type: ignore[arg-type]
+    revoked, spanning, owned, provisional = outcome((TP_B, 1)), outcome((TP_A, 4), (TP_B, 9)), outcome((TP_A, 5)), outcome()
+    for added in (revoked, spanning, owned, provisional):
+        writer.add(added)
+    writer.forget([TP_B])
+    assert [o.releases for o in writer._buffer] == [((TP_A, 4),), ((TP_A, 5),), ()]
+    assert writer._buffer[0].record is spanning.record
 
 
 class FakeProducer:

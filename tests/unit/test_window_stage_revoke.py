@@ -49,11 +49,13 @@ class SlowRedis:
         return [False] * len(ids)
 
 
-def stage(writer: Outcomes, state: Any, tracker: OffsetTracker, *, per_key: bool = True) -> WindowStage:
+def stage(writer: Outcomes, state: Any, tracker: OffsetTracker, *, per_key: bool = True,
+          mixed: list[str] | None = None) -> WindowStage:
     route = Route.model_validate({"name": "w", "input": TOPIC, "task": "none", "window": {
         "kind": "tumbling", "size_ms": SIZE_MS, "idle_timeout_ms": 60_000, "per_key": per_key, "output": "win"}})
     pool = SimpleNamespace(worker=SimpleNamespace(name="none"))
-    return WindowStage(route, pool, writer, tracker, state)  # type: ignore[arg-type]
+    on_mixed = (mixed if mixed is not None else []).append
+    return WindowStage(route, pool, writer, tracker, state, on_mixed)  # type: ignore[arg-type]
 
 
 def feed(windows: WindowStage, tracker: OffsetTracker, events: list[tuple[int, int, str, int]], now_ms: int) -> None:
@@ -120,3 +122,17 @@ def test_a_revoked_partition_no_longer_holds_the_watermark_back() -> None:
     windows.revoke([(TOPIC, 0)])
     windows.refresh(now_ms=2)
     assert windows.watermarks.current(2) == 5000
+
+
+async def test_a_final_window_fed_by_several_partitions_is_counted_as_mixed() -> None:
+    """Such a window can be split by a rebalance: the metric and a warning tell the operator."""
+    writer, redis, tracker, mixed = Outcomes(), SlowRedis(), OffsetTracker(), []
+    redis.release.set()
+    windows = stage(writer, redis, tracker, mixed=mixed)
+    windows.watermarks.assign([(TOPIC, 0), (TOPIC, 1)], now_ms=0)
+    feed(windows, tracker, [(0, 0, "a", 10), (1, 0, "a", 20), (0, 1, "b", 30), (0, 2, "b", 2500), (1, 1, "a", 2600)],
+         now_ms=1)
+    windows.tick(now_ms=2)
+    await windows.drain()
+    assert [row[0] for row in writer.results()] == ["a", "b"]
+    assert mixed == ["w"], "key a came from partitions 0 and 1; key b from 0 only"
