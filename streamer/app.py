@@ -143,11 +143,13 @@ class Pipeline:
             elif source.paused and room >= min(limits.max_batch, limits.max_queue):
                 source.resume()
             # No poll while a transaction is being written: a revoke can then only come between two.
-            messages = [] if self._writer.busy else source.poll(0 if source.paused else min(room, _MAX_POLL))
+            # Not polling is pausing, for the watermarks too (a write cycle waits while Redis is away).
+            polling = not self._writer.busy
+            messages = source.poll(0 if source.paused else min(room, _MAX_POLL)) if polling else []
             now_ms = int(time.time() * 1000)
             unreachable = source.unreachable()
             for stage in self.stages.values():
-                stage.refresh(now_ms, paused=source.paused, unreachable=unreachable)
+                stage.refresh(now_ms, paused=source.paused or not polling, unreachable=unreachable)
             for message in messages:
                 self._handler.accept(message, now_ms)
             now_s = time.monotonic()

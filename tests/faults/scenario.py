@@ -103,6 +103,7 @@ class Service:
     transaction_timeout_ms: int = 10_000
     # short, so a killed member's partitions move after 6 s rather than 45 s
     session_timeout_ms: int = 6000
+    max_queue: int = 64  # outcomes waiting for Kafka and Redis before consumption pauses
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -132,6 +133,7 @@ class Service:
                       "client": {"session.timeout.ms": self.session_timeout_ms, "heartbeat.interval.ms": 1000}},
             "redis": {"url": self.redis_url, "prefix": self.tag},
             "observe": {"http_host": "127.0.0.1", "http_port": self.http_port},
+            "batching": {"max_queue": self.max_queue},
             "processing": {"guarantee": self.guarantee, "transactional_id": f"{self.tag}-{instance}",
                            "transaction_timeout_ms": self.transaction_timeout_ms},
             "routes": [{"name": "w", "input": self.input, "task": "none",
