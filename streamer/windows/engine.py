@@ -24,7 +24,7 @@ from streamer.windows.grid import GridWindows
 from streamer.windows.model import Added, Aggregator, E, Lost, OpenWindow, S, refold
 from streamer.windows.sessions import SessionWindows
 
-__all__ = ["Added", "Aggregator", "OpenWindow", "WindowEngine"]
+__all__ = ["Added", "Aggregator", "OpenWindow", "WindowEngine", "drop_from"]
 
 
 class WindowEngine(Generic[S, E]):
@@ -67,11 +67,13 @@ class WindowEngine(Generic[S, E]):
         """
         return self._impl.drop(lost)
 
-    def drop_from(self, window: OpenWindow[S], lost: Lost) -> int:
-        """The same for a window `expire` already handed over but not yet emitted; its bounds stay
-        (its id is taken from them), and it may be left empty (count 0): then emit nothing."""
-        if not window.holds_any(lost):
-            return 0
-        before = window.count
-        refold(window, self._aggregator, window.members(lost))
-        return before - window.count
+
+def drop_from(window: OpenWindow[S], aggregator: Aggregator[S, E], lost: Lost) -> int:
+    """`WindowEngine.drop` for a window `expire` already handed over but not yet emitted (its engine
+    may be gone with its partition); its bounds stay (its id is taken from them), and it may be left
+    empty (count 0): then emit nothing."""
+    if not window.holds_any(lost):
+        return 0
+    before = window.count
+    refold(window, aggregator, window.members(lost))
+    return before - window.count

@@ -6,6 +6,14 @@ watermark passes a window's end the window closes: its labels are awaited, `summ
 one LLM request through the same micro-batcher as per-event work, and the result is written to the
 window topic and Redis; only then are the held offsets released.
 
+Per-key windows are partitioned: one engine per input partition, closed by that partition's own
+watermark (Kafka Streams keeps window state per task the same way). A window then never mixes
+partitions, a partition that moves between instances takes its windows along whole (the next owner
+rebuilds them from the replay, judged by the replay's own event time, so nothing turns late), and a
+key's windows do not wait for other partitions. A key produced to several partitions gets a window
+per partition (the partition is part of the window id); keyed production makes it one.
+`per_key: false` windows span partitions: one engine, closed by the route's watermark.
+
 When partitions are revoked or lost, their events leave every window not yet emitted (`revoke`):
 offsets are committed only below the lowest event of such a window, so whoever owns a partition
 next, this instance included, replays those events and they count once.
@@ -30,16 +38,17 @@ from streamer.state.redis import RedisState
 from streamer.tasks.prompts import summarize_messages
 from streamer.windows.assign import WindowSpec
 from streamer.windows.content import Content, ContentAggregator, WindowItem
-from streamer.windows.engine import OpenWindow, WindowEngine
+from streamer.windows.engine import OpenWindow, WindowEngine, drop_from
 from streamer.windows.watermark import Watermarks
 from streamer.writer import Outcome, Ref, Writer, retrying
 
 log = logging.getLogger(__name__)
 
 
-def window_id(route: str, key: str | None, kind: str, start_ms: int, end_ms: int) -> str:
-    """Stable across restarts, so a replayed window is recognised (Redis) and deduplicated (topic key)."""
-    raw = f"{route}\x1f{key}\x1f{kind}\x1f{start_ms}\x1f{end_ms}".encode()
+def window_id(route: str, key: str | None, kind: str, start_ms: int, end_ms: int, partition: int | None) -> str:
+    """Stable across restarts and rebalances, so a replayed window is recognised (Redis) and
+    deduplicated (topic key); `partition` is the input partition of a partitioned window."""
+    raw = f"{route}\x1f{key}\x1f{kind}\x1f{start_ms}\x1f{end_ms}\x1f{partition}".encode()
     return hashlib.blake2b(raw, digest_size=12).hexdigest()
 
 
@@ -54,22 +63,23 @@ class WindowStage:
         w = route.window
         spec = WindowSpec(kind=w.kind, size_ms=w.size_ms or 0, slide_ms=w.slide_ms or w.size_ms or 0,
                           gap_ms=w.gap_ms or 0)
-        self._engine: WindowEngine[Content, WindowItem] = WindowEngine(
-            spec, ContentAggregator(keep_texts=w.task == "summarize", keep_keys=not w.per_key,
-                                    keep_stats=w.task == "stats"))
+        self._spec = spec
+        self._aggregator = ContentAggregator(keep_texts=w.task == "summarize", keep_keys=not w.per_key,
+                                             keep_stats=w.task == "stats")
+        self._engines: dict[TP | None, WindowEngine[Content, WindowItem]] = {}  # per partition; None: all
+        self._marks: dict[TP | None, int | None] = {}  # each engine's watermark, read by `refresh`
         self.watermarks = Watermarks(w.allowed_lateness_ms, w.idle_timeout_ms)
         self.late: defaultdict[str | None, int] = defaultdict(int)
         self._dirty: defaultdict[str | None, int] = defaultdict(int)
         self._last_update_s = time.monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing: set[OpenWindow[Content]] = set()  # handed over by the engine, not yet to the writer
-        self._watermark_ms: int | None = None
         self._failure: BaseException | None = None
         self._warned_mixed = False
 
     @property
     def open_windows(self) -> int:
-        return self._engine.open_count()
+        return sum(engine.open_count() for engine in self._engines.values())
 
     @property
     def failure(self) -> BaseException | None:
@@ -84,7 +94,10 @@ class WindowStage:
             self.watermarks.hold(now_ms)
         elif unreachable:
             self.watermarks.hold(now_ms, unreachable)
-        self._watermark_ms = self.watermarks.current(now_ms)
+        if self.window.per_key:
+            self._marks = dict(self.watermarks.partition_marks(now_ms))
+        else:
+            self._marks = {None: self.watermarks.current(now_ms)}
 
     def revoke(self, tps: Collection[TP]) -> None:
         """Partitions went to another member or were lost: forget their watermarks and take their
@@ -95,7 +108,11 @@ class WindowStage:
             return ref[0] in gone
 
         self.watermarks.revoke(gone)
-        taken = self._engine.drop(lost) + sum(self._engine.drop_from(window, lost) for window in self._closing)
+        if self.window.per_key:
+            taken = sum(self._engines.pop(tp).drop(lost) for tp in gone if tp in self._engines)
+        else:
+            taken = self._engines[None].drop(lost) if None in self._engines else 0
+        taken += sum(drop_from(window, self._aggregator, lost) for window in self._closing)
         if taken:
             log.info("route %s: %d window parts of revoked partitions dropped, their next owner replays them",
                      self.route.name, taken)
@@ -105,13 +122,15 @@ class WindowStage:
         tp, offset = ref
         self.watermarks.observe(tp, item.ts_ms, now_ms)
         key = item.key if self.window.per_key else None
-        added = self._engine.add(key, item.ts_ms, item, ref, self._watermark_ms)
+        group = tp if self.window.per_key else None
+        engine = self._engines.get(group) or self._engines.setdefault(group, WindowEngine(self._spec, self._aggregator))
+        added = engine.add(key, item.ts_ms, item, ref, self._marks.get(group))
         if added.late:
             self.late[key] += 1
             return False
         self._tracker.hold(tp, offset, len(added.windows))
         if self.window.task == "summarize":
-            for open_window in self._engine.peek(key):
+            for open_window in engine.peek(key):
                 self._maybe_fold(open_window.state)
         if self.window.emit == "update":
             self._dirty[key] += 1
@@ -122,7 +141,7 @@ class WindowStage:
     def tick(self, now_ms: int) -> None:
         """Close what the watermark passed; in update mode, emit provisional results on schedule."""
         self.refresh(now_ms)
-        closed = self._engine.expire(self._watermark_ms)
+        closed = [window for group, engine in self._engines.items() for window in engine.expire(self._marks.get(group))]
         if closed:
             self._closing.update(closed)
             self._spawn(self._close_all(closed))
@@ -160,7 +179,7 @@ class WindowStage:
     def _emit_updates(self, keys: list[str | None]) -> None:
         for key in keys:
             self._dirty.pop(key, None)
-            for open_window in self._engine.peek(key):
+            for open_window in (w for engine in self._engines.values() for w in engine.peek(key)):
                 result = self._result(open_window, final=False, summary=None)
                 self._writer.add(Outcome(self.window.output, result.id.encode(), result, (), self.route.name))
         self._last_update_s = time.monotonic()
@@ -175,6 +194,7 @@ class WindowStage:
     async def _emit_closed(self, closed: list[OpenWindow[Content]]) -> None:
         """One Redis read for all, summaries batched by the pool; a window a revoke emptied emits nothing."""
         await asyncio.gather(*(_settled(window.state) for window in closed))
+        closed = [window for window in closed if window.count]  # a revoke may have emptied some
         ids = [self._id(window) for window in closed]
         finals = await retrying("redis read", lambda: self._state.windows_final(ids))
         fresh = [window for window, final in zip(closed, finals, strict=True) if not final]
@@ -189,24 +209,24 @@ class WindowStage:
         for window, summary in zip(fresh, summaries, strict=True):
             if not window.count:
                 continue
-            self._check_partitions(window)
+            if not self.window.per_key:
+                self._check_partitions(window)
             result = self._result(window, final=True, summary=summary)
             self._writer.add(Outcome(self.window.output, result.id.encode(), result, tuple(window.refs),
                                      self.route.name))
 
     def _check_partitions(self, window: OpenWindow[Content]) -> None:
-        """Count (and warn once of) a window fed by several partitions: a rebalance moving one of them
-        can split it into partial results with one id on two instances."""
+        """Count (and warn once of) a window across keys fed by several partitions: a rebalance moving
+        one of them can split it into partial results with one id on two instances."""
         partitions = {tp for tp, _ in window.refs}
         if len(partitions) < 2:
             return
         self._on_mixed(self.route.name)
         if not self._warned_mixed:
             self._warned_mixed = True
-            log.warning("route %s: window %s holds events of %d partitions; a rebalance can split it into "
-                        "partial results. Produce the input keyed by the window key%s (see README, Windows).",
-                        self.route.name, self._id(window), len(partitions),
-                        "" if self.window.per_key else ", or to one partition: per_key is false")
+            log.warning("route %s: window %s (per_key: false) holds events of %d partitions; a rebalance "
+                        "can split it into partial results. Give such a route a one-partition input topic "
+                        "(see README, Windows).", self.route.name, self._id(window), len(partitions))
 
     def _budgeted(self, texts: list[str]) -> list[str]:
         """Keep the newest texts that fit the token budget (roughly 4 characters a token)."""
@@ -219,7 +239,9 @@ class WindowStage:
         return kept[::-1]
 
     def _id(self, window: OpenWindow[Content]) -> str:
-        return window_id(self.route.name, window.key, self.window.kind, window.window.start_ms, window.window.end_ms)
+        partition = window.refs[0][0][1] if self.window.per_key else None  # partitioned: one partition's events
+        return window_id(self.route.name, window.key, self.window.kind, window.window.start_ms, window.window.end_ms,
+                         partition)
 
     def _result(self, window: OpenWindow[Content], *, final: bool, summary: str | None) -> WindowResult:
         content = window.state

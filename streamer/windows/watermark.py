@@ -18,7 +18,14 @@ now_ms), so windows whose end is in the past by the wall clock close instead of 
 Events that turn up later for those windows are late, the price of emitting final results at all.
 
 The watermark never goes backwards: `current` returns at least what it returned before, also across
-rebalances. Pure bookkeeping: processing time is passed in, no clock is read; it must be wall-clock
+rebalances.
+
+Per-key windows are partitioned (one set per input partition, as Kafka Streams keeps state per
+task), so each partition also has a watermark of its own (`partition_marks`): its highest event time
+minus the lateness while it is live, the route's `current` once it is idle. A partition that moves
+to this instance then starts from its own events, not from the others' progress, so its replay is
+not late; and a key's windows close as soon as its own partition has passed them. It never goes
+backwards while the partition stays assigned, and starts afresh when it is assigned again. Pure bookkeeping: processing time is passed in, no clock is read; it must be wall-clock
 epoch ms (time.time(), not a monotonic clock), since the all-idle rule compares it with event time.
 """
 
@@ -33,6 +40,7 @@ class _Partition:
     last_seen_ms: int | None  # None: assigned without a time, the clock starts at the next call
     max_event_ms: int | None = None
     served: bool = True  # False: Kafka has not served it yet, so it cannot be idle
+    mark_ms: int | None = None  # the highest of its own watermarks handed out (`partition_marks`)
 
 
 class Watermarks:
@@ -100,6 +108,20 @@ class Watermarks:
         if candidate is not None and (self._emitted_ms is None or candidate > self._emitted_ms):
             self._emitted_ms = candidate
         return self._emitted_ms
+
+    def partition_marks(self, now_ms: int) -> dict[Hashable, int | None]:
+        """Each assigned partition's own watermark at `now_ms` (None while nothing can be said)."""
+        route_ms = self.current(now_ms)
+        marks: dict[Hashable, int | None] = {}
+        for partition, part in self._parts.items():
+            if self._idle(part, now_ms):
+                candidate = route_ms
+            else:
+                candidate = None if part.max_event_ms is None else part.max_event_ms - self.allowed_lateness_ms
+            if candidate is not None and (part.mark_ms is None or candidate > part.mark_ms):
+                part.mark_ms = candidate
+            marks[partition] = part.mark_ms
+        return marks
 
     def idle(self, partition: Hashable, now_ms: int) -> bool:
         """Whether an assigned partition has shown no life for `idle_timeout_ms`."""

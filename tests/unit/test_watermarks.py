@@ -185,3 +185,50 @@ def test_with_every_partition_live_the_watermark_is_their_minimum(
         highest[partition] = max(ts_ms, highest.get(partition, ts_ms))
         expected = min(highest.values()) - lateness_ms if len(highest) == 3 else None
         assert wm.current(now_ms=0) == expected
+
+
+# --- per partition (partitioned windows) ------------------------------------------------------------
+
+
+def test_a_live_partitions_own_watermark_is_its_highest_event_time_minus_the_lateness() -> None:
+    wm = marks(lateness_ms=100)
+    wm.assign([P0, P1], now_ms=0)
+    wm.observe(P0, 5_000, now_ms=0)
+    wm.observe(P1, 1_000, now_ms=0)
+    assert wm.partition_marks(now_ms=0) == {P0: 4_900, P1: 900}, "P0 does not wait for P1"
+
+
+def test_an_idle_partition_follows_the_routes_watermark_and_a_new_one_starts_from_its_own_events() -> None:
+    wm = marks()
+    wm.assign([P0, P1], now_ms=0)
+    wm.observe(P0, 5_000, now_ms=0)
+    wm.observe(P1, 1_000, now_ms=0)
+    for now_ms in range(100, IDLE_MS, 100):
+        wm.observe(P0, 5_000 + now_ms, now_ms)
+    assert wm.partition_marks(now_ms=IDLE_MS)[P1] == 5_900, "quiet P1 closes its windows with the route"
+    wm.assign([P2], now_ms=IDLE_MS, served=False)
+    assert wm.partition_marks(now_ms=IDLE_MS)[P2] is None
+    wm.observe(P2, 200, now_ms=IDLE_MS)  # a partition taken over: its backlog is far behind
+    assert wm.partition_marks(now_ms=IDLE_MS)[P2] == 200
+
+
+@given(steps, st.integers(min_value=0, max_value=500))
+def test_a_partitions_own_watermark_never_goes_backwards_while_it_stays_assigned(
+    run: list[tuple[str, tuple[str, int], int, int]], lateness_ms: int
+) -> None:
+    wm = marks(lateness_ms)
+    now_ms, last = 0, {}
+    for action, partition, ts_ms, dt_ms in run:
+        now_ms += dt_ms
+        if action == "assign":
+            wm.assign([partition], now_ms)
+        elif action == "revoke":  # assigned again later, it starts afresh
+            wm.revoke([partition])
+            last.pop(partition, None)
+        else:
+            wm.observe(partition, ts_ms, now_ms)
+        current = wm.partition_marks(now_ms)
+        assert set(current) <= {P0, P1, P2}
+        for part, mark in current.items():
+            assert last.get(part) is None or (mark is not None and mark >= last[part])
+        last = {part: mark for part, mark in current.items() if mark is not None}

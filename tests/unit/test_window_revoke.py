@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from streamer.windows.assign import WindowSpec
 from streamer.windows.content import ContentAggregator, LabelSlot, WindowItem
-from streamer.windows.engine import OpenWindow, WindowEngine
+from streamer.windows.engine import OpenWindow, WindowEngine, drop_from
 from tests.list_aggregator import ListAggregator
 
 KEYS = ["a", "b", None]
@@ -225,10 +225,10 @@ def test_a_closed_window_not_yet_emitted_loses_the_revoked_events_but_keeps_its_
         add(windows, event)
     [closing] = windows.expire(10**9)
     bounds = closing.window
-    assert windows.drop_from(closing, lost_partition(0)) == 2
+    assert drop_from(closing, ListAggregator(), lost_partition(0)) == 2
     assert (closing.window, closing.count, closing.refs, closing.state) == (bounds, 1, [(1, 0)], [(1, 0)])
     assert (closing.first_ts_ms, closing.last_ts_ms) == (5, 5)
-    windows.drop_from(closing, lost_partition(1))
+    drop_from(closing, ListAggregator(), lost_partition(1))
     assert closing.count == 0 and closing.refs == [], "emptied: the stage emits nothing"
 
 

@@ -124,15 +124,48 @@ def test_a_revoked_partition_no_longer_holds_the_watermark_back() -> None:
     assert windows.watermarks.current(2) == 5000
 
 
-async def test_a_final_window_fed_by_several_partitions_is_counted_as_mixed() -> None:
+async def test_a_window_across_keys_fed_by_several_partitions_is_counted_as_mixed() -> None:
     """Such a window can be split by a rebalance: the metric and a warning tell the operator."""
+    writer, redis, tracker, mixed = Outcomes(), SlowRedis(), OffsetTracker(), []
+    redis.release.set()
+    windows = stage(writer, redis, tracker, per_key=False, mixed=mixed)
+    windows.watermarks.assign([(TOPIC, 0), (TOPIC, 1)], now_ms=0)
+    feed(windows, tracker, [(0, 0, "a", 10), (1, 0, "b", 20), (0, 1, "a", 2500), (1, 1, "b", 2600)], now_ms=1)
+    windows.tick(now_ms=2)
+    await windows.drain()
+    assert writer.results() == [(None, 2, [((TOPIC, 0), 0), ((TOPIC, 1), 0)])]
+    assert mixed == ["w"]
+
+
+async def test_per_key_windows_are_partitioned_a_key_on_two_partitions_gets_a_window_on_each() -> None:
+    """Each partition's windows close by its own watermark; the partition is part of the window id."""
     writer, redis, tracker, mixed = Outcomes(), SlowRedis(), OffsetTracker(), []
     redis.release.set()
     windows = stage(writer, redis, tracker, mixed=mixed)
     windows.watermarks.assign([(TOPIC, 0), (TOPIC, 1)], now_ms=0)
-    feed(windows, tracker, [(0, 0, "a", 10), (1, 0, "a", 20), (0, 1, "b", 30), (0, 2, "b", 2500), (1, 1, "a", 2600)],
-         now_ms=1)
-    windows.tick(now_ms=2)
+    feed(windows, tracker, [(0, 0, "a", 10), (1, 0, "a", 20), (0, 1, "a", 2500)], now_ms=1)
+    windows.tick(now_ms=2)  # partition 0 passed 1000; partition 1 has not: its window stays open
     await windows.drain()
-    assert [row[0] for row in writer.results()] == ["a", "b"]
-    assert mixed == ["w"], "key a came from partitions 0 and 1; key b from 0 only"
+    assert writer.results() == [("a", 1, [((TOPIC, 0), 0)])]
+    feed(windows, tracker, [(1, 1, "a", 2600)], now_ms=3)
+    windows.tick(now_ms=4)
+    await windows.drain()
+    assert writer.results() == [("a", 1, [((TOPIC, 0), 0)]), ("a", 1, [((TOPIC, 1), 0)])]
+    assert len({outcome.record.id for outcome in writer.added}) == 2 and mixed == []
+
+
+async def test_a_partition_taken_over_mid_stream_replays_into_its_own_windows_none_of_it_late() -> None:
+    """The new owner's other partitions are far ahead in event time; the moved partition's backlog
+    is judged by its own event time, as it was on its old owner."""
+    writer, redis, tracker = Outcomes(), SlowRedis(), OffsetTracker()
+    redis.release.set()
+    windows = stage(writer, redis, tracker)
+    windows.watermarks.assign([(TOPIC, 0)], now_ms=0)
+    feed(windows, tracker, [(0, i, "a", i * 1000) for i in range(10)], now_ms=1)  # partition 0 at 9 s
+    windows.tick(now_ms=2)
+    windows.watermarks.assign([(TOPIC, 1)], now_ms=3, served=False)  # taken over from a dead member
+    feed(windows, tracker, [(1, i, "b", 100 + i * 300) for i in range(10)], now_ms=4)  # its backlog: 0.1-2.8 s
+    windows.tick(now_ms=5)
+    await windows.drain()
+    assert sum(windows.late.values()) == 0
+    assert ("b", 4, [((TOPIC, 1), o) for o in range(3, 7)]) in writer.results(), "[1 s, 2 s) of partition 1"
