@@ -7,6 +7,9 @@ with up to `--jitter-ms` of disorder, keys uniform at random. Per event the wate
 the engine adds it; per poll batch of `--poll` events the watermark is read and closed windows are
 expired, as the service does. Events/s is that whole loop on one core without tracing; peak memory is
 a second, traced run (tracemalloc), counting only what the windows hold: the input is built before.
+
+Each case runs twice, side by side: as a per-key route's engine (one per partition, events not
+kept) and as a `per_key: false` route's (events kept, so a revoke can take some out), with the ratio.
 """
 
 from __future__ import annotations
@@ -70,8 +73,8 @@ def make_events(count: int, keys: int, rate: int, jitter_ms: int, seed: int = 7)
     ]
 
 
-def run(case: Case, events: list[tuple[str, int, Doc, int]], poll: int) -> Outcome:
-    engine: WindowEngine[Any, Any] = WindowEngine(case.spec, case.aggregator())
+def run(case: Case, events: list[tuple[str, int, Doc, int]], poll: int, keep_events: bool) -> Outcome:
+    engine: WindowEngine[Any, Any] = WindowEngine(case.spec, case.aggregator(), keep_events=keep_events)
     marks = Watermarks(allowed_lateness_ms=LATENESS_MS, idle_timeout_ms=10_000)
     marks.assign([PARTITION], now_ms=0)
     observe, add = marks.observe, engine.add
@@ -87,10 +90,10 @@ def run(case: Case, events: list[tuple[str, int, Doc, int]], poll: int) -> Outco
     return Outcome(len(events), late, emitted, time.perf_counter() - started_s)
 
 
-def peak_mib(case: Case, events: list[tuple[str, int, Doc, int]], poll: int) -> float:
+def peak_mib(case: Case, events: list[tuple[str, int, Doc, int]], poll: int, keep_events: bool) -> float:
     tracemalloc.start()
     try:
-        run(case, events, poll)
+        run(case, events, poll, keep_events)
         return tracemalloc.get_traced_memory()[1] / 2**20
     finally:
         tracemalloc.stop()
@@ -112,14 +115,18 @@ def main() -> None:
         f"python {platform.python_version()}; {args.events:,} events, {args.keys:,} keys, "
         f"{span_s:,.0f} s of event time, jitter {args.jitter_ms} ms, lateness {LATENESS_MS} ms"
     )
-    print(f"{'case':<26} {'events/s':>11} {'late':>7} {'windows':>9} {'peak MiB':>9}")
+    print(f"{'case':<26} {'events kept':<12} {'events/s':>11} {'late':>7} {'windows':>9} {'peak MiB':>9}")
     for case in CASES:
-        outcome = run(case, events, args.poll)
-        memory = "-" if args.no_memory else f"{peak_mib(case, events, args.poll):.1f}"
-        print(
-            f"{case.name:<26} {outcome.events / outcome.elapsed_s:>11,.0f} {outcome.late:>7,} "
-            f"{outcome.emitted:>9,} {memory:>9}"
-        )
+        rates, peaks = {}, {}
+        for keep_events in (False, True):
+            outcome = run(case, events, args.poll, keep_events)
+            rates[keep_events] = outcome.events / outcome.elapsed_s
+            peaks[keep_events] = None if args.no_memory else peak_mib(case, events, args.poll, keep_events)
+            memory = "-" if peaks[keep_events] is None else f"{peaks[keep_events]:.1f}"
+            print(f"{case.name:<26} {'yes' if keep_events else 'no':<12} {rates[keep_events]:>11,.0f} "
+                  f"{outcome.late:>7,} {outcome.emitted:>9,} {memory:>9}")
+        memory_ratio = "" if args.no_memory else f", {peaks[False] / peaks[True]:.2f}x the memory"
+        print(f"{'':<26} not keeping: {rates[False] / rates[True]:.2f}x the events/s{memory_ratio}")
 
 
 if __name__ == "__main__":

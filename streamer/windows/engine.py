@@ -12,7 +12,9 @@ provisional results. Keys must be hashable and mutually orderable (str or bytes,
 
 Windows keep their events, so `drop` can take some out again (a revoked partition's, which its next
 owner replays from before them) and rebuild what they leave from the rest: a window may hold events
-of several partitions, and those still owned must stay counted, once.
+of several partitions, and those still owned must stay counted, once. An engine whose windows never
+mix partitions (one per partition) is dropped whole instead, and need not keep them
+(`keep_events=False`): 0.60-0.69x the memory and up to 1.28x the events/s (`bench/windows.py`).
 
 Pure logic: no I/O and no clock; the caller passes the watermark in (e.g. `Watermarks.current`).
 """
@@ -30,11 +32,13 @@ __all__ = ["Added", "Aggregator", "OpenWindow", "WindowEngine", "drop_from"]
 class WindowEngine(Generic[S, E]):
     """Windows per key for one `WindowSpec`, folding events with an `Aggregator`."""
 
-    def __init__(self, spec: WindowSpec, aggregator: Aggregator[S, E]) -> None:
+    def __init__(self, spec: WindowSpec, aggregator: Aggregator[S, E], *, keep_events: bool = True) -> None:
         self.spec = spec
+        self.keep_events = keep_events
         self._aggregator = aggregator
         self._impl: GridWindows[S, E] | SessionWindows[S, E] = (
-            SessionWindows(spec, aggregator) if spec.kind == "session" else GridWindows(spec, aggregator)
+            SessionWindows(spec, aggregator, keep_events) if spec.kind == "session"
+            else GridWindows(spec, aggregator, keep_events)
         )
 
     @property
@@ -63,17 +67,19 @@ class WindowEngine(Generic[S, E]):
 
         The other events stay in their windows, each ref still once per window; a window left empty
         is forgotten, a session left with a hole wider than the gap splits. Returns how many
-        (event, window) parts were taken out.
+        (event, window) parts were taken out. Needs the events kept.
         """
+        if not self.keep_events:
+            raise ValueError("drop needs an engine that keeps its events (keep_events=True)")
         return self._impl.drop(lost)
 
 
 def drop_from(window: OpenWindow[S], aggregator: Aggregator[S, E], lost: Lost) -> int:
     """`WindowEngine.drop` for a window `expire` already handed over but not yet emitted (its engine
     may be gone with its partition); its bounds stay (its id is taken from them), and it may be left
-    empty (count 0): then emit nothing."""
+    empty (count 0): then emit nothing. Emptying needs no kept events, keeping some does."""
     if not window.holds_any(lost):
         return 0
     before = window.count
-    refold(window, aggregator, window.members(lost))
+    refold(window, aggregator, [] if all(map(lost, window.refs)) else window.members(lost))
     return before - window.count

@@ -43,11 +43,12 @@ class _Slot(Generic[S]):
 class GridWindows(WatermarkFloor, Generic[S, E]):
     """Tumbling or sliding windows per key; see `WindowEngine` for the contract."""
 
-    def __init__(self, spec: WindowSpec, aggregator: Aggregator[S, E]) -> None:
+    def __init__(self, spec: WindowSpec, aggregator: Aggregator[S, E], keep_events: bool = True) -> None:
         if spec.kind == "session" or spec.size_ms is None:
             raise ValueError("GridWindows takes tumbling or sliding specs")
         self.spec = spec
         self._aggregator = aggregator
+        self._keep_events = keep_events
         self._fold = aggregator.add  # bound once: the hot loop calls it per (event, window)
         self._size_ms = spec.size_ms
         self._unit_ms = boundary_ms(spec)
@@ -117,8 +118,9 @@ class GridWindows(WatermarkFloor, Generic[S, E]):
             open_window.state = fold(open_window.state, event)
             open_window.count += 1
             open_window.refs.append(ref)
-            open_window.times.append(ts_ms)
-            open_window.events.append(event)
+            if self._keep_events:
+                open_window.times.append(ts_ms)
+                open_window.events.append(event)
             if ts_ms > open_window.last_ts_ms:
                 open_window.last_ts_ms = ts_ms
             elif ts_ms < open_window.first_ts_ms:

@@ -49,7 +49,8 @@ class OpenWindow(Generic[S]):
     `refs` are the opaque handles of its events, in no particular order: the app passes
     ((topic, partition), offset) so an open window keeps those offsets uncommitted until it is emitted.
     `times` and `events` run parallel to `refs` (three lists are smaller than a tuple per event), so
-    the window can be rebuilt without some of its events (`refold`).
+    the window can be rebuilt without some of its events (`refold`); both stay empty in an engine
+    that does not keep its events.
     """
 
     key: Any

@@ -36,10 +36,11 @@ from streamer.windows.model import (
 class SessionWindows(WatermarkFloor, Generic[S, E]):
     """Session windows per key; see `WindowEngine` for the contract."""
 
-    def __init__(self, spec: WindowSpec, aggregator: Aggregator[S, E]) -> None:
+    def __init__(self, spec: WindowSpec, aggregator: Aggregator[S, E], keep_events: bool = True) -> None:
         if spec.kind != "session" or spec.gap_ms is None:
             raise ValueError("SessionWindows takes session specs")
         self.spec = spec
+        self._keep_events = keep_events
         self._gap_ms = spec.gap_ms
         self._aggregator = aggregator
         self._sessions: dict[Any, list[OpenWindow[S]]] = {}  # per key, including closed-not-yet-expired
@@ -67,8 +68,9 @@ class SessionWindows(WatermarkFloor, Generic[S, E]):
         session.state = self._aggregator.add(session.state, event)
         session.count += 1
         session.refs.append(ref)
-        session.times.append(ts_ms)
-        session.events.append(event)
+        if self._keep_events:
+            session.times.append(ts_ms)
+            session.events.append(event)
         if ts_ms < session.first_ts_ms or ts_ms > session.last_ts_ms:
             session.first_ts_ms = min(session.first_ts_ms, ts_ms)
             session.last_ts_ms = max(session.last_ts_ms, ts_ms)

@@ -109,12 +109,12 @@ class WindowStage:
 
         self.watermarks.revoke(gone)
         if self.window.per_key:
-            taken = sum(self._engines.pop(tp).drop(lost) for tp in gone if tp in self._engines)
+            taken = sum(self._engines.pop(tp).open_count() for tp in gone if tp in self._engines)
         else:
             taken = self._engines[None].drop(lost) if None in self._engines else 0
         taken += sum(drop_from(window, self._aggregator, lost) for window in self._closing)
         if taken:
-            log.info("route %s: %d window parts of revoked partitions dropped, their next owner replays them",
+            log.info("route %s: %d windows (or parts) of revoked partitions dropped, their next owner replays them",
                      self.route.name, taken)
 
     def add(self, item: WindowItem, ref: Ref, now_ms: int) -> bool:
@@ -123,7 +123,9 @@ class WindowStage:
         self.watermarks.observe(tp, item.ts_ms, now_ms)
         key = item.key if self.window.per_key else None
         group = tp if self.window.per_key else None
-        engine = self._engines.get(group) or self._engines.setdefault(group, WindowEngine(self._spec, self._aggregator))
+        engine = self._engines.get(group)
+        if engine is None:  # a partition's engine never needs its events back: it goes whole
+            engine = self._engines[group] = WindowEngine(self._spec, self._aggregator, keep_events=group is None)
         added = engine.add(key, item.ts_ms, item, ref, self._marks.get(group))
         if added.late:
             self.late[key] += 1

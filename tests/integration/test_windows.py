@@ -163,14 +163,15 @@ def test_a_classify_route_counts_labels_per_window_and_a_summarize_route_summari
     )
     reviews = [("I love it, works perfectly and arrived early.", 1000), ("Terrible. Broke after one day.", 2000),
                ("Absolutely fantastic quality, highly recommend!", 3000), ("Awful, a complete waste of money.", 4000)]
+    # Keyed by the window key, as windowed input should be: per-key windows are per partition.
     produce_lines(kafka_bootstrap, f"reviews-{tag}",
                   [orjson.dumps({"id": f"r{i}", "key": "shop", "text": t, "ts": T0 + at})
-                   for i, (t, at) in enumerate(reviews)])
+                   for i, (t, at) in enumerate(reviews)], keys=[b"shop"] * len(reviews))
     chat = ["The train to Paris is delayed by an hour.", "Passengers are waiting on platform 4.",
             "The delay is caused by a signal failure."]
     produce_lines(kafka_bootstrap, f"chat-{tag}",
                   [orjson.dumps({"id": f"c{i}", "key": "station", "text": t, "ts": T0 + 1000 * i})
-                   for i, t in enumerate(chat)])
+                   for i, t in enumerate(chat)], keys=[b"station"] * len(chat))
     pipeline = Pipeline(settings, kafka_bootstrap, redis_url, worker)
 
     asyncio.run(run_until(pipeline, lambda: pipeline.windows_written == 2 and pipeline.written == 4, 300))
@@ -199,7 +200,8 @@ def test_update_mode_emits_provisional_results_and_a_full_window_folds_its_texts
     notes = ["The lift on floor 2 is broken.", "Technicians were called at nine.", "They replaced a cable.",
              "The lift works again.", "Floor 2 is open."]
     produce_lines(kafka_bootstrap, f"in-{tag}", [orjson.dumps({"id": f"n{i}", "key": "lift", "text": t,
-                                                               "ts": T0 + 1000 * i}) for i, t in enumerate(notes)])
+                                                               "ts": T0 + 1000 * i}) for i, t in enumerate(notes)],
+                  keys=[b"lift"] * len(notes))
     pipeline = Pipeline(settings, kafka_bootstrap, redis_url, worker)
 
     asyncio.run(run_until(pipeline, lambda: pipeline.windows_written == 1, 300))

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from streamer.windows.aggregators import CountAggregator, TextStatsAggregator
 from streamer.windows.assign import Window, WindowSpec, covering
-from streamer.windows.engine import OpenWindow, WindowEngine
+from streamer.windows.engine import OpenWindow, WindowEngine, drop_from
 from streamer.windows.model import key_order
 from tests.list_aggregator import ListAggregator
 
@@ -166,9 +166,10 @@ def expected_summary(events: list[Event]) -> tuple[int, list[int], int, int, lis
     return (len(events), refs, min(e.ts_ms for e in events), max(e.ts_ms for e in events), refs)
 
 
+@pytest.mark.parametrize("keep_events", [True, False])
 @given(grid_specs, runs())
-def test_every_in_time_event_is_counted_in_exactly_its_windows(spec: WindowSpec, run: Run) -> None:
-    engine: WindowEngine[list[int], int] = WindowEngine(spec, ListAggregator())
+def test_every_in_time_event_is_counted_in_exactly_its_windows(keep_events: bool, spec: WindowSpec, run: Run) -> None:
+    engine: WindowEngine[list[int], int] = WindowEngine(spec, ListAggregator(), keep_events=keep_events)
     late, batches = drive(engine, run)
     expected_late, members = grid_oracle(spec, run)
     assert late == expected_late
@@ -289,9 +290,11 @@ def closed_summary(batch: list[OracleSession]) -> list[tuple[Any, Window, list[i
     return sorted(rows, key=lambda r: (r[1].end_ms, key_order(r[0]), r[1].start_ms))
 
 
+@pytest.mark.parametrize("keep_events", [True, False])
 @given(runs())
-def test_sessions_merge_and_close_exactly_as_the_oracle_says(run: Run) -> None:
-    engine: WindowEngine[list[int], int] = WindowEngine(WindowSpec.session(GAP_MS), ListAggregator())
+def test_sessions_merge_and_close_exactly_as_the_oracle_says(keep_events: bool, run: Run) -> None:
+    engine: WindowEngine[list[int], int] = WindowEngine(WindowSpec.session(GAP_MS), ListAggregator(),
+                                                        keep_events=keep_events)
     late, batches = drive(engine, run)
     expected_late, expected_batches = session_oracle(run)
     assert late == expected_late
@@ -339,3 +342,14 @@ def test_a_closed_proto_session_is_not_late_when_it_merges_with_an_open_one() ->
     assert engine.add("k", 40, 0, "d", 20).windows == (Window(40, 50),)
     assert engine.add("j", 5, 0, "e", 20).late
     assert [(w.window, w.count) for w in engine.peek("k")] == [(Window(0, 28), 3), (Window(40, 50), 1)]
+
+
+def test_an_engine_that_does_not_keep_events_cannot_drop_some_but_can_be_emptied() -> None:
+    """One engine per partition goes whole with its partition; only an engine across partitions
+    (per_key: false) must take some events out and rebuild the rest."""
+    engine: WindowEngine[list[int], int] = WindowEngine(WindowSpec.tumbling(10), ListAggregator(), keep_events=False)
+    engine.add("k", 1, 1, ("p0", 1), None)
+    with pytest.raises(ValueError, match="keeps its events"):
+        engine.drop(lambda ref: ref[0] == "p0")
+    [closing] = engine.expire(10)
+    assert drop_from(closing, ListAggregator(), lambda ref: ref[0] == "p0") == 1 and closing.count == 0
