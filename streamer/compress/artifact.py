@@ -52,7 +52,9 @@ def load(directory: Path, device: torch.device, dtype: torch.dtype) -> tuple[nn.
     if (step := manifest.step("lowrank")) is not None:
         lowrank.rebuild(model, step.structure["ranks"])
     if (step := manifest.step("int8-dynamic")) is not None:
-        quantize.int8_dynamic(model, step.structure.get("fp16", []))
+        if "int8_weight_only" not in step.structure:  # fp16 layers: the recipe before weight-only int8
+            raise CompressError(f"{directory} was compressed by an older streamer; run `streamer compress` again")
+        quantize.int8_dynamic(model, step.structure["int8_weight_only"])
         state = torch.load(directory / QUANTIZED, weights_only=True)
     else:
         state = load_file(directory / SAFETENSORS)

@@ -153,7 +153,10 @@ def _apply(
             )
         case "lowrank":
             structure = lowrank.factorize(
-                model, energy=options.energy, target_fraction=None if options.energy else options.target_params
+                model,
+                energy=options.energy,
+                target_fraction=None if options.energy else options.target_params,
+                calibration=lowrank.calibration_ids(loaded.tokenizer, texts or smooth.default_calibration_texts()),
             )
             _recover(model, loaded, texts, options, recipe)
             return model, Step(
@@ -171,21 +174,18 @@ def _apply(
         case "int8-dynamic":
             ids = smooth.calibration_ids(model, loaded.tokenizer, texts or smooth.default_calibration_texts())
             smooth.untie_lm_head(model)
-            smooth.smooth(model, ids)
-            down = [name for name in prune.decoder_linears(model) if name.endswith("mlp.down_proj")]
-            ranked = quantize.most_sensitive(model, ids[:, : quantize.SENSITIVITY_TOKENS], down)
-            fp16 = ranked[: round(len(down) * quantize.FP16_SHARE)]
+            weight_only = quantize.weight_only_layers(model)
+            smooth.smooth(model, ids, skip=weight_only)
             step = Step(
                 recipe=recipe,
                 options={
                     "smooth_alpha": smooth.ALPHA,
                     "calibration": str(options.corpus) if texts else "pydoc_data.topics",
-                    "fp16_share": quantize.FP16_SHARE,
                     "activation_bits": 8 if quantize.full_range_activations() else 7,
                 },
-                structure={"fp16": fp16},
+                structure={"int8_weight_only": weight_only},
             )
-            return quantize.int8_dynamic(model, fp16), step
+            return quantize.int8_dynamic(model, weight_only), step
         case _:  # GPU schemes are applied when the artifact is loaded on its device
             return model, Step(
                 recipe=recipe, options={"group_size": quantize.INT4_GROUP_SIZE} if recipe == "int4-weight" else {}

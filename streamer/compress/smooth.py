@@ -5,12 +5,13 @@ input tensor (what torch's dynamic Linear uses) then crushes every other channel
 perplexity 3x with plain int8 dynamic). Dividing those channels by s in the op that produces them
 (an RMSNorm weight; up_proj's rows for down_proj; the final norm for the LM head, once untied) and
 multiplying the consuming Linear's columns by s leaves the float model unchanged (SmolLM2's logits
-move by < 1e-4) but moves the outliers into weights, which are quantized per channel.
+move by < 1e-4) but moves the outliers into weights, which are quantized per channel. Linears that keep
+float activations (int8 weight-only) are left out: there the move only widens the weight's range.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 from torch import nn
@@ -28,9 +29,9 @@ def default_calibration_texts() -> list[str]:
 
 
 def untie_lm_head(model: nn.Module) -> None:
-    """Give the LM head its own weight, so smoothing the final norm into it leaves the embedding alone.
-
-    Costs nothing once quantized: int8 embedding rows and an int8 Linear are stored separately anyway.
+    """Give the LM head its own weight, so quantizing it (or smoothing the final norm into it) leaves
+    the embedding alone. Costs nothing once quantized: int8 embedding rows and an int8 head are stored
+    separately anyway.
     """
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if head.weight is embedding.weight:
@@ -64,9 +65,11 @@ def calibration_ids(model: nn.Module, tokenizer, texts: list[str]) -> torch.Tens
 
 
 @torch.no_grad()
-def smooth(model: nn.Module, ids: torch.Tensor, alpha: float = ALPHA) -> None:
-    """Rescale in place from per-channel input maxima seen on the calibration `ids`."""
-    groups = list(_groups(model))
+def smooth(model: nn.Module, ids: torch.Tensor, alpha: float = ALPHA, skip: Collection[str] = ()) -> None:
+    """Rescale in place from per-channel input maxima seen on the calibration `ids`, except where a
+    consumer is named in `skip`."""
+    skipped = {id(model.get_submodule(name)) for name in skip}
+    groups = [(p, consumers) for p, consumers in _groups(model) if not any(id(c) in skipped for c in consumers)]
     maxima: dict[int, torch.Tensor] = {}
 
     def recorder(index: int):

@@ -21,6 +21,7 @@ from streamer.compress.lowrank import LowRankLinear
 from streamer.compress.manifest import Manifest
 from streamer.compress.measure import _until_eos
 from streamer.compress.pipeline import CompressOptions, compress
+from streamer.compress.quantize import Int8WeightLinear
 from streamer.models.loader import load_model
 from tests.tiny import CHARS, SPECIALS, save_tiny_llama
 
@@ -76,12 +77,27 @@ def test_int8_dynamic_swaps_every_linear_and_embedding_and_reloads_its_weights(t
     loaded = load_model(tmp_path / "int8", device="cpu")
     modules = list(loaded.model.modules())
     assert not any(type(m) in (nn.Linear, nn.Embedding) for m in modules)
-    assert sum(isinstance(m, DynamicLinear) for m in modules) == 4 * 7 + 1  # 7 per block, plus the LM head
-    fp16 = manifest.steps[0].structure["fp16"]
-    assert len(fp16) == 3 and all(name.endswith("mlp.down_proj") for name in fp16)  # 2/3 of 4, most sensitive
-    assert all(loaded.model.get_submodule(name)._packed_params.dtype == torch.float16 for name in fp16)
+    assert sum(isinstance(m, DynamicLinear) for m in modules) == 4 * 6  # all but down_proj in each block
+    weight_only = manifest.steps[0].structure["int8_weight_only"]
+    assert weight_only == [f"model.layers.{i}.mlp.down_proj" for i in range(4)] + ["lm_head"]
+    assert all(isinstance(loaded.model.get_submodule(name), Int8WeightLinear) for name in weight_only)
     assert manifest.figures.resident_bytes < 0.4 * manifest.source_figures.resident_bytes
     assert_reloads_identically(tmp_path / "int8")
+
+
+def test_int8_weight_only_linear_stays_close_to_float_and_reloads_from_its_state_dict():
+    torch.manual_seed(0)
+    linear, x = nn.Linear(64, 48), torch.randn(2, 5, 64)
+    module = Int8WeightLinear.from_float(linear)
+    with torch.inference_mode():
+        out, expected = module(x), linear(x)
+    assert out.shape == (2, 5, 48) and out.dtype == torch.float32
+    assert module.weight.dtype == torch.int8 and not module.weight.requires_grad
+    assert (out - expected).norm() < 0.01 * expected.norm()
+    reloaded = Int8WeightLinear(64, 48, bias=True)
+    reloaded.load_state_dict(module.state_dict())
+    with torch.inference_mode():
+        assert torch.equal(reloaded(x), out)
 
 
 def test_smoothing_with_an_untied_head_leaves_the_float_model_and_its_embedding_unchanged(tiny_dir):
