@@ -36,36 +36,32 @@ class Reference:
 
 def parameter_count(model: nn.Module) -> int:
     """Parameters plus weights held inside quantized packed modules (which are not Parameters)."""
-    return sum(p.numel() for p in model.parameters()) + sum(w.numel() for _, w in _packed_weights(model))
+    return sum(p.numel() for p in model.parameters()) + sum(w.numel() for w in _packed_weights(model))
 
 
 def resident_bytes(model: nn.Module) -> int:
-    """Bytes of weights held in memory: parameters, buffers, and quantized weights with their scales
-    (fp16-weight dynamic Linears unpack to float32 but hold 2 bytes a weight)."""
-    from torch.ao.nn.quantized.modules.linear import LinearPackedParams
-
+    """Bytes of weights held in memory: parameters, buffers, and quantized weights with their scales."""
     dense = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     packed = 0
-    for module, w in _packed_weights(model):
-        fp16 = isinstance(module, LinearPackedParams) and module.dtype == torch.float16
-        packed += w.numel() * (2 if fp16 else w.element_size())
+    for w in _packed_weights(model):
+        packed += w.numel() * w.element_size()
         if w.is_quantized and w.qscheme() in (torch.per_channel_affine, torch.per_channel_affine_float_qparams):
             scales, zeros = w.q_per_channel_scales(), w.q_per_channel_zero_points()
             packed += scales.numel() * scales.element_size() + zeros.numel() * zeros.element_size()
     return dense + packed
 
 
-def _packed_weights(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
-    """Quantized weights (and biases) held by torch.ao packed-parameter modules, with their module."""
+def _packed_weights(model: nn.Module) -> list[torch.Tensor]:
+    """Quantized weights (and biases) held by torch.ao packed-parameter modules."""
     from torch.ao.nn.quantized.modules.embedding_ops import EmbeddingPackedParams
     from torch.ao.nn.quantized.modules.linear import LinearPackedParams
 
     found = []
     for module in model.modules():
         if isinstance(module, LinearPackedParams):
-            found.extend((module, t) for t in module._weight_bias() if t is not None)
+            found.extend(t for t in module._weight_bias() if t is not None)
         elif isinstance(module, EmbeddingPackedParams):
-            found.append((module, module._weight()))
+            found.append(module._weight())
     return found
 
 

@@ -10,9 +10,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
-
 import orjson
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from streamer.errors import StreamerError
 from streamer.kafka.offsets import TP, OffsetTracker

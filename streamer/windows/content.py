@@ -4,8 +4,8 @@ Label counts arrive after an event joined its windows (classification runs in th
 event's label is a `LabelSlot` that updates every window holding it when it resolves, and remembers
 it for windows rebuilt later (a partition was revoked: see `WindowEngine.drop`). Texts for
 `summarize` are bounded: past `max_events` or `max_tokens` the window folds them into a running
-summary (map-reduce), so a prompt never grows without bound and no event is dropped. (The engine
-still holds each open window's events, which a rebuild folds in afresh.)
+summary (map-reduce), so a prompt never grows without bound and no event is dropped. (An engine
+across partitions still holds each open window's events, which a rebuild folds in afresh.)
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Open windows are kept in buckets by window start, one dict of key -> OpenWindow per start, so a
 bucket closes as a whole and `expire` pops buckets off a heap of starts: nothing is scanned while no
-window can close. Memory is one OpenWindow per (key, window) plus one ref, time and event
-per (event, window).
+window can close. Memory is one OpenWindow per (key, window) plus one ref per (event, window), and
+its time and event where the engine keeps events.
 
 The hot path is `add`: the windows covering a timestamp depend only on its slot of
 gcd(step, size) ms, so each slot's windows, buckets and `Added` answer are computed once and cached

@@ -26,7 +26,7 @@ import hashlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Callable, Collection, Coroutine, Hashable
 from typing import Any
 
 from streamer.config import Route
@@ -67,7 +67,7 @@ class WindowStage:
         self._aggregator = ContentAggregator(keep_texts=w.task == "summarize", keep_keys=not w.per_key,
                                              keep_stats=w.task == "stats")
         self._engines: dict[TP | None, WindowEngine[Content, WindowItem]] = {}  # per partition; None: all
-        self._marks: dict[TP | None, int | None] = {}  # each engine's watermark, read by `refresh`
+        self._marks: dict[Hashable, int | None] = {}  # each engine's watermark (by TP, or None), read by `refresh`
         self.watermarks = Watermarks(w.allowed_lateness_ms, w.idle_timeout_ms)
         self.late: defaultdict[str | None, int] = defaultdict(int)
         self._dirty: defaultdict[str | None, int] = defaultdict(int)
@@ -95,7 +95,7 @@ class WindowStage:
         elif unreachable:
             self.watermarks.hold(now_ms, unreachable)
         if self.window.per_key:
-            self._marks = dict(self.watermarks.partition_marks(now_ms))
+            self._marks = self.watermarks.partition_marks(now_ms)
         else:
             self._marks = {None: self.watermarks.current(now_ms)}
 

@@ -25,8 +25,10 @@ task), so each partition also has a watermark of its own (`partition_marks`): it
 minus the lateness while it is live, the route's `current` once it is idle. A partition that moves
 to this instance then starts from its own events, not from the others' progress, so its replay is
 not late; and a key's windows close as soon as its own partition has passed them. It never goes
-backwards while the partition stays assigned, and starts afresh when it is assigned again. Pure bookkeeping: processing time is passed in, no clock is read; it must be wall-clock
-epoch ms (time.time(), not a monotonic clock), since the all-idle rule compares it with event time.
+backwards while the partition stays assigned, and starts afresh when it is assigned again.
+
+Pure bookkeeping: processing time is passed in, no clock is read; it must be wall-clock epoch ms
+(time.time(), not a monotonic clock), since the all-idle rule compares it with event time.
 """
 
 from collections.abc import Hashable, Iterable

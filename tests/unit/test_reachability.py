@@ -6,7 +6,8 @@ from streamer.kafka.reachability import unreachable
 def stats(brokers: dict[str, tuple[int, str]], leaders: dict[tuple[str, int], int]) -> dict:
     topics: dict = {}
     for (topic, partition), leader in leaders.items():
-        topics.setdefault(topic, {"partitions": {"-1": {"leader": -1}}})["partitions"][str(partition)] = {"leader": leader}
+        partitions = topics.setdefault(topic, {"partitions": {"-1": {"leader": -1}}})["partitions"]
+        partitions[str(partition)] = {"leader": leader}
     return {"brokers": {name: {"nodeid": node, "state": state} for name, (node, state) in brokers.items()},
             "topics": topics}
 

@@ -73,7 +73,8 @@ def test_offsets_never_pass_an_event_of_an_outcome_still_held():
 def test_a_revoke_drops_outcomes_of_revoked_partitions_but_keeps_one_spanning_an_owned_partition():
     """Its owned events were finished when it was added: dropped, they would commit without a result."""
     writer = TransactionalWriter(None, None, OffsetTracker(), 1.0, object)  # type: ignore[arg-type]
-    revoked, spanning, owned, provisional = outcome((TP_B, 1)), outcome((TP_A, 4), (TP_B, 9)), outcome((TP_A, 5)), outcome()
+    revoked, spanning = outcome((TP_B, 1)), outcome((TP_A, 4), (TP_B, 9))
+    owned, provisional = outcome((TP_A, 5)), outcome()
     for added in (revoked, spanning, owned, provisional):
         writer.add(added)
     writer.forget([TP_B])
