@@ -1,9 +1,9 @@
 """Write a compressed model as a self-describing directory, and rebuild it from its manifest.
 
-Float results (pruned, factorized, distilled) are safetensors; an int8-dynamic model is a state dict
-of quantized tensors (`quantized.pt`, read back with `weights_only=True`). Loading builds the model
-from its config, rebuilds low-rank factor modules, re-applies dynamic quantization, loads the
-weights, then applies what only exists on a device (torchao GPU quantization, 2:4 sparse kernels).
+Weights are safetensors: float results (pruned, factorized, distilled) as transformers writes them,
+an int8-dynamic model as its state dict (int8 weights and float scales). Loading builds the model
+from its config, rebuilds low-rank factor modules and the int8 modules, loads the weights, then
+applies what only exists on a device (torchao GPU quantization, 2:4 sparse kernels).
 """
 
 from __future__ import annotations
@@ -18,17 +18,18 @@ from streamer.compress import lowrank, prune, quantize
 from streamer.compress.errors import CompressError
 from streamer.compress.manifest import Manifest
 
-QUANTIZED = "quantized.pt"
 SAFETENSORS = "model.safetensors"
 
 
 def save(model: nn.Module, tokenizer, manifest: Manifest, directory: Path) -> None:
     """Weights, config, generation config, tokenizer, then the manifest (last: it marks completion)."""
     directory.mkdir(parents=True, exist_ok=True)
-    if manifest.weights == QUANTIZED:
+    if manifest.step("int8-dynamic") is not None:  # its modules are not transformers' own
+        from safetensors.torch import save_model
+
         model.config.save_pretrained(directory)
         model.generation_config.save_pretrained(directory)
-        torch.save(model.state_dict(), directory / QUANTIZED)
+        save_model(model, str(directory / SAFETENSORS))  # a tensor the model shares is stored once
     else:
         model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -48,17 +49,15 @@ def load(directory: Path, device: torch.device, dtype: torch.dtype) -> tuple[nn.
         if scheme in recipes:
             quantize.require_gpu_scheme(scheme)
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if manifest.weights == QUANTIZED else dtype)
+    int8 = manifest.step("int8-dynamic")
+    if int8 is not None and int8.structure.get("layout") != quantize.LAYOUT:
+        raise CompressError(f"{directory} was compressed by an older streamer; run `streamer compress` again")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if int8 is not None else dtype)
     if (step := manifest.step("lowrank")) is not None:
         lowrank.rebuild(model, step.structure["ranks"])
-    if (step := manifest.step("int8-dynamic")) is not None:
-        if "int8_weight_only" not in step.structure:  # fp16 layers: the recipe before weight-only int8
-            raise CompressError(f"{directory} was compressed by an older streamer; run `streamer compress` again")
-        quantize.int8_dynamic(model, step.structure["int8_weight_only"])
-        state = torch.load(directory / QUANTIZED, weights_only=True)
-    else:
-        state = load_file(directory / SAFETENSORS)
-    _load_state(model, state, directory)
+    if int8 is not None and quantize.int8_dynamic(model) != int8.structure["fused"]:
+        raise CompressError(f"{directory}: the model's config does not give the fused modules the manifest lists")
+    _load_state(model, load_file(directory / SAFETENSORS), directory)
     model.generation_config = GenerationConfig.from_pretrained(directory, local_files_only=True)
     model.to(device)
     for scheme in quantize.GPU_SCHEMES:
@@ -72,13 +71,13 @@ def load(directory: Path, device: torch.device, dtype: torch.dtype) -> tuple[nn.
 
 
 def _load_state(model: nn.Module, state: dict, directory: Path) -> None:
-    """Strict but for tied weights, which safetensors stores once and `tie_weights` restores."""
+    """Strict, except for tensors stored once that the model shares (a head tied to the embedding)."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    if unexpected or set(missing) - tied:
-        raise CompressError(f"{directory}: weights do not match (missing {missing}, unexpected {unexpected})")
-    if missing:
-        model.tie_weights()
+    current = model.state_dict()
+    loaded = {current[name].data_ptr() for name in state if name in current}
+    unfilled = [name for name in missing if current[name].data_ptr() not in loaded]
+    if unexpected or unfilled:
+        raise CompressError(f"{directory}: weights do not match (missing {unfilled}, unexpected {unexpected})")
 
 
 def publish(tmp: Path, out: Path) -> None:

@@ -49,7 +49,7 @@ class Manifest(BaseModel):
     source: str
     source_sha256: str
     steps: list[Step]
-    weights: str = Field(description="safetensors (float) or quantized.pt (int8 dynamic state)")
+    weights: str = Field(description="the weights file: model.safetensors (float, or int8 weights with their scales)")
     source_figures: Figures | None = None
     figures: Figures | None = None
     gate: GateOutcome | None = None

@@ -21,9 +21,9 @@ from streamer.compress.evalset import EvalSet
 from streamer.compress.manifest import Figures
 
 AGREEMENT_TOKENS = 32
-SPEED_TOKENS_B1 = 32
+SPEED_TOKENS_B1 = 64
 SPEED_TOKENS_B32 = 16
-SPEED_ROUNDS = 2
+SPEED_ROUNDS = 3
 EVAL_BATCH = 32
 
 
@@ -35,34 +35,13 @@ class Reference:
 
 
 def parameter_count(model: nn.Module) -> int:
-    """Parameters plus weights held inside quantized packed modules (which are not Parameters)."""
-    return sum(p.numel() for p in model.parameters()) + sum(w.numel() for w in _packed_weights(model))
+    """Parameters, int8 ones included (quantized modules keep their weights as frozen Parameters)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def resident_bytes(model: nn.Module) -> int:
-    """Bytes of weights held in memory: parameters, buffers, and quantized weights with their scales."""
-    dense = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    packed = 0
-    for w in _packed_weights(model):
-        packed += w.numel() * w.element_size()
-        if w.is_quantized and w.qscheme() in (torch.per_channel_affine, torch.per_channel_affine_float_qparams):
-            scales, zeros = w.q_per_channel_scales(), w.q_per_channel_zero_points()
-            packed += scales.numel() * scales.element_size() + zeros.numel() * zeros.element_size()
-    return dense + packed
-
-
-def _packed_weights(model: nn.Module) -> list[torch.Tensor]:
-    """Quantized weights (and biases) held by torch.ao packed-parameter modules."""
-    from torch.ao.nn.quantized.modules.embedding_ops import EmbeddingPackedParams
-    from torch.ao.nn.quantized.modules.linear import LinearPackedParams
-
-    found = []
-    for module in model.modules():
-        if isinstance(module, LinearPackedParams):
-            found.extend(t for t in module._weight_bias() if t is not None)
-        elif isinstance(module, EmbeddingPackedParams):
-            found.append(module._weight())
-    return found
+    """Bytes of weights held in memory: parameters and buffers (quantization scales, masks)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def disk_bytes(directory: Path) -> int:

@@ -92,7 +92,7 @@ def compress(source: Path | None, options: CompressOptions) -> Outcome:
         source=str(source) if source is not None else loaded.name,
         source_sha256=weights_sha256(source_dir),
         steps=steps,
-        weights=artifact.QUANTIZED if "int8-dynamic" in options.recipes else artifact.SAFETENSORS,
+        weights=artifact.SAFETENSORS,
         versions={"torch": torch.__version__, "transformers": _transformers_version()},
     )
     tmp = options.out.parent / f".tmp-{options.out.name}"
@@ -173,19 +173,16 @@ def _apply(
             return model, Step(recipe=recipe, options=_recovery_options(options, sparsity=sparsity))
         case "int8-dynamic":
             ids = smooth.calibration_ids(model, loaded.tokenizer, texts or smooth.default_calibration_texts())
-            smooth.untie_lm_head(model)
-            weight_only = quantize.weight_only_layers(model)
-            smooth.smooth(model, ids, skip=weight_only)
-            step = Step(
+            smooth.smooth(model, ids)
+            fused = quantize.int8_dynamic(model)
+            return model, Step(
                 recipe=recipe,
                 options={
                     "smooth_alpha": smooth.ALPHA,
                     "calibration": str(options.corpus) if texts else "pydoc_data.topics",
-                    "activation_bits": 8 if quantize.full_range_activations() else 7,
                 },
-                structure={"int8_weight_only": weight_only},
+                structure={"layout": quantize.LAYOUT, "fused": fused},
             )
-            return quantize.int8_dynamic(model, weight_only), step
         case _:  # GPU schemes are applied when the artifact is loaded on its device
             return model, Step(
                 recipe=recipe, options={"group_size": quantize.INT4_GROUP_SIZE} if recipe == "int4-weight" else {}

@@ -1,122 +1,194 @@
-"""Quantization recipes, all from libraries PyTorch maintains rather than hand-written kernels.
+"""Quantization recipes, on kernels PyTorch maintains rather than hand-written ones.
 
-- `int8-dynamic` (CPU): `torch.ao.quantization.quantize_dynamic` — per-channel int8 weights and
-  dynamic int8 activations on fbgemm/oneDNN kernels (after `smooth`); embeddings become int8 rows.
-  Its activation scale is one per input tensor, which `down_proj` (per-token outliers that smoothing,
-  per channel, cannot move) and the LM head cannot take. Those two keep float activations with int8
-  weights (`Int8WeightLinear`, unsmoothed): on SmolLM2-135M (all 200 eval prompts) greedy agreement
-  is 93.5% at 0.31x fp32's resident bytes, against 90.3% with only `down_proj` so, 90.4% with a
-  per-token int8 head, 85.1% with the most sensitive 2/3 of `down_proj` in fp16 (0.34x; all of them:
-  90.4%, 0.36x), 89.3% with every Linear weight-only but smoothed, 95.5% unsmoothed. Weight-only
-  costs what dynamic int8 does for `down_proj` at one token per call (0.03 ms; the LM head 1.0 vs
-  0.6 ms) but ~5x more at 32 tokens (prefill, large batches), hence only where activations need
-  it. Activations use the full 8 bits where the CPU has AVX512-VNNI (torch defaults to 7 on x86 to
-  avoid 16-bit saturation in pre-VNNI kernels).
+- `int8-dynamic` (CPU): every Linear gets int8 weights (one scale per output channel) and int8
+  activations quantized on the fly with one scale per token, multiplied on `torch._int_mm` (exact
+  int32 accumulation); embeddings become int8 rows. This is torchao's int8 dynamic scheme
+  (`Int8DynamicActivationInt8WeightConfig`), composed in eager PyTorch because torchao's tensor
+  subclasses run it at 0.25x fp32's speed on this CPU. Projections that read the same input (q/k/v,
+  gate/up) are fused into one wide Linear first: at batch 1 an int8 call costs mostly its fixed
+  part. Per-token scales are what `down_proj` and the LM head need (their inputs carry per-token
+  outliers); torch's `quantize_dynamic` (one scale per input tensor, deprecated) needed float
+  activations there instead. On SmolLM2-135M, all 200 eval prompts: agreement 91.5%, batch 1 1.54x
+  and batch 32 1.54x fp32; with `down_proj` weight-only (bf16 activations) 93.8% but 1.44x / 1.12x.
 - `int8-weight`, `int4-weight` (group-wise) and `fp8` (Hopper+) on CUDA: torchao's `quantize_`
   configs, applied after loading because their tensor subclasses are device-specific.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from functools import cache
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from streamer.compress.errors import CompressError
-from streamer.compress.prune import decoder_linears
 
 CPU_SCHEMES = ("int8-dynamic",)
 GPU_SCHEMES = ("int8-weight", "int4-weight", "fp8")
 INT4_GROUP_SIZE = 128
+LAYOUT = "per-token-activations"  # the manifest's mark of this module layout; older artifacts lack it
 
 
-def full_range_activations() -> bool:
-    """Whether fbgemm's int8 GEMM here accumulates u8*s8 products without saturating (VNNI)."""
-    try:
-        return "avx512_vnni" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 rows and their float scales (zero rows get a tiny scale, not a division by 0)."""
+    scales = weight.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
+    return torch.round(weight / scales).clamp(-127, 127).to(torch.int8), scales.squeeze(-1)
 
 
-@cache  # one class per process, so isinstance holds across models
-def _dynamic_linear(full_range: bool) -> type[nn.Module]:
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+class Int8Linear(nn.Module):
+    """A Linear with int8 weights per output channel and int8 activations per token.
 
-    if not full_range:
-        return DynamicLinear
-
-    class FullRangeLinear(DynamicLinear):
-        """torch's dynamic int8 Linear with 8-bit rather than 7-bit activations."""
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if self._packed_params.dtype != torch.qint8:
-                return super().forward(x)
-            packed = self._packed_params._packed_params
-            return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False).to(x.dtype)
-
-    return FullRangeLinear
-
-
-class Int8WeightLinear(nn.Module):
-    """A Linear with int8 weights (one scale per output channel) and float activations, on PyTorch's
-    `_weight_int8pack_mm` CPU kernel (gpt-fast's int8 weight-only path).
-
-    Activations enter as bfloat16: the kernel's float32 path is ~10x slower here, and rounding them
-    to bf16 (2^-9) costs far less than one int8 scale per input tensor. The weight is a frozen int8
-    Parameter, so parameter counts, resident bytes and the state dict see it like any other weight.
+    The weight is a frozen int8 Parameter, so parameter counts, resident bytes and the state dict
+    see it like any other weight; the state dict is plain tensors (safetensors).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8), requires_grad=False)
-        self.register_buffer("scales", torch.ones(out_features, dtype=torch.bfloat16))
+        self.register_buffer("scales", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
     @torch.no_grad()
-    def from_float(cls, linear: nn.Linear) -> Int8WeightLinear:
+    def from_float(cls, linear: nn.Linear) -> Int8Linear:
         module = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        weight = linear.weight.detach().float()
-        module.scales.copy_(weight.abs().amax(1).clamp(min=1e-8) / 127)
-        module.weight.copy_(torch.round(weight / module.scales.float()[:, None]).clamp(-128, 127))
+        weight, scales = _int8_rows(linear.weight.detach().float())
+        module.weight.copy_(weight)
+        module.scales.copy_(scales)
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach())
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).to(x.dtype)
+        flat = x.reshape(-1, self.in_features).float()
+        token_scales = flat.abs().amax(-1, keepdim=True).clamp_(min=1e-8) / 127
+        tokens = torch.round(flat / token_scales).to(torch.int8)  # within ±127 by construction
+        out = torch._int_mm(tokens, self.weight.t()) * token_scales * self.scales
         out = out.reshape(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+        return (out if self.bias is None else out + self.bias).to(x.dtype)
 
 
-def weight_only_layers(model: nn.Module) -> list[str]:
-    """The Linears that keep float activations: every plain `down_proj`, and an untied LM head."""
-    names = [name for name in decoder_linears(model) if name.endswith("mlp.down_proj")]
-    head = model.get_output_embeddings()
-    if type(head) is nn.Linear and head.weight is not model.get_input_embeddings().weight:
-        names.append(next(name for name, m in model.named_modules() if m is head))
-    return names
+class Int8Embedding(nn.Module):
+    """Embedding rows in int8, one float scale per row, dequantized on lookup."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8), requires_grad=False)
+        self.register_buffer("scales", torch.ones(num_embeddings))
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, embedding: nn.Embedding) -> Int8Embedding:
+        module = cls(embedding.num_embeddings, embedding.embedding_dim)
+        weight, scales = _int8_rows(embedding.weight.detach().float())
+        module.weight.copy_(weight)
+        module.scales.copy_(scales)
+        return module
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].float() * self.scales[ids, None]
 
 
-def int8_dynamic(model: nn.Module, weight_only: Sequence[str] = ()) -> nn.Module:
-    """Swap the Linears named in `weight_only` for `Int8WeightLinear`, every other Linear for an int8
-    dynamic one, and every Embedding for int8 rows, in place."""
-    from torch.ao.quantization import float_qparams_weight_only_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
-    from torch.ao.quantization.quantization_mappings import get_default_dynamic_quant_module_mappings
+class SharedProjection(nn.Module):
+    """One Linear computing several projections of the same input (an attention's q/k/v) in one call.
 
+    The attention's own code still calls `q_proj(x)`, `k_proj(x)`, `v_proj(x)`: those are
+    `ProjectionSlice`s; the first computes the wide output for `x`, the others read it while `x` is
+    the same tensor object, and the last lets it go. A model runs one forward at a time, as its
+    KV cache already assumes.
+    """
+
+    def __init__(self, linear: nn.Module, readers: int) -> None:
+        super().__init__()
+        self.linear, self.readers = linear, readers
+        self._memo: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (input, output, reads left)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._memo is None or self._memo[0] is not x:
+            self._memo = (x, self.linear(x), self.readers)
+        source, out, left = self._memo
+        self._memo = (source, out, left - 1) if left > 1 else None
+        return out
+
+
+class ProjectionSlice(nn.Module):
+    """One projection's columns of a `SharedProjection`'s output; holds no weights of its own."""
+
+    def __init__(self, shared: SharedProjection, start: int, end: int) -> None:
+        super().__init__()
+        self.__dict__["shared"] = shared  # not a submodule: the attention registers it once, as `qkv`
+        self.start, self.end = start, end
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared(x)[..., self.start : self.end]
+
+
+class GatedMLP(nn.Module):
+    """A Llama-style MLP, `down(act(gate(x)) * up(x))`, with gate and up as one wide Linear."""
+
+    def __init__(self, gate_up: nn.Module, down_proj: nn.Module, act_fn: nn.Module, intermediate: int) -> None:
+        super().__init__()
+        self.gate_up, self.down_proj, self.act_fn, self.intermediate = gate_up, down_proj, act_fn, intermediate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up(x)
+        return self.down_proj(self.act_fn(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :])
+
+
+def _concatenated(linears: list[nn.Linear]) -> nn.Linear | None:
+    """One Linear stacking the outputs of plain Linears that share an input, or None if they cannot."""
+    if not all(type(m) is nn.Linear for m in linears) or len({(m.in_features, m.bias is None) for m in linears}) != 1:
+        return None
+    wide = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), linears[0].bias is not None)
+    with torch.no_grad():
+        wide.weight.copy_(torch.cat([m.weight for m in linears]))
+        if wide.bias is not None:
+            wide.bias.copy_(torch.cat([m.bias for m in linears]))
+    return wide
+
+
+def fuse_projections(model: nn.Module) -> list[str]:
+    """Fuse, in place, each attention's q/k/v (`SharedProjection`) and each MLP's gate/up
+    (`GatedMLP`) where they are plain Linears (not factorized); returns the modules fused."""
+    fused = []
+    for name, module in list(model.named_modules()):
+        qkv = [getattr(module, p, None) for p in ("q_proj", "k_proj", "v_proj")]
+        if (wide := _concatenated(qkv)) is not None:
+            module.qkv = SharedProjection(wide, len(qkv))
+            start = 0
+            for projection, linear in zip(("q_proj", "k_proj", "v_proj"), qkv, strict=True):
+                setattr(module, projection, ProjectionSlice(module.qkv, start, start + linear.out_features))
+                start += linear.out_features
+            fused.append(name)
+        gate, up = getattr(module, "gate_proj", None), getattr(module, "up_proj", None)
+        if hasattr(module, "down_proj") and hasattr(module, "act_fn") and (wide := _concatenated([gate, up])):
+            parent, _, child = name.rpartition(".")
+            mlp = GatedMLP(wide, module.down_proj, module.act_fn, gate.out_features)
+            setattr(model.get_submodule(parent), child, mlp)
+            fused.append(name)
+    return fused
+
+
+def int8_dynamic(model: nn.Module) -> list[str]:
+    """Fuse projections that share an input, then swap every Linear for an `Int8Linear` and every
+    Embedding for an `Int8Embedding`, in place; returns the modules fused.
+
+    A head tied to the embedding stays tied: both quantize the same rows with the same per-row
+    scales, so the int8 head shares the embedding's int8 weight and scales.
+    """
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise CompressError("int8-dynamic runs on CPU kernels; load the model on CPU (use int8-weight on CUDA)")
-    for name in weight_only:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, Int8WeightLinear.from_float(model.get_submodule(name)))
-    spec = {nn.Linear: per_channel_dynamic_qconfig, nn.Embedding: float_qparams_weight_only_qconfig}
-    mapping = get_default_dynamic_quant_module_mappings() | {nn.Linear: _dynamic_linear(full_range_activations())}
-    return quantize_dynamic(model, spec, dtype=torch.qint8, mapping=mapping, inplace=True)
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    fused = fuse_projections(model)
+    for name, module in list(model.named_modules()):
+        swap = {nn.Linear: Int8Linear, nn.Embedding: Int8Embedding}.get(type(module))
+        if swap is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, swap.from_float(module))
+    if tied:
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+        head.weight, head.scales = embedding.weight, embedding.scales
+    return fused
 
 
 def require_gpu_scheme(scheme: str) -> None:

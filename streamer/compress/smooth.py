@@ -1,17 +1,17 @@
 """SmoothQuant-style smoothing before int8 activation quantization (exact in float).
 
 Small Llamas carry a few huge activation channels into their Linear layers; one int8 scale per
-input tensor (what torch's dynamic Linear uses) then crushes every other channel (SmolLM2-135M:
-perplexity 3x with plain int8 dynamic). Dividing those channels by s in the op that produces them
-(an RMSNorm weight; up_proj's rows for down_proj; the final norm for the LM head, once untied) and
-multiplying the consuming Linear's columns by s leaves the float model unchanged (SmolLM2's logits
-move by < 1e-4) but moves the outliers into weights, which are quantized per channel. Linears that keep
-float activations (int8 weight-only) are left out: there the move only widens the weight's range.
+token then crushes every other channel of that token. Dividing those channels by s in the RMSNorm
+that produces them and multiplying the consuming Linears' columns by s leaves the float model
+unchanged (SmolLM2's logits move by < 1e-4) but moves the outliers into weights, which are quantized
+per channel. Only the Linears after a norm (q/k/v, gate/up) are smoothed: `down_proj` and the LM head
+read per-token outliers, which per-token scales already take and which smoothing (per channel) only
+spreads (SmolLM2-135M, 200 prompts: agreement 89.3% with `down_proj` smoothed, 91.5% without).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -28,34 +28,16 @@ def default_calibration_texts() -> list[str]:
     return list(topics.values())[:20]
 
 
-def untie_lm_head(model: nn.Module) -> None:
-    """Give the LM head its own weight, so quantizing it (or smoothing the final norm into it) leaves
-    the embedding alone. Costs nothing once quantized: int8 embedding rows and an int8 head are stored
-    separately anyway.
-    """
-    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    if head.weight is embedding.weight:
-        head.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
-        model.config.tie_word_embeddings = False
-
-
 def _groups(model: nn.Module) -> Iterator[tuple[nn.Module, list[nn.Linear]]]:
-    """(producer, consumers sharing its output) in each Llama-style block, and the final norm with an
-    untied LM head; factorized layers are skipped."""
-    head = model.get_output_embeddings()
-    if head.weight is not model.get_input_embeddings().weight:
-        yield model.model.norm, [head]
+    """(norm, Linears reading its output) in each Llama-style block; factorized layers are skipped."""
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        for producer, consumers in (
+        for norm, consumers in (
             (layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
             (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),
-            (mlp.up_proj, [mlp.down_proj]),
         ):
-            if all(type(m) is nn.Linear for m in consumers) and isinstance(
-                getattr(producer, "weight", None), torch.Tensor
-            ):
-                yield producer, consumers
+            if all(type(m) is nn.Linear for m in consumers) and isinstance(getattr(norm, "weight", None), torch.Tensor):
+                yield norm, consumers
 
 
 def calibration_ids(model: nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
@@ -65,11 +47,9 @@ def calibration_ids(model: nn.Module, tokenizer, texts: list[str]) -> torch.Tens
 
 
 @torch.no_grad()
-def smooth(model: nn.Module, ids: torch.Tensor, alpha: float = ALPHA, skip: Collection[str] = ()) -> None:
-    """Rescale in place from per-channel input maxima seen on the calibration `ids`, except where a
-    consumer is named in `skip`."""
-    skipped = {id(model.get_submodule(name)) for name in skip}
-    groups = [(p, consumers) for p, consumers in _groups(model) if not any(id(c) in skipped for c in consumers)]
+def smooth(model: nn.Module, ids: torch.Tensor, alpha: float = ALPHA) -> None:
+    """Rescale in place from per-channel input maxima seen on the calibration `ids`."""
+    groups = list(_groups(model))
     maxima: dict[int, torch.Tensor] = {}
 
     def recorder(index: int):
@@ -85,14 +65,9 @@ def smooth(model: nn.Module, ids: torch.Tensor, alpha: float = ALPHA, skip: Coll
     finally:
         for hook in hooks:
             hook.remove()
-    for i, (producer, consumers) in enumerate(groups):
+    for i, (norm, consumers) in enumerate(groups):
         weight_max = torch.stack([m.weight.abs().amax(0) for m in consumers]).amax(0).float()
         scale = (maxima[i].clamp(min=EPS) ** alpha / weight_max.clamp(min=EPS) ** (1 - alpha)).clamp(min=EPS)
-        if isinstance(producer, nn.Linear):
-            producer.weight.div_(scale[:, None].to(producer.weight.dtype))
-            if producer.bias is not None:
-                producer.bias.div_(scale.to(producer.bias.dtype))
-        else:
-            producer.weight.div_(scale.to(producer.weight.dtype))
+        norm.weight.div_(scale.to(norm.weight.dtype))
         for consumer in consumers:
             consumer.weight.mul_(scale[None, :].to(consumer.weight.dtype))

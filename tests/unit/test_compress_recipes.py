@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from streamer.compress import distil, prune, smooth
 from streamer.compress.errors import CompressError
@@ -21,7 +20,7 @@ from streamer.compress.lowrank import LowRankLinear
 from streamer.compress.manifest import Manifest
 from streamer.compress.measure import _until_eos
 from streamer.compress.pipeline import CompressOptions, compress
-from streamer.compress.quantize import Int8WeightLinear
+from streamer.compress.quantize import GatedMLP, Int8Embedding, Int8Linear, ProjectionSlice, fuse_projections
 from streamer.models.loader import load_model
 from tests.tiny import CHARS, SPECIALS, save_tiny_llama
 
@@ -70,47 +69,83 @@ def assert_reloads_identically(out: Path) -> None:
     assert first.name == f"{out.name} ({recipe} of {Path(first.manifest['source']).name})"
 
 
-def test_int8_dynamic_swaps_every_linear_and_embedding_and_reloads_its_weights(tiny_dir, tmp_path):
+def test_int8_dynamic_swaps_every_linear_and_embedding_fuses_shared_inputs_and_reloads(tiny_dir, tmp_path):
     manifest = run(tiny_dir, tmp_path / "int8", ["int8-dynamic"])
 
-    assert manifest.weights == "quantized.pt" and (tmp_path / "int8" / "quantized.pt").is_file()
+    assert manifest.weights == "model.safetensors" and (tmp_path / "int8" / "model.safetensors").is_file()
     loaded = load_model(tmp_path / "int8", device="cpu")
     modules = list(loaded.model.modules())
     assert not any(type(m) in (nn.Linear, nn.Embedding) for m in modules)
-    assert sum(isinstance(m, DynamicLinear) for m in modules) == 4 * 6  # all but down_proj in each block
-    weight_only = manifest.steps[0].structure["int8_weight_only"]
-    assert weight_only == [f"model.layers.{i}.mlp.down_proj" for i in range(4)] + ["lm_head"]
-    assert all(isinstance(loaded.model.get_submodule(name), Int8WeightLinear) for name in weight_only)
-    assert manifest.figures.resident_bytes < 0.4 * manifest.source_figures.resident_bytes
+    # per block: one q/k/v Linear, o_proj, one gate/up Linear, down_proj; then the head
+    assert sum(isinstance(m, Int8Linear) for m in modules) == 4 * 4 + 1
+    assert sum(isinstance(m, Int8Embedding) for m in modules) == 1
+    head, embedding = loaded.model.get_output_embeddings(), loaded.model.get_input_embeddings()
+    assert head.weight is embedding.weight and head.scales is embedding.scales  # still tied, stored once
+    assert manifest.steps[0].structure["fused"] == [
+        f"model.layers.{i}.{part}" for i in range(4) for part in ("self_attn", "mlp")
+    ]
+    assert manifest.figures.params == manifest.source_figures.params
+    assert manifest.figures.resident_bytes < 0.3 * manifest.source_figures.resident_bytes
     assert_reloads_identically(tmp_path / "int8")
 
 
-def test_int8_weight_only_linear_stays_close_to_float_and_reloads_from_its_state_dict():
+def test_an_int8_dynamic_artifact_of_an_older_layout_is_refused_with_a_clear_error(tiny_dir, tmp_path):
+    run(tiny_dir, tmp_path / "int8", ["int8-dynamic"])
+    manifest = json.loads((tmp_path / "int8" / "manifest.json").read_text())
+    manifest["steps"][0]["structure"] = {"int8_weight_only": ["lm_head"]}
+    (tmp_path / "int8" / "manifest.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(Exception, match="compressed by an older streamer"):
+        load_model(tmp_path / "int8", device="cpu")
+
+
+def test_int8_linear_stays_close_to_float_per_token_and_reloads_from_its_state_dict():
     torch.manual_seed(0)
     linear, x = nn.Linear(64, 48), torch.randn(2, 5, 64)
-    module = Int8WeightLinear.from_float(linear)
+    x[0, 0] *= 100  # one loud token does not crush the others: scales are per token
+    module = Int8Linear.from_float(linear)
     with torch.inference_mode():
         out, expected = module(x), linear(x)
     assert out.shape == (2, 5, 48) and out.dtype == torch.float32
     assert module.weight.dtype == torch.int8 and not module.weight.requires_grad
-    assert (out - expected).norm() < 0.01 * expected.norm()
-    reloaded = Int8WeightLinear(64, 48, bias=True)
+    for token in range(5):
+        assert (out[1, token] - expected[1, token]).norm() < 0.02 * expected[1, token].norm()
+    reloaded = Int8Linear(64, 48, bias=True)
     reloaded.load_state_dict(module.state_dict())
     with torch.inference_mode():
         assert torch.equal(reloaded(x), out)
 
 
-def test_smoothing_with_an_untied_head_leaves_the_float_model_and_its_embedding_unchanged(tiny_dir):
+def test_int8_embedding_rows_stay_close_to_float():
+    torch.manual_seed(0)
+    embedding, ids = nn.Embedding(100, 32), torch.tensor([[3, 99, 0]])
+    quantized = Int8Embedding.from_float(embedding)
+    assert quantized.weight.dtype == torch.int8
+    assert torch.allclose(quantized(ids), embedding(ids), atol=embedding.weight.abs().max().item() / 127)
+
+
+def test_fused_projections_compute_exactly_what_the_separate_ones_did(tiny_dir):
     model = load_model(tiny_dir, device="cpu").model
-    embedding, before = model.get_input_embeddings().weight.clone(), logits(model)
+    before = logits(model)
+
+    fused = fuse_projections(model)
+
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert fused == [f"model.layers.{i}.{part}" for i in range(4) for part in ("self_attn", "mlp")]
+    assert isinstance(attention.q_proj, ProjectionSlice) and isinstance(mlp, GatedMLP)
+    assert torch.allclose(logits(model), before, atol=1e-5)
+    assert attention.qkv._memo is None  # the last reader let the shared output go
+
+
+def test_smoothing_moves_activation_outliers_into_weights_leaving_the_float_model_unchanged(tiny_dir):
+    model = load_model(tiny_dir, device="cpu").model
+    norm = model.model.layers[0].input_layernorm
+    before = logits(model)
     ids = torch.tensor([[len(SPECIALS) + CHARS.index(c) for c in CORPUS_TEXT[:200]]])
 
-    smooth.untie_lm_head(model)
     smooth.smooth(model, ids)
 
-    assert model.lm_head.weight is not model.get_input_embeddings().weight
-    assert not torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
-    assert torch.equal(model.get_input_embeddings().weight, embedding)
+    assert not torch.equal(norm.weight, torch.ones_like(norm.weight))
     assert torch.allclose(logits(model), before, atol=1e-4)
 
 
