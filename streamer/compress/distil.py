@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from streamer.compress import corpus
 from streamer.compress.errors import CompressError
 
 CHECKPOINT = "distil-checkpoint.pt"
@@ -59,14 +60,10 @@ def shallow_student(teacher: nn.Module, keep: float) -> tuple[nn.Module, dict]:
 
 def token_blocks(texts: Sequence[str], tokenizer, seq_len: int) -> torch.Tensor:
     """All texts tokenized, joined with EOS and cut into equal blocks (the tail is dropped)."""
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        ids.append(tokenizer.eos_token_id)
-    count = len(ids) // seq_len
-    if count == 0:
+    ids = corpus.token_ids(texts, tokenizer)
+    if len(ids) < seq_len:
         raise CompressError(f"the training corpus has {len(ids)} tokens, fewer than one block of {seq_len}")
-    return torch.tensor(ids[: count * seq_len]).reshape(count, seq_len)
+    return corpus.rows(ids, seq_len)
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

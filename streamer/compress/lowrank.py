@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from streamer.compress import corpus
 from streamer.compress.errors import CompressError
 from streamer.compress.prune import decoder_linears
 
@@ -95,15 +96,8 @@ def whitened_svd(weight: torch.Tensor, gram: torch.Tensor) -> Svd:
 
 def calibration_ids(tokenizer, texts: Sequence[str]) -> torch.Tensor:
     """Up to CALIBRATION_TOKENS tokens of `texts` in rows of CALIBRATION_SEQ (one shorter row if fewer)."""
-    ids: list[int] = []
-    for text in texts:
-        if len(ids) >= CALIBRATION_TOKENS:
-            break
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        ids.append(tokenizer.eos_token_id)
-    ids = ids[:CALIBRATION_TOKENS]
-    seq = min(CALIBRATION_SEQ, len(ids))
-    return torch.tensor(ids[: len(ids) // seq * seq]).reshape(-1, seq)
+    ids = corpus.token_ids(texts, tokenizer, CALIBRATION_TOKENS)
+    return corpus.rows(ids, min(CALIBRATION_SEQ, len(ids)))
 
 
 @torch.no_grad()

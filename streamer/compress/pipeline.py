@@ -4,7 +4,6 @@ the source in the same process, gate it, and publish it only if it passes (or `-
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from streamer.compress import artifact, distil, lowrank, prune, quantize, smooth
+from streamer.compress import artifact, corpus, distil, lowrank, prune, quantize, smooth
 from streamer.compress.errors import CompressError, GateFailed
 from streamer.compress.evalset import load_eval_set
 from streamer.compress.gate import Bounds, check
@@ -82,7 +81,7 @@ def compress(source: Path | None, options: CompressOptions) -> Outcome:
     validate(options)
     loaded = load_model(source, device=options.device, cache_dir=options.cache_dir)
     source_dir = loaded.directory
-    texts = read_corpus(options.corpus) if options.corpus is not None else []
+    texts = corpus.read_corpus(options.corpus) if options.corpus is not None else []
     model = copy.deepcopy(loaded.model)
     steps = []
     for recipe in options.recipes:
@@ -122,22 +121,6 @@ def gate_error(manifest: Manifest) -> GateFailed:
     return GateFailed(f"quality gate failed: {reasons}; nothing written (rerun with --force to keep it)")
 
 
-def read_corpus(path: Path) -> list[str]:
-    """Training texts: JSONL lines with a `text` field (what `streamer tail --json` records), or a
-    plain text file split into paragraphs."""
-    if not path.is_file():
-        raise CompressError(f"corpus {path} not found")
-    raw = path.read_text()
-    if path.suffix == ".jsonl":
-        texts = [str(json.loads(line).get("text", "")) for line in raw.splitlines() if line.strip()]
-    else:
-        texts = raw.split("\n\n")
-    texts = [t.strip() for t in texts if t.strip()]
-    if not texts:
-        raise CompressError(f"corpus {path} has no texts")
-    return texts
-
-
 def _apply(
     recipe: str, model: nn.Module, loaded: LoadedModel, texts: list[str], options: CompressOptions
 ) -> tuple[nn.Module, Step]:
@@ -156,7 +139,7 @@ def _apply(
                 model,
                 energy=options.energy,
                 target_fraction=None if options.energy else options.target_params,
-                calibration=lowrank.calibration_ids(loaded.tokenizer, texts or smooth.default_calibration_texts()),
+                calibration=lowrank.calibration_ids(loaded.tokenizer, texts or corpus.default_texts()),
             )
             _recover(model, loaded, texts, options, recipe)
             return model, Step(
@@ -172,7 +155,7 @@ def _apply(
             sparsity = 0.5 if two_four else options.sparsity
             return model, Step(recipe=recipe, options=_recovery_options(options, sparsity=sparsity))
         case "int8-dynamic":
-            ids = smooth.calibration_ids(model, loaded.tokenizer, texts or smooth.default_calibration_texts())
+            ids = smooth.calibration_ids(model, loaded.tokenizer, texts or corpus.default_texts())
             smooth.smooth(model, ids)
             fused = quantize.int8_dynamic(model)
             return model, Step(

@@ -119,7 +119,7 @@ class ProjectionSlice(nn.Module):
         self.start, self.end = start, end
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shared(x)[..., self.start : self.end]
+        return self.shared.forward(x)[..., self.start : self.end]  # no hooks to run: skip __call__
 
 
 class GatedMLP(nn.Module):

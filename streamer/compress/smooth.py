@@ -16,16 +16,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from streamer.compress import corpus
+
 ALPHA = 0.8  # share of the outlier moved into the weights
 CALIBRATION_TOKENS = 1024
 EPS = 1e-5
-
-
-def default_calibration_texts() -> list[str]:
-    """Python's documentation topics (shipped with CPython): generic English prose, not the eval set."""
-    from pydoc_data.topics import topics
-
-    return list(topics.values())[:20]
 
 
 def _groups(model: nn.Module) -> Iterator[tuple[nn.Module, list[nn.Linear]]]:
@@ -42,7 +37,7 @@ def _groups(model: nn.Module) -> Iterator[tuple[nn.Module, list[nn.Linear]]]:
 
 def calibration_ids(model: nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
     """The first CALIBRATION_TOKENS tokens of `texts`, as one row on the model's device."""
-    ids = tokenizer(" ".join(texts), add_special_tokens=False)["input_ids"][:CALIBRATION_TOKENS]
+    ids = corpus.token_ids(texts, tokenizer, CALIBRATION_TOKENS)
     return torch.tensor([ids], device=next(model.parameters()).device)
 
 

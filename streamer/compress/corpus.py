@@ -1,0 +1,57 @@
+"""The texts recipes learn from, as token ids: the user's corpus, or Python's documentation.
+
+Calibration (smoothing's activation maxima, low-rank's Gram matrices) and training (distillation,
+recovery) read texts the same way: tokenized, joined with EOS, cut into rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from streamer.compress.errors import CompressError
+
+DEFAULT_TEXTS = 20
+
+
+def read_corpus(path: Path) -> list[str]:
+    """JSONL lines with a `text` field (what `streamer tail --json` records), or a plain text file
+    split into paragraphs."""
+    if not path.is_file():
+        raise CompressError(f"corpus {path} not found")
+    raw = path.read_text()
+    if path.suffix == ".jsonl":
+        texts = [str(json.loads(line).get("text", "")) for line in raw.splitlines() if line.strip()]
+    else:
+        texts = raw.split("\n\n")
+    texts = [t.strip() for t in texts if t.strip()]
+    if not texts:
+        raise CompressError(f"corpus {path} has no texts")
+    return texts
+
+
+def default_texts() -> list[str]:
+    """Python's documentation topics (shipped with CPython): generic English prose, not the eval set."""
+    from pydoc_data.topics import topics
+
+    return list(topics.values())[:DEFAULT_TEXTS]
+
+
+def token_ids(texts: Sequence[str], tokenizer, limit: int | None = None) -> list[int]:
+    """The texts tokenized and joined with EOS, at most `limit` tokens (tokenizing stops there)."""
+    ids: list[int] = []
+    for text in texts:
+        if limit is not None and len(ids) >= limit:
+            break
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    return ids[:limit]
+
+
+def rows(ids: Sequence[int], width: int) -> torch.Tensor:
+    """`ids` as rows of `width` tokens; the tail that does not fill a row is dropped."""
+    count = len(ids) // width
+    return torch.tensor(list(ids[: count * width])).reshape(count, width)
