@@ -49,6 +49,7 @@ class Pipeline:
         self._settings = settings
         self.metrics = metrics or Metrics()
         self.metrics.model_memory(resident_bytes(worker.model))
+        self.metrics.model_loaded(worker.name, worker.loaded.manifest)
         self._bootstrap = bootstrap
         self._create_topics = create_topics
         self._tracker = OffsetTracker()

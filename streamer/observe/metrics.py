@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 # From a single short answer to a long generation queued behind others.
@@ -44,6 +44,8 @@ class _ModelSeries:
     queue_depth: Gauge
     inflight_tokens: Gauge
     model_memory_bytes: Gauge
+    model: Info
+    model_figures: Gauge
     cuda_memory_bytes: Gauge
     kv_blocks: Gauge
     prefix_reused_tokens: Counter
@@ -89,6 +91,11 @@ def _model_series(registry: CollectorRegistry) -> _ModelSeries:
         inflight_tokens=Gauge("streamer_inflight_tokens", "Prompt tokens queued or running.", registry=registry),
         model_memory_bytes=Gauge("streamer_model_memory_bytes", "Bytes of the resident model's weights.",
                                  registry=registry),
+        model=Info("streamer_model", "The model served: its name, and a compressed artifact's recipe, source and "
+                   "source hash (from its manifest).", registry=registry),
+        model_figures=Gauge("streamer_model_figure", "A compressed artifact's figures as `streamer compress` "
+                            "measured them (its manifest), for the artifact (of=model) and its source.",
+                            ["figure", "of"], registry=registry),
         cuda_memory_bytes=Gauge("streamer_cuda_memory_bytes", "CUDA memory this process holds, per device.",
                                 ["device"], registry=registry),
         kv_blocks=Gauge("streamer_kv_blocks", "KV-cache blocks by state: used (owned by sequences) or total.",
@@ -162,6 +169,20 @@ class Metrics:
 
     def model_memory(self, n_bytes: int) -> None:
         self._model.model_memory_bytes.set(n_bytes)
+
+    def model_loaded(self, name: str, manifest: Mapping[str, Any] | None) -> None:
+        """The served model, and what a compressed artifact's manifest says it is and measured."""
+        steps = manifest["steps"] if manifest else []
+        self._model.model.info({
+            "name": name,
+            "recipe": "+".join(step["recipe"] for step in steps) or "none",
+            "source": manifest["source"] if manifest else "",
+            "source_sha256": manifest["source_sha256"] if manifest else "",
+        })
+        for of, key in (("model", "figures"), ("source", "source_figures")):
+            for figure, value in ((manifest or {}).get(key) or {}).items():
+                if value is not None:
+                    self._model.model_figures.labels(figure, of).set(value)
 
     def lag(self, topic: str, partition: int, lag: int) -> None:
         self._stream.consumer_lag.labels(topic, str(partition)).set(lag)

@@ -70,7 +70,8 @@ def test_a_worker_loads_the_artifact_by_path_and_answers_through_kafka(artifact,
     tag = unique_name("compress")
     settings = settings_for(kafka_bootstrap, redis_url, tag)
     produce_lines(kafka_bootstrap, settings.routes[0].input, [question(i) for i in range(QUESTIONS)])
-    asyncio.run(run_until_written(Pipeline(settings, kafka_bootstrap, redis_url, worker), QUESTIONS, timeout_s=300))
+    pipeline = Pipeline(settings, kafka_bootstrap, redis_url, worker)
+    asyncio.run(run_until_written(pipeline, QUESTIONS, timeout_s=300))
 
     letters = consume_all(kafka_bootstrap, settings.kafka.dead_letter_topic, 1, timeout_s=5)
     assert not letters, letters[0].value[:500]
@@ -79,6 +80,12 @@ def test_a_worker_loads_the_artifact_by_path_and_answers_through_kafka(artifact,
     ]
     assert sorted(a["id"] for a in answers) == [f"q-{i:03d}" for i in range(QUESTIONS)]
     assert all(a["output"] and a["model"] == worker.name for a in answers)
+    metric = pipeline.metrics.registry.get_sample_value
+    assert metric("streamer_model_info", {"name": worker.name, "recipe": "int8-dynamic",
+                                          "source": "SmolLM2-135M-Instruct",
+                                          "source_sha256": worker.loaded.manifest["source_sha256"]}) == 1
+    agreement = metric("streamer_model_figure", {"figure": "agreement", "of": "model"})
+    assert agreement == worker.loaded.manifest["figures"]["agreement"]
 
 
 def test_the_quality_gate_fails_the_command_unless_forced(tmp_path):

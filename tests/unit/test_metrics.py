@@ -9,8 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamer.observe.metrics import Metrics, resident_bytes
 
 
-def value(metrics: Metrics, name: str, **labels: str) -> float | None:
-    return metrics.registry.get_sample_value(name, labels)
+def value(metrics: Metrics, series: str, /, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(series, labels)
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -38,6 +38,28 @@ def test_event_verbs_move_their_series() -> None:
     assert value(m, "streamer_dead_lettered_total", route="questions", code="schema") == 1
     assert value(m, "streamer_late_total", route="clicks") == 1
     assert value(m, "streamer_slo_misses_total", route="questions") == 1
+
+
+def test_the_served_model_and_its_compression_manifest_are_exported() -> None:
+    m = Metrics()
+    figures = {"params": 100, "resident_bytes": 50, "tokens_per_s_b1": 40.0, "tokens_per_s_b32": 300.0,
+               "perplexity": 31.0, "agreement": 0.91}
+    m.model_loaded("smol-int8 (int8-dynamic of SmolLM2)", {
+        "source": "SmolLM2", "source_sha256": "ab12", "steps": [{"recipe": "int8-dynamic"}],
+        "figures": figures, "source_figures": {**figures, "resident_bytes": 200, "agreement": None},
+    })
+    assert value(m, "streamer_model_info", name="smol-int8 (int8-dynamic of SmolLM2)", recipe="int8-dynamic",
+                 source="SmolLM2", source_sha256="ab12") == 1
+    assert value(m, "streamer_model_figure", figure="agreement", of="model") == pytest.approx(0.91)
+    assert value(m, "streamer_model_figure", figure="resident_bytes", of="source") == 200
+    assert value(m, "streamer_model_figure", figure="agreement", of="source") is None  # not measured
+
+
+def test_an_uncompressed_model_is_exported_with_no_recipe() -> None:
+    m = Metrics()
+    m.model_loaded("SmolLM2-135M-Instruct", None)
+    assert value(m, "streamer_model_info", name="SmolLM2-135M-Instruct", recipe="none", source="",
+                 source_sha256="") == 1
 
 
 def test_model_and_stream_verbs_move_their_series() -> None:
