@@ -318,6 +318,12 @@ def compress(
     corpus: Annotated[
         Path | None, typer.Option(help="training texts: JSONL with 'text' (`streamer tail`) or .txt")
     ] = None,
+    corpus_topic: Annotated[
+        str | None, typer.Option(help="training texts: the 'text' of the events recorded in this Kafka topic")
+    ] = None,
+    corpus_max: Annotated[int | None, typer.Option(help="--corpus-topic: read at most this many records")] = None,
+    bootstrap: BootstrapOption = None,
+    config: ConfigOption = None,
     target_params: Annotated[float, typer.Option(help="lowrank: fraction of the parameters to keep")] = 0.7,
     energy: Annotated[float | None, typer.Option(help="lowrank: energy threshold instead of a target")] = None,
     sparsity: Annotated[float, typer.Option(help="prune-magnitude: fraction of weights zeroed")] = 0.5,
@@ -336,10 +342,18 @@ def compress(
 ) -> None:
     """Compress a model, measure it against the source side by side, gate it and write an artifact."""
     from streamer.compress.command import GATE_EXIT, run_compress
+    from streamer.compress.corpus import TopicCorpus
     from streamer.compress.distil import TrainOptions
     from streamer.compress.errors import GateFailed
     from streamer.compress.gate import Bounds
 
+    if corpus is not None and corpus_topic is not None:
+        raise _fail(ConfigError("give --corpus or --corpus-topic, not both"), 2)
+    try:
+        if corpus_topic is not None:
+            corpus = TopicCorpus(corpus_topic, _tool_client(config, bootstrap), corpus_max)
+    except ConfigError as exc:
+        raise _fail(exc, 2) from None
     try:
         run_compress(
             sources or [], report=report, recipes=recipe or [], out=out, threads=threads,

@@ -1,4 +1,5 @@
-"""The texts recipes learn from, as token ids: the user's corpus, or Python's documentation.
+"""The texts recipes learn from, as token ids: the user's corpus (a file, or the events recorded in
+a Kafka topic), or Python's documentation.
 
 Calibration (smoothing's activation maxima, low-rank's Gram matrices) and training (distillation,
 recovery) read texts the same way: tokenized, joined with EOS, cut into rows.
@@ -7,14 +8,56 @@ recovery) read texts the same way: tokenized, joined with EOS, cut into rows.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from streamer.compress.errors import CompressError
 
 DEFAULT_TEXTS = 20
+
+
+@dataclass(frozen=True)
+class TopicCorpus:
+    """The events recorded in a Kafka topic (from its beginning), read for their `text` field."""
+
+    topic: str
+    client: dict[str, Any] = field(repr=False)  # librdkafka settings: bootstrap, SASL/TLS
+    limit: int | None = None
+
+    def __str__(self) -> str:
+        return f"kafka topic {self.topic}"
+
+
+def read(source: Path | TopicCorpus) -> list[str]:
+    """The corpus's texts, from a file or a topic; a corpus with none is an error."""
+    if isinstance(source, TopicCorpus):
+        from streamer.kafka.tools import read_topic
+
+        records = (m.value() or b"" for m in read_topic(source.client, source.topic, limit=source.limit))
+        texts = event_texts(records)
+        if not texts:
+            raise CompressError(f"{source} has no events with a 'text' field")
+        return texts
+    return read_corpus(source)
+
+
+def event_texts(records: Iterable[bytes]) -> list[str]:
+    """The non-empty `text` of each JSON event; records that are not such events are skipped (an
+    input topic also holds what was dead-lettered)."""
+    texts = []
+    for record in records:
+        try:
+            event = json.loads(record)
+        except ValueError:
+            continue
+        text = event.get("text") if isinstance(event, dict) else None
+        if isinstance(text, str) and text.strip():
+            texts.append(text.strip())
+    return texts
 
 
 def read_corpus(path: Path) -> list[str]:

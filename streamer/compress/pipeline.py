@@ -30,7 +30,7 @@ class CompressOptions:
     recipes: Sequence[str]
     out: Path
     force: bool = False
-    corpus: Path | None = None
+    corpus: Path | corpus.TopicCorpus | None = None
     target_params: float | None = 0.7
     energy: float | None = None
     sparsity: float = 0.5
@@ -73,7 +73,9 @@ def validate(options: CompressOptions) -> None:
         raise CompressError(f"{options.out} exists and is not empty")
     needs_corpus = "distil" in options.recipes or options.recover_steps > 0
     if needs_corpus and options.corpus is None:
-        raise CompressError("distillation and recovery need --corpus (a JSONL file with a 'text' field, or .txt)")
+        raise CompressError(
+            "distillation and recovery need --corpus (a JSONL file with a 'text' field, or .txt) or --corpus-topic"
+        )
 
 
 def compress(source: Path | None, options: CompressOptions) -> Outcome:
@@ -81,7 +83,7 @@ def compress(source: Path | None, options: CompressOptions) -> Outcome:
     validate(options)
     loaded = load_model(source, device=options.device, cache_dir=options.cache_dir)
     source_dir = loaded.directory
-    texts = corpus.read_corpus(options.corpus) if options.corpus is not None else []
+    texts = corpus.read(options.corpus) if options.corpus is not None else []
     model = copy.deepcopy(loaded.model)
     steps = []
     for recipe in options.recipes:
@@ -131,7 +133,11 @@ def _apply(
             _train(student, loaded, texts, options, options.train, recipe)
             return student, Step(
                 recipe=recipe,
-                options={"keep_layers": options.keep_layers, "steps": options.train.steps},
+                options={
+                    "keep_layers": options.keep_layers,
+                    "steps": options.train.steps,
+                    "corpus": str(options.corpus),
+                },
                 structure=structure,
             )
         case "lowrank":
@@ -173,7 +179,8 @@ def _apply(
 
 
 def _recovery_options(options: CompressOptions, **extra) -> dict:
-    return {**extra, "recover_steps": options.recover_steps}
+    corpus_name = {"corpus": str(options.corpus)} if options.recover_steps > 0 else {}
+    return {**extra, "recover_steps": options.recover_steps, **corpus_name}
 
 
 def _recover(

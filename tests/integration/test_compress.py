@@ -20,6 +20,7 @@ from streamer.config import ModelSettings
 from streamer.runtime import load_worker
 from tests.integration.services import consume_all, produce_lines, unique_name
 from tests.integration.test_pipeline import question, run_until_written, settings_for
+from tests.tiny import save_tiny_llama
 
 # Each compress run measures two models on 2 shared cores: minutes, not seconds.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
@@ -99,3 +100,22 @@ def test_the_quality_gate_fails_the_command_unless_forced(tmp_path):
     assert not (tmp_path / "refused").exists()
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert Manifest.read(tmp_path / "forced").gate.forced
+
+
+def test_distillation_trains_on_the_events_recorded_in_a_topic(kafka_bootstrap, tmp_path):
+    topic = unique_name("corpus")
+    events = [orjson.dumps({"id": f"e-{i}", "text": f"event {i}: the quick brown fox jumps over the lazy dog."})
+              for i in range(30)]  # fmt: skip
+    produce_lines(kafka_bootstrap, topic, [*events, b"not json", orjson.dumps({"id": "no-text"})])
+    tiny = save_tiny_llama(tmp_path / "tiny", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           max_position_embeddings=2048)  # fmt: skip
+
+    done = streamer_compress(
+        str(tiny), "--recipe", "distil", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+        "--corpus-topic", topic, "--bootstrap", kafka_bootstrap, "--max-ppl-ratio", "1e9", "--min-agreement", "0",
+        "--out", str(tmp_path / "student"),
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    step = Manifest.read(tmp_path / "student").steps[0]
+    assert step.options["corpus"] == f"kafka topic {topic}" and step.structure["kept_layers"] == [0, 3]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from streamer.compress import distil, prune, smooth
+from streamer.compress.corpus import event_texts
 from streamer.compress.errors import CompressError
 from streamer.compress.gate import Bounds
 from streamer.compress.lowrank import LowRankLinear
@@ -149,6 +150,12 @@ def test_smoothing_moves_activation_outliers_into_weights_leaving_the_float_mode
     assert torch.allclose(logits(model), before, atol=1e-4)
 
 
+def test_a_topic_corpus_keeps_the_text_of_each_json_event_and_skips_the_rest():
+    records = [b'{"id": "a", "text": " hello "}', b"not json", b'["a list"]', b'{"id": "b"}', b'{"text": ""}',
+               b'{"text": "world"}']  # fmt: skip
+    assert event_texts(records) == ["hello", "world"]
+
+
 def test_the_reference_answer_ends_at_the_sources_eos():
     assert _until_eos([5, 6, 2, 2, 2], {2}) == [5, 6, 2]
     assert _until_eos([5, 6, 7], {2}) == [5, 6, 7]
@@ -157,7 +164,7 @@ def test_the_reference_answer_ends_at_the_sources_eos():
 def test_magnitude_pruning_zeroes_the_requested_share_and_keeps_it_zero_through_recovery(tiny_dir, corpus, tmp_path):
     manifest = run(tiny_dir, tmp_path / "sparse", ["prune-magnitude"], sparsity=0.6, corpus=corpus, recover_steps=3)
 
-    assert manifest.steps[0].options == {"sparsity": 0.6, "recover_steps": 3}
+    assert manifest.steps[0].options == {"sparsity": 0.6, "recover_steps": 3, "corpus": str(corpus)}
     model = load_model(tmp_path / "sparse", device="cpu").model
     for linear in prune.decoder_linears(model).values():
         assert (linear.weight == 0).float().mean().item() == pytest.approx(0.6, abs=0.01)
@@ -283,3 +290,14 @@ def test_impossible_recipe_lists_are_refused_before_any_model_is_loaded(recipes,
         pytest.skip("a GPU is present")
     with pytest.raises(CompressError, match=message):
         compress(tmp_path / "never-loaded", CompressOptions(recipes=recipes, out=tmp_path / "out"))
+
+
+def test_a_file_corpus_and_a_topic_corpus_together_are_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from streamer.cli import app
+
+    args = ["compress", "--recipe", "distil", "--corpus", "texts.jsonl", "--corpus-topic", "questions",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    refused = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert refused.exit_code == 2 and "not both" in refused.output
