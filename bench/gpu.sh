@@ -4,12 +4,20 @@
 # (bench/configs/*.json). Results: $OUT/gpu.log (everything printed) and one JSON file per benchmark.
 #
 #   OUT=/tmp/gpu-out bash bench/gpu.sh
+#
+# The compression benchmark needs torchao, which that machine lacks: `bash bench/gpu_wheels.sh` here
+# fetches its wheel into bench/.wheels (git-ignored; name it in the device run's `carry`), and this
+# script installs whatever wheels it finds there into a temporary folder on PYTHONPATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+if compgen -G "bench/.wheels/*.whl" >/dev/null; then
+  SITE=$(mktemp -d)
+  $PY -m pip install --quiet --no-deps --no-index --target "$SITE" bench/.wheels/*.whl && export PYTHONPATH=$PWD:$SITE
+fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   $PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
@@ -24,7 +32,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
   # Decode at batch 1 on the 8B shape against the measured memory bandwidth.
   timeout 60 $PY -m bench.decode_bandwidth --config bench/configs/llama-3-8b.json --device cuda \
     --json "$OUT/decode-llama-3-8b.json" || echo "decode bandwidth (llama-3-8b) failed or timed out"
-  # Compression on the 8B shape (int4/int8/fp8 weight-only decode, 2:4 sparse prefill). Needs torchao and
-  # pydantic, which that machine lacks: carry their wheels (see the device README); skipped otherwise.
+  # Compression on the 8B shape (int4/int8/fp8 weight-only decode, 2:4 sparse prefill); needs torchao
+  # (bench/.wheels, above), skipped otherwise.
   OUT="$OUT" timeout 60 $PY -m bench.compress_gpu --layers 8 || echo "bench.compress_gpu skipped or failed"
 } 2>&1 | tee "$OUT/gpu.log"

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from streamer.compress.evalset import EvalSet
 from streamer.compress.manifest import Figures
+from streamer.observe.metrics import resident_bytes  # the figure a serving worker reports, too
 
 AGREEMENT_TOKENS = 32
 SPEED_TOKENS_B1 = 64
@@ -37,11 +38,6 @@ class Reference:
 def parameter_count(model: nn.Module) -> int:
     """Parameters, int8 ones included (quantized modules keep their weights as frozen Parameters)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def resident_bytes(model: nn.Module) -> int:
-    """Bytes of weights held in memory: parameters and buffers (quantization scales, masks)."""
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def disk_bytes(directory: Path) -> int:

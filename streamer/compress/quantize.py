@@ -8,8 +8,9 @@
   gate/up) are fused into one wide Linear first: at batch 1 an int8 call costs mostly its fixed
   part. Per-token scales are what `down_proj` and the LM head need (their inputs carry per-token
   outliers); torch's `quantize_dynamic` (one scale per input tensor, deprecated) needed float
-  activations there instead. On SmolLM2-135M, all 200 eval prompts: agreement 91.5%, batch 1 1.54x
-  and batch 32 1.54x fp32; with `down_proj` weight-only (bf16 activations) 93.8% but 1.44x / 1.12x.
+  activations there instead. On SmolLM2-135M, all 200 eval prompts: agreement 91.2%, batch 1
+  1.48-1.57x and batch 32 1.54-1.62x fp32 (six runs); with `down_proj` weight-only (bf16
+  activations) 93.8% but 1.44x / 1.12x.
 - `int8-weight`, `int4-weight` (group-wise) and `fp8` (Hopper+) on CUDA: torchao's `quantize_`
   configs, applied after loading because their tensor subclasses are device-specific.
 """
@@ -134,7 +135,7 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.act_fn(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :])
 
 
-def _concatenated(linears: list[nn.Linear]) -> nn.Linear | None:
+def _concatenated(linears: list[nn.Module | None]) -> nn.Linear | None:
     """One Linear stacking the outputs of plain Linears that share an input, or None if they cannot."""
     if not all(type(m) is nn.Linear for m in linears) or len({(m.in_features, m.bias is None) for m in linears}) != 1:
         return None
