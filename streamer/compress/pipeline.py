@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from streamer.compress import artifact, corpus, distil, lowrank, prune, quantize, smooth
+from streamer.compress.corpus import TopicCorpus
 from streamer.compress.errors import CompressError, GateFailed
 from streamer.compress.evalset import load_eval_set
 from streamer.compress.gate import Bounds, check
@@ -30,7 +31,7 @@ class CompressOptions:
     recipes: Sequence[str]
     out: Path
     force: bool = False
-    corpus: Path | corpus.TopicCorpus | None = None
+    corpus: Path | TopicCorpus | None = None
     target_params: float | None = 0.7
     energy: float | None = None
     sparsity: float = 0.5
