@@ -130,7 +130,8 @@ def _apply(
     """One recipe on `model` (in place where possible); returns the model to go on with and its step."""
     match recipe:
         case "distil":
-            student, structure = distil.shallow_student(model, options.keep_layers)
+            calibration = torch.tensor([corpus.token_ids(texts, loaded.tokenizer, distil.CALIBRATION_TOKENS)])
+            student, structure = distil.shallow_student(model, options.keep_layers, calibration.to(loaded.device))
             _train(student, loaded, texts, options, options.train, recipe)
             return student, Step(
                 recipe=recipe,
