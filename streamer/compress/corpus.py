@@ -94,6 +94,11 @@ def token_ids(texts: Sequence[str], tokenizer, limit: int | None = None) -> list
     return ids[:limit]
 
 
+def one_row(texts: Sequence[str], tokenizer, limit: int, device: torch.device) -> torch.Tensor:
+    """The first `limit` tokens of `texts` as one row (a batch of one) on `device`."""
+    return torch.tensor([token_ids(texts, tokenizer, limit)], device=device)
+
+
 def rows(ids: Sequence[int], width: int) -> torch.Tensor:
     """`ids` as rows of `width` tokens; the tail that does not fill a row is dropped."""
     count = len(ids) // width

@@ -130,8 +130,8 @@ def _apply(
     """One recipe on `model` (in place where possible); returns the model to go on with and its step."""
     match recipe:
         case "distil":
-            calibration = torch.tensor([corpus.token_ids(texts, loaded.tokenizer, distil.CALIBRATION_TOKENS)])
-            student, structure = distil.shallow_student(model, options.keep_layers, calibration.to(loaded.device))
+            calibration = corpus.one_row(texts, loaded.tokenizer, distil.CALIBRATION_TOKENS, loaded.device)
+            student, structure = distil.shallow_student(model, options.keep_layers, calibration)
             _train(student, loaded, texts, options, options.train, recipe)
             return student, Step(
                 recipe=recipe,
@@ -163,8 +163,10 @@ def _apply(
             sparsity = 0.5 if two_four else options.sparsity
             return model, Step(recipe=recipe, options=_recovery_options(options, sparsity=sparsity))
         case "int8-dynamic":
-            ids = smooth.calibration_ids(model, loaded.tokenizer, texts or corpus.default_texts())
-            smooth.smooth(model, ids)
+            calibration = corpus.one_row(
+                texts or corpus.default_texts(), loaded.tokenizer, smooth.CALIBRATION_TOKENS, loaded.device
+            )
+            smooth.smooth(model, calibration)
             fused = quantize.int8_dynamic(model)
             return model, Step(
                 recipe=recipe,

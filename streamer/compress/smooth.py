@@ -16,8 +16,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from streamer.compress import corpus
-
 ALPHA = 0.8  # share of the outlier moved into the weights
 CALIBRATION_TOKENS = 1024
 EPS = 1e-5
@@ -33,12 +31,6 @@ def _groups(model: nn.Module) -> Iterator[tuple[nn.Module, list[nn.Linear]]]:
         ):
             if all(type(m) is nn.Linear for m in consumers) and isinstance(getattr(norm, "weight", None), torch.Tensor):
                 yield norm, consumers
-
-
-def calibration_ids(model: nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
-    """The first CALIBRATION_TOKENS tokens of `texts`, as one row on the model's device."""
-    ids = corpus.token_ids(texts, tokenizer, CALIBRATION_TOKENS)
-    return torch.tensor([ids], device=next(model.parameters()).device)
 
 
 @torch.no_grad()
