@@ -4,9 +4,10 @@ Two engine worker processes on CPU drive a tiny random Llama (tests/tiny.py) aga
 broker and Redis. tests/faults/faulty_engine.py, the service's entry point here, makes the children's
 model steps fail: every step holding a poisoned event (one in 50 carries a character the tokenizer
 does not know), and every 5th step of two or more sequences once (transient). Mid-stream one worker
-process is SIGKILLed. Promised: a failed step's sequences are retried one at a time, so the transient
-failures cost nothing; the dead child's requests start over on the other; only the poisoned events,
-which fail even alone, are dead-lettered, as `model_error`; every other event is answered once.
+process, stalled inside a step so that it surely holds requests, is SIGKILLed. Promised: a failed
+step's sequences are retried one at a time, so the transient failures cost nothing; the dead child's
+requests start over on the other; only the poisoned events, which fail even alone, are dead-lettered,
+as `model_error`; every other event is answered once.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def test_failed_batches_run_again_alone_a_dead_worker_process_costs_nothing_only
     produce_events(kafka_bootstrap, source)
     log = tmp_path / "service.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "STREAMER_TEST_POISON_ID": str(tiny_tokenizer().unk_token_id),
-           "STREAMER_TEST_FAIL_EVERY": "5"}
+           "STREAMER_TEST_FAIL_EVERY": "5", "STREAMER_TEST_STALL": str(tmp_path / "stall")}
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, str(FAULTS), "run", "--config",
                                     str(config(tmp_path, kafka_bootstrap, redis_url, tag))],
@@ -94,7 +95,11 @@ def test_failed_batches_run_again_alone_a_dead_worker_process_costs_nothing_only
         wait(lambda: counters(state, tag).get("answers", 0) >= EVENTS // 4, 120, "a quarter of the answers", log)
         pids = re.search(r"engine worker processes started: pids \[(\d+), (\d+)\]", log.read_text())
         assert pids is not None
-        os.kill(int(pids.group(1)), signal.SIGKILL)
+        (tmp_path / "stall").touch()  # the next child to step stalls there, holding its requests
+        stalled = tmp_path / "stall.pid"
+        wait(lambda: stalled.exists() and stalled.read_text() != "", 60, "a child stalled in a step", log)
+        assert stalled.read_text() in pids.groups()
+        os.kill(int(stalled.read_text()), signal.SIGKILL)
         killed_at = time.monotonic()
         ends = end_offsets(kafka_bootstrap, source)
         wait(lambda: committed_offsets(kafka_bootstrap, f"g-{tag}", source) == ends, 120, "offsets at the end", log)
