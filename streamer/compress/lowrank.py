@@ -206,7 +206,7 @@ def factorize(
     else:
         ranks = choose_ranks(spectra, shapes, energy)
     for name, rank in ranks.items():
-        _replace(model, name, LowRankLinear.from_linear(linears[name], rank, svds[name]))
+        model.set_submodule(name, LowRankLinear.from_linear(linears[name], rank, svds[name]))
     return {"ranks": ranks}
 
 
@@ -216,9 +216,4 @@ def rebuild(model: nn.Module, ranks: dict[str, int]) -> None:
     for name, rank in ranks.items():
         linear = linears[name]
         shell = LowRankLinear(linear.in_features, linear.out_features, rank, linear.bias is not None)
-        _replace(model, name, shell.to(linear.weight.dtype))
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
+        model.set_submodule(name, shell.to(linear.weight.dtype))

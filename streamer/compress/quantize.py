@@ -28,10 +28,14 @@ INT4_GROUP_SIZE = 128
 LAYOUT = "per-token-activations"  # the manifest's mark of this module layout; older artifacts lack it
 
 
-def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 rows and their float scales (zero rows get a tiny scale, not a division by 0)."""
+@torch.no_grad()
+def _store_int8_rows(module: nn.Module, weight: torch.Tensor) -> None:
+    """Fill `module.weight` and `module.scales` with `weight` as symmetric int8 rows and one float
+    scale per row (zero rows get a tiny scale, not a division by 0)."""
+    weight = weight.detach().float()
     scales = weight.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
-    return torch.round(weight / scales).clamp(-127, 127).to(torch.int8), scales.squeeze(-1)
+    module.weight.copy_(torch.round(weight / scales).clamp(-127, 127))
+    module.scales.copy_(scales.squeeze(-1))
 
 
 class Int8Linear(nn.Module):
@@ -49,12 +53,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
-    @torch.no_grad()
     def from_float(cls, linear: nn.Linear) -> Int8Linear:
         module = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        weight, scales = _int8_rows(linear.weight.detach().float())
-        module.weight.copy_(weight)
-        module.scales.copy_(scales)
+        _store_int8_rows(module, linear.weight)
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach())
         return module
@@ -77,12 +78,9 @@ class Int8Embedding(nn.Module):
         self.register_buffer("scales", torch.ones(num_embeddings))
 
     @classmethod
-    @torch.no_grad()
     def from_float(cls, embedding: nn.Embedding) -> Int8Embedding:
         module = cls(embedding.num_embeddings, embedding.embedding_dim)
-        weight, scales = _int8_rows(embedding.weight.detach().float())
-        module.weight.copy_(weight)
-        module.scales.copy_(scales)
+        _store_int8_rows(module, embedding.weight)
         return module
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -162,9 +160,7 @@ def fuse_projections(model: nn.Module) -> list[str]:
             fused.append(name)
         gate, up = getattr(module, "gate_proj", None), getattr(module, "up_proj", None)
         if hasattr(module, "down_proj") and hasattr(module, "act_fn") and (wide := _concatenated([gate, up])):
-            parent, _, child = name.rpartition(".")
-            mlp = GatedMLP(wide, module.down_proj, module.act_fn, gate.out_features)
-            setattr(model.get_submodule(parent), child, mlp)
+            model.set_submodule(name, GatedMLP(wide, module.down_proj, module.act_fn, gate.out_features))
             fused.append(name)
     return fused
 
@@ -184,8 +180,7 @@ def int8_dynamic(model: nn.Module) -> list[str]:
     for name, module in list(model.named_modules()):
         swap = {nn.Linear: Int8Linear, nn.Embedding: Int8Embedding}.get(type(module))
         if swap is not None:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, swap.from_float(module))
+            model.set_submodule(name, swap.from_float(module))
     if tied:
         head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
         head.weight, head.scales = embedding.weight, embedding.scales
