@@ -7,6 +7,9 @@ next step instead of waiting for a batch to form or to finish.
 
 Backpressure is the same contract as the static pool's: at most `max_queue` requests are queued or
 running; `submit` raises QueueFull beyond that and `wait_for_room()` says when to resume.
+
+A request the engine raises on is answered with the error; any other exception in the engine thread
+is a bug that fails every caller and turns `alive` false (readiness).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from streamer.batching.batcher import BatcherClosed, QueueFull
-from streamer.engine.engine import Engine, Finished, TokenRequest
+from streamer.engine.engine import Engine, Finished, TokenRequest, admit
 from streamer.engine.pool import Generated
 from streamer.engine.worker import GenResult, LLMWorker, Request, Result, ScoreRequest, ScoreResult, label_score
 from streamer.lifecycle import AsyncLifecycle
@@ -30,6 +33,8 @@ if TYPE_CHECKING:
     from streamer.engine.processes import ProcessEngines
 
 log = logging.getLogger(__name__)
+
+_WATCH_S = 1.0  # an idle engine thread still steps this often: engine worker processes are watched for deaths
 
 
 @dataclass(eq=False)
@@ -75,6 +80,11 @@ class ContinuousPool(AsyncLifecycle):
 
     def free_slots(self) -> int:
         return self.max_queue - len(self._calls)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine can serve: its thread has not failed, and (in worker processes) a child is up."""
+        return self._failure is None and (isinstance(self.engine, Engine) or self.engine.alive)
 
     def kv_usage(self) -> tuple[int, int, int]:
         """(blocks used, blocks in all, prompt tokens reused from the prefix cache so far), for metrics."""
@@ -147,13 +157,13 @@ class ContinuousPool(AsyncLifecycle):
         try:
             while True:
                 with self._wake:
-                    while not self._inbox and self.engine.idle and not self._closing:
-                        self._wake.wait()
+                    if not self._inbox and self.engine.idle and not self._closing:
+                        self._wake.wait(_WATCH_S)
                     arrived, self._inbox = self._inbox, []
                 if not arrived and self.engine.idle and self._closing:
                     return
                 finished = [f for key, call in arrived
-                            if (f := self.engine.add(key, call.tokens_request, call.deadline_s))]
+                            if (f := admit(self.engine.add, key, call.tokens_request, call.deadline_s))]
                 started = time.monotonic()
                 finished += self.engine.step()
                 self._report(self.engine.last_step_size, time.monotonic() - started)

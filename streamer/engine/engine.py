@@ -5,8 +5,9 @@ between steps. A generate request is one sequence. A score (classify) request fi
 prompt once; its label rows then start from the prompt's cached blocks, so each label costs only
 the prompt's last partial block plus the label's own tokens, all in one step.
 
-A step that raises is not the fault of every sequence in it: they are all queued again and run one
-at a time, and only a sequence that fails alone gets an error result (a dead letter upstream).
+A step that raises (the model, or sampling logits that hold inf or NaN) is not the fault of every
+sequence in it: they are all queued again and run one at a time, and only a sequence that fails alone
+gets an error result (a dead letter upstream).
 """
 
 from __future__ import annotations
@@ -73,6 +74,23 @@ class Finished:
     steps: int
     error: str | None = None
 
+    @classmethod
+    def failed(cls, key: Hashable, error: str) -> Finished:
+        """A request answered with an error without a step of its own."""
+        now = time.monotonic()
+        return cls(key, [], [], now, None, 0, error)
+
+
+def admit(add: Callable[[Hashable, TokenRequest, float], Finished | None], key: Hashable, request: TokenRequest,
+          deadline_s: float) -> Finished | None:
+    """`add(key, request, deadline_s)` (an engine's), answering a request it raises on with the error:
+    an engine bug one input triggers costs that input, not the thread or process serving every other."""
+    try:
+        return add(key, request, deadline_s)
+    except Exception as exc:
+        log.exception("the engine could not take a request")
+        return Finished.failed(key, f"{type(exc).__name__}: {exc}")
+
 
 @dataclass(eq=False)
 class _Job:
@@ -128,6 +146,7 @@ class Engine:
         self.scheduler.max_step_tokens = self.sizer.budget()
         plan = self.scheduler.schedule()
         if not plan.chunks:
+            self.last_step_size = 0
             return []
         now = time.monotonic()
         for chunk in plan.chunks:
@@ -138,10 +157,10 @@ class Engine:
         self.last_step_size = len(plan.chunks)
         try:
             logits = self.runner.step([self._row(c.seq, c.start, c.end, c.sample) for c in plan.chunks])
+            self.sizer.observe(plan.tokens, time.monotonic() - now)
+            sampled, tails = self._sample(plan, logits)  # raises on logits no softmax can sample (inf, NaN)
         except Exception as exc:
             return self._step_failed(plan, exc)
-        self.sizer.observe(plan.tokens, time.monotonic() - now)
-        sampled, tails = self._sample(plan, logits)
         done = self.scheduler.complete(plan, sampled)
         return self._settle(plan, done, tails)
 

@@ -46,14 +46,23 @@ class StaticPool(AsyncLifecycle):
         self.inflight_tokens = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-worker")
         self._batcher: MicroBatcher[_Queued, Generated] = MicroBatcher(rules, self._run_batch)
+        self._serving = False
 
     async def start(self) -> None:
         await self._batcher.start()
+        self._serving = True
 
     async def aclose(self) -> None:
         """Finish everything queued, then release the worker thread."""
+        self._serving = False
         await self._batcher.aclose()
         self._executor.shutdown(wait=True)
+
+    @property
+    def alive(self) -> bool:
+        """Whether it serves (readiness): from start to aclose. Nothing fails it in between: a batch
+        that raises fails only its own callers, and the micro-batcher goes on with the next."""
+        return self._serving
 
     @property
     def depth(self) -> int:

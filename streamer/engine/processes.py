@@ -6,10 +6,15 @@ there is still one async front end that tokenizes, builds results and applies ba
 not finished yet). A child loads the model itself on its device, takes requests between steps and
 sends back, once per step, what finished and which tokens it sampled.
 
-A child that dies (killed, out of memory) does not hang its callers: the death is logged and its
-unfinished requests start over on a live child; tokens already streamed are not streamed twice (a
-sampled answer may then differ after them; a greedy one does not). With no child left they finish
-with an error. Timings stay comparable because `time.monotonic` is one clock for all processes.
+A child that dies (killed, out of memory) does not hang its callers: the death is logged, its
+unfinished requests start over on a live child (tokens already streamed are not streamed twice; a
+sampled answer may then differ after them, a greedy one does not), and a new child replaces it after
+a backoff: 1 s, doubled for each replacement that dies before it loaded, up to 30 s. While no child
+is alive, requests wait for one. A request in flight on two children that died is answered with an
+error instead, so an input that kills its worker (a device assert, an OOM kill) takes down two
+children at most, not all of them in turn. `alive` says whether a child is loaded and serving
+(readiness), `restarts` how many were replaced (metrics). Timings stay comparable because
+`time.monotonic` is one clock for all processes.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 
 from streamer.config import EngineSettings
 from streamer.engine.build import engine_config
-from streamer.engine.engine import Engine, Finished, TokenRequest
+from streamer.engine.engine import Engine, Finished, TokenRequest, admit
 from streamer.engine.worker import LLMWorker
 from streamer.models.loader import load_model
 
@@ -39,6 +44,9 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.01  # longest wait for a child's report before the pool thread looks at new arrivals again
 _PARENT_CHECK_S = 1.0  # an idle child checks this often whether its parent still lives
+_RESPAWN_FIRST_S = 1.0  # a dead child is replaced this long after its death ...
+_RESPAWN_MAX_S = 30.0  # ... doubled for each replacement that dies before it loaded, up to this
+_DEATHS = 2  # a request in flight on this many dying children fails instead of starting over again
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,8 @@ class _Add:
 
 @dataclass(frozen=True)
 class _Report:
-    """One child step: what finished, the tokens sampled (in order), and the child's state after it."""
+    """One child step: what finished, the tokens sampled (in order), and the child's state after it.
+    An empty one, sent once the model is loaded, says the child is ready."""
 
     finished: list[Finished]
     tokens: list[tuple[Hashable, int]]
@@ -91,11 +100,12 @@ def serve_child(spec: ChildSpec, inbox: Any, outbox: Connection) -> None:
                     spec.end_ids)
     tokens: list[tuple[Hashable, int]] = []
     engine.on_token = lambda key, token: tokens.append((key, token))
+    outbox.send(_Report([], [], 0, 0, engine.kv_usage()))
     while True:
         arrived = _arrivals(inbox, block=engine.idle)
         if None in arrived:
             return
-        finished = [f for a in arrived if a is not None and (f := engine.add(a.key, a.request, a.deadline_s))]
+        finished = [f for a in arrived if a is not None and (f := admit(engine.add, a.key, a.request, a.deadline_s))]
         finished += engine.step()
         if finished or tokens:
             outbox.send(_Report(finished, tokens, engine.scheduler.waiting, engine.last_step_size,
@@ -125,20 +135,30 @@ class _Child:
     process: BaseProcess
     inbox: Any  # a multiprocessing Queue: puts never block, so parent and child cannot deadlock on pipes
     results: Connection
+    backoff_s: float  # how long after its death its replacement starts
     alive: bool = True
+    ready: bool = False  # its model is loaded: it reported
+    respawn_at: float | None = None  # once dead: when its replacement starts
     load: int = 0  # outstanding tokens
     waiting: int = 0  # requests it has not admitted yet, as last reported
     kv: tuple[int, int, int] = (0, 0, 0)  # its KV usage, as last reported
     routed: int = 0  # requests ever sent to it
+
+    def release(self) -> None:
+        """Close this end of its queue and pipe (the child is gone, or has been told to stop)."""
+        self.inbox.cancel_join_thread()
+        self.inbox.close()
+        self.results.close()
 
 
 @dataclass(eq=False)
 class _Pending:
     request: TokenRequest
     deadline_s: float
-    child: _Child | None = None
+    child: _Child | None = None  # None: parked, waiting for a child to come alive
     streamed: int = 0  # tokens handed to on_token
     skip: int = 0  # tokens a retry on another child will repeat: already streamed
+    deaths: int = 0  # children that died while it was in flight on them
 
 
 @dataclass(eq=False)
@@ -148,19 +168,13 @@ class ProcessEngines:
     specs: Sequence[ChildSpec]
     on_token: Any = None  # Callable[[Hashable, int], None] | None, as on Engine
     last_step_size: int = 0
+    restarts: int = field(default=0, init=False)  # children replaced after a death
     _children: list[_Child] = field(default_factory=list, init=False)
     _pending: dict[Hashable, _Pending] = field(default_factory=dict, init=False)
+    _parked: list[Hashable] = field(default_factory=list, init=False)  # pending keys waiting for a child
 
     def __post_init__(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        for i, spec in enumerate(self.specs):
-            inbox = context.Queue()
-            results, outbox = context.Pipe(duplex=False)
-            process = context.Process(target=serve_child, args=(spec, inbox, outbox), name=f"llm-engine-{i}",
-                                      daemon=True)
-            process.start()
-            outbox.close()  # the child holds the writing end; its death then reads as EOF here
-            self._children.append(_Child(process, inbox, results))
+        self._children = [self._spawn(slot, _RESPAWN_FIRST_S) for slot in range(len(self.specs))]
         log.info("engine worker processes started: pids %s on %s", self.pids, [s.device for s in self.specs])
 
     @property
@@ -173,6 +187,12 @@ class ProcessEngines:
         return [c.routed for c in self._children]
 
     @property
+    def alive(self) -> bool:
+        """Whether a child has loaded its model and not died since: false while starting, and while every
+        child is dead or loading again (deaths are noticed by `step`, which the pool runs even when idle)."""
+        return any(c.alive and c.ready for c in self._children)
+
+    @property
     def idle(self) -> bool:
         return not self._pending
 
@@ -183,20 +203,24 @@ class ProcessEngines:
 
     @property
     def waiting(self) -> int:
-        return sum(c.waiting for c in self._children if c.alive)
+        """Requests not admitted yet: queued in live children, or waiting for a child to come alive."""
+        return len(self._parked) + sum(c.waiting for c in self._children if c.alive)
 
     def kv_usage(self) -> tuple[int, int, int]:
         """Engine.kv_usage summed over the live children, as they last reported."""
         live = [c.kv for c in self._children if c.alive]
         return (sum(k[0] for k in live), sum(k[1] for k in live), sum(k[2] for k in live))
 
-    def add(self, key: Hashable, request: TokenRequest, deadline_s: float) -> Finished | None:
-        """Send a request to the least loaded live child; with none left it finishes at once with an error."""
-        return self._route(key, _Pending(request, deadline_s))
+    def add(self, key: Hashable, request: TokenRequest, deadline_s: float) -> None:
+        """Send a request to the least loaded child; with none alive it waits for a replacement."""
+        self._pending[key] = pending = _Pending(request, deadline_s)
+        self._route(key, pending)
 
     def step(self) -> list[Finished]:
-        """What the children finished since the last call; waits up to `_POLL_S` for news, never spins."""
+        """What the children finished since the last call; waits up to `_POLL_S` for news, never spins.
+        Dead children are noticed here, and replaced once their backoff is over."""
         self.last_step_size = 0
+        self._respawn_due()
         live = [c for c in self._children if c.alive]
         wait([c.results for c in live] + [c.process.sentinel for c in live], timeout=_POLL_S)
         finished = [f for child in live for f in self._drain(child)]
@@ -204,33 +228,56 @@ class ProcessEngines:
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop every child (after the pool drained them), killing any that does not exit in time."""
-        for child in self._children:
-            if child.alive:
-                with contextlib.suppress(OSError, ValueError):
-                    child.inbox.put(None)
-        for child in self._children:
+        live = [c for c in self._children if c.alive]
+        for child in live:
+            with contextlib.suppress(OSError, ValueError):
+                child.inbox.put(None)
+        for child in live:
             child.process.join(timeout_s)
             if child.process.is_alive():
                 log.warning("engine worker pid %s did not stop; killing it", child.process.pid)
                 child.process.kill()
                 child.process.join()
             child.alive = False
-            child.inbox.cancel_join_thread()
-            child.inbox.close()
-            child.results.close()
+            child.release()
 
-    def _route(self, key: Hashable, pending: _Pending) -> Finished | None:
+    def _spawn(self, slot: int, backoff_s: float) -> _Child:
+        context = multiprocessing.get_context("spawn")
+        inbox = context.Queue()
+        results, outbox = context.Pipe(duplex=False)
+        process = context.Process(target=serve_child, args=(self.specs[slot], inbox, outbox),
+                                  name=f"llm-engine-{slot}", daemon=True)
+        process.start()
+        outbox.close()  # the child holds the writing end; its death then reads as EOF here
+        return _Child(process, inbox, results, backoff_s)
+
+    def _respawn_due(self) -> None:
+        """Replace the dead children whose backoff is over; requests waiting for a child go to them."""
+        now = time.monotonic()
+        due = [slot for slot, c in enumerate(self._children) if c.respawn_at is not None and c.respawn_at <= now]
+        for slot in due:
+            backoff_s = min(2 * self._children[slot].backoff_s, _RESPAWN_MAX_S)
+            self._children[slot] = self._spawn(slot, backoff_s)
+            self.restarts += 1
+            log.warning("engine worker %d restarted: pid %s", slot, self._children[slot].process.pid)
+        if due:
+            parked, self._parked = self._parked, []
+            for key in parked:
+                self._route(key, self._pending[key])
+
+    def _route(self, key: Hashable, pending: _Pending) -> None:
+        """To the least loaded child that has loaded its model, else to one loading; with none alive,
+        the request is parked until a replacement starts."""
         live = [c for c in self._children if c.alive]
         if not live:
-            now = time.monotonic()
-            return Finished(key, [], [], now, None, 0, error="every engine worker process has died")
-        child = min(live, key=lambda c: c.load)
+            pending.child = None
+            self._parked.append(key)
+            return
+        child = min([c for c in live if c.ready] or live, key=lambda c: c.load)
         pending.child = child
         child.load += pending.request.longest
         child.routed += 1
-        self._pending[key] = pending
         child.inbox.put(_Add(key, pending.request, pending.deadline_s))
-        return None
 
     def _drain(self, child: _Child) -> list[Finished]:
         finished: list[Finished] = []
@@ -242,6 +289,9 @@ class ProcessEngines:
         return finished
 
     def _take(self, child: _Child, report: _Report) -> list[Finished]:
+        if not child.ready:
+            child.ready = True
+            child.backoff_s = _RESPAWN_FIRST_S  # it loaded: a later death starts the backoff over
         child.waiting = report.waiting
         child.kv = report.kv
         self.last_step_size += report.step_size
@@ -265,19 +315,31 @@ class ProcessEngines:
         return finished
 
     def _reap(self) -> list[Finished]:
-        """Notice dead children and start their unfinished requests over elsewhere."""
+        """Notice dead children: what they sent last, then `_bury` them."""
         finished: list[Finished] = []
         for child in self._children:
-            if not child.alive or child.process.exitcode is None:
-                continue
-            finished += self._drain(child)
-            child.alive = False
-            orphans = [(key, p) for key, p in self._pending.items() if p.child is child]
-            log.error("engine worker pid %s died (exit code %s); retrying its %d requests on the others",
-                      child.process.pid, child.process.exitcode, len(orphans))
-            for key, pending in orphans:
-                del self._pending[key]
-                pending.skip = pending.streamed
-                if (failed := self._route(key, pending)) is not None:
-                    finished.append(failed)
+            if child.alive and child.process.exitcode is not None:
+                finished += self._drain(child)
+                finished += self._bury(child)
         return finished
+
+    def _bury(self, child: _Child) -> list[Finished]:
+        """Schedule a dead child's replacement and start its requests over elsewhere, except those on their
+        second dying child: they fail (returned), or an input that kills its worker would kill every one."""
+        child.alive = child.ready = False
+        child.respawn_at = time.monotonic() + child.backoff_s
+        child.release()
+        failed: list[Finished] = []
+        orphans = [(key, p) for key, p in self._pending.items() if p.child is child]
+        for key, pending in orphans:
+            pending.deaths += 1
+            if pending.deaths >= _DEATHS:
+                del self._pending[key]
+                failed.append(Finished.failed(key, f"{pending.deaths} engine worker processes died running it"))
+            else:
+                pending.skip = pending.streamed
+                self._route(key, pending)
+        log.error("engine worker pid %s died (exit code %s); retrying its %d requests, failing %d that a dead "
+                  "worker ran before; restarting it in %.0f s", child.process.pid, child.process.exitcode,
+                  len(orphans) - len(failed), len(failed), child.backoff_s)
+        return failed

@@ -117,8 +117,10 @@ class Scheduler:
         return self._blocks_for(total_tokens) <= self.allocator.num_blocks
 
     def add(self, seq: Sequence) -> None:
-        if not self.fits(len(seq.tokens) + seq.max_new_tokens):
-            raise OutOfBlocks(f"{len(seq.tokens)} + {seq.max_new_tokens} tokens exceed the whole KV cache")
+        """Queue a new sequence, or one queued again after a failed step with part of its answer in
+        `tokens`: either way it holds at most its prompt plus its whole answer."""
+        if not self.fits(seq.prompt_len + seq.max_new_tokens):
+            raise OutOfBlocks(f"{seq.prompt_len} + {seq.max_new_tokens} tokens exceed the whole KV cache")
         heapq.heappush(self._waiting, (seq.deadline_s, next(self._order), seq))
 
     def schedule(self) -> Plan:

@@ -6,8 +6,8 @@ model steps fail: every step holding a poisoned event (one in 50 carries a chara
 does not know), and every 5th step of two or more sequences once (transient). Mid-stream one worker
 process, stalled inside a step so that it surely holds requests, is SIGKILLed. Promised: a failed
 step's sequences are retried one at a time, so the transient failures cost nothing; the dead child's
-requests start over on the other; only the poisoned events, which fail even alone, are dead-lettered,
-as `model_error`; every other event is answered once.
+requests start over on the other, and a new child replaces it; only the poisoned events, which fail
+even alone, are dead-lettered, as `model_error`; every other event is answered once.
 """
 
 from __future__ import annotations
@@ -126,9 +126,11 @@ def test_failed_batches_run_again_alone_a_dead_worker_process_costs_nothing_only
     text = log.read_text()
     died = re.search(r"engine worker pid \d+ died \(exit code -9\); retrying its ([1-9]\d*) requests", text)
     assert died is not None
+    restarted = re.findall(r"engine worker \d restarted: pid (\d+)", text)
+    assert len(restarted) == 1 and restarted[0] not in pids.groups()
     transient = text.count("injected: transient batch failure")
     assert transient >= 5  # each cost nothing: retried one at a time
     print(f"\nRELIABILITY worker faults: sent={EVENTS} answered={len(by_id)} dead_letters={len(dead)} "
           f"duplicates={duplicates} losses={len(valid - set(by_id))} transient_failures={transient} "
-          f"redone={died.group(1)} recovery_s={recovery_s:.1f} "
+          f"redone={died.group(1)} restarted={len(restarted)} recovery_s={recovery_s:.1f} "
           f"total_s={time.monotonic() - began:.1f}")

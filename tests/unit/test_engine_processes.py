@@ -1,6 +1,7 @@
 """Engine worker processes on a tiny random Llama (CPU): two children answer like one in-process engine
-and share the work, a SIGKILLed child costs no request, none is left behind after aclose; a model split
-by an explicit device_map gives the same greedy tokens as the unsplit one."""
+and share the work, a SIGKILLed child costs no request and is restarted, a request in flight on two
+dying children fails alone, requests wait while none is alive, none is left behind after aclose; a
+model split by an explicit device_map gives the same greedy tokens as the unsplit one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import os
 import re
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from streamer.engine.continuous import ContinuousPool
 from streamer.engine.engine import Engine, EngineConfig, TokenRequest
 from streamer.engine.paged import Shape
 from streamer.engine.pool import Generated
-from streamer.engine.processes import ProcessEngines
+from streamer.engine.processes import ProcessEngines, child_specs
 from streamer.engine.worker import GenRequest, GenResult, LLMWorker
 from streamer.models.loader import load_model
 from streamer.runtime import load_worker
@@ -140,15 +142,76 @@ async def test_a_killed_worker_process_costs_no_request_and_no_token_twice(
     assert_gone(engines.pids)
 
 
-async def test_with_every_worker_process_dead_requests_fail_with_a_clear_error(worker: LLMWorker) -> None:
+async def until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.05)
+
+
+def one_process(worker: LLMWorker) -> ContinuousPool:
+    engines = ProcessEngines(child_specs(worker, engine_settings(1), 1))
+    return ContinuousPool(engines, worker, BATCHING.max_queue, 60_000, on_close=engines.close)
+
+
+async def test_a_killed_worker_process_is_restarted_and_the_new_one_serves(
+        worker: LLMWorker, expected: list[GenResult]) -> None:
     pool = processes(worker)
     engines = pool.engine
     assert isinstance(engines, ProcessEngines)
     async with pool:
+        first, second = engines.pids
+        os.kill(first, signal.SIGKILL)  # type: ignore[arg-type]
+        await until(lambda: engines.restarts == 1)  # noticed while idle
+        os.kill(second, signal.SIGKILL)  # type: ignore[arg-type]
+        assert await answers(pool, REQUESTS) == expected[: len(REQUESTS)]
+        assert engines.alive
+    assert engines.pids[0] != first
+    assert_gone(engines.pids)
+
+
+async def test_a_request_in_flight_on_two_dying_worker_processes_fails_and_one_in_flight_on_one_is_served(
+        worker: LLMWorker, expected: list[GenResult], caplog: pytest.LogCaptureFixture) -> None:
+    pool = one_process(worker)
+    engines = pool.engine
+    assert isinstance(engines, ProcessEngines)
+    caplog.set_level(logging.ERROR, logger="streamer.engine.processes")
+    async with pool:
+        stream = pool.stream(LONG)
+        items: list[int | Generated] = [await anext(stream)]  # it runs on the only worker process
+        first = engines.pids[0]
+        os.kill(first, signal.SIGKILL)  # type: ignore[arg-type]
+        await until(lambda: not engines.alive)
+        other = asyncio.ensure_future(pool.generate(REQUESTS[1]))  # waits for the restart, as LONG does
+        await until(lambda: engines.pids[0] != first)  # restarted, both sent to it
+        os.kill(engines.pids[0], signal.SIGKILL)  # type: ignore[arg-type]
+        items += [item async for item in stream]
+        served = await other
+    final = items[-1]
+    assert isinstance(final, Generated) and final.result.error is not None and "died" in final.result.error
+    assert served.result == expected[1]
+    assert engines.restarts == 2
+    deaths = [m.groups() for r in caplog.records
+              if (m := re.search(r"died .* retrying its (\d) requests, failing (\d) .* in (\d) s", r.getMessage()))]
+    assert deaths == [("1", "0", "1"), ("1", "1", "2")]  # the second child died before it loaded: longer backoff
+    assert_gone(engines.pids)
+
+
+async def test_while_every_worker_process_is_dead_requests_wait_for_a_restart_and_readiness_is_false(
+        worker: LLMWorker, expected: list[GenResult]) -> None:
+    pool = processes(worker)
+    engines = pool.engine
+    assert isinstance(engines, ProcessEngines)
+    async with pool:
+        await until(lambda: engines.alive)
+        assert pool.alive
         for pid in engines.pids:
             os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
+        await until(lambda: not engines.alive)
+        assert not pool.alive
         result = (await pool.generate(REQUESTS[0])).result
-    assert result.error is not None and "every engine worker process has died" in result.error
+        assert engines.alive and pool.alive
+    assert result == expected[0]
+    assert engines.restarts == 2
     assert_gone(engines.pids)
 
 

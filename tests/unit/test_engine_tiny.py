@@ -3,6 +3,7 @@ the chunking, preemption or prefix reuse; label scores equal a plain forward pas
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -123,6 +124,43 @@ def test_a_request_that_breaks_the_step_fails_alone_and_the_others_are_answered(
     for i, p in enumerate(clean):
         assert done[i].error is None and done[i].tokens == reference(model, p, 3)
     assert engine.scheduler.max_running == engine.config.max_running, "isolation ends with the last suspect"
+
+
+def test_a_request_whose_logits_cannot_be_sampled_fails_alone_and_the_others_are_answered(
+        model: LlamaForCausalLM) -> None:
+    poison = 13
+    engine = Engine(model, EngineConfig(block_size=4, num_blocks=128), end_ids=frozenset())
+    step = engine.runner.step
+
+    def nan_logits_on_poison(rows):  # type: ignore[no-untyped-def]
+        logits = step(rows)
+        return torch.full_like(logits, float("nan")) if any(poison in row.tokens for row in rows) else logits
+
+    engine.runner.step = nan_logits_on_poison  # type: ignore[method-assign]
+    clean = [p for p in prompts(4) if poison not in p]
+    requests = [TokenRequest(tuple(p), 3) for p in clean] + [TokenRequest((1, 2, poison), 3, temperature=0.7)]
+    done = run_all(engine, requests)
+    assert done[len(clean)].error is not None and "probability tensor" in done[len(clean)].error
+    for i, p in enumerate(clean):
+        assert done[i].error is None and done[i].tokens == reference(model, p, 3)
+
+
+def test_a_step_failing_mid_answer_requeues_a_request_that_fills_the_cache_and_it_still_finishes(
+        model: LlamaForCausalLM) -> None:
+    prompt, later = prompts(2, seed=11)
+    prompt = (prompt * 30)[:30]  # 30 + 30 tokens: 4 blocks of 16, the whole cache
+    engine = Engine(model, EngineConfig(block_size=16, num_blocks=4), end_ids=frozenset())
+    step, steps = engine.runner.step, itertools.count()
+
+    def fails_once_mid_answer(rows):  # type: ignore[no-untyped-def]
+        if next(steps) == 10:  # the prompt's step and 9 decodes ran: 10 tokens generated
+            raise RuntimeError("CUDA out of memory (injected)")
+        return step(rows)
+
+    engine.runner.step = fails_once_mid_answer  # type: ignore[method-assign]
+    done = run_all(engine, [TokenRequest(tuple(prompt), 30)])
+    assert done[0].error is None and done[0].tokens == reference(model, prompt, 30)
+    assert run_all(engine, [TokenRequest(tuple(later), 5)])[0].tokens == reference(model, later, 5)
 
 
 def test_a_request_larger_than_the_cache_is_answered_with_an_error_at_once(model: LlamaForCausalLM) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -43,9 +46,9 @@ def test_random_operations_never_lose_or_double_own_a_block(script: list[tuple[s
             alloc.share(block)
             owned.append(block)
         elif op == "publish" and owned:
-            alloc.publish(owned[n % len(owned)], block_hash=n % 7)
+            alloc.publish(owned[n % len(owned)], block_hash=bytes([n % 7]))
         elif op == "lookup":
-            block = alloc.lookup(n % 7)
+            block = alloc.lookup(bytes([n % 7]))
             if block is not None:
                 owned.append(block)
         check_invariants(alloc, owned)
@@ -57,21 +60,21 @@ def test_random_operations_never_lose_or_double_own_a_block(script: list[tuple[s
 def test_a_freed_published_block_is_reused_by_the_next_prompt_with_that_prefix() -> None:
     alloc = BlockAllocator(4, block_size=2)
     block = alloc.allocate()
-    alloc.publish(block, 42)
+    alloc.publish(block, b"42")
     alloc.free(block)
-    assert alloc.lookup(42) == block
-    assert alloc.lookup(43) is None
+    assert alloc.lookup(b"42") == block
+    assert alloc.lookup(b"43") is None
 
 
 def test_cached_blocks_are_evicted_least_recently_used_first_when_fresh_ones_run_out() -> None:
     alloc = BlockAllocator(2, block_size=2)
     a, b = alloc.allocate(), alloc.allocate()
-    alloc.publish(a, 1)
-    alloc.publish(b, 2)
+    alloc.publish(a, b"1")
+    alloc.publish(b, b"2")
     alloc.free(a)
     alloc.free(b)
     assert alloc.allocate() == a  # a was cached first, so it goes first
-    assert alloc.lookup(1) is None and alloc.lookup(2) == b
+    assert alloc.lookup(b"1") is None and alloc.lookup(b"2") == b
 
 
 def test_allocating_past_the_last_block_raises_instead_of_overcommitting() -> None:
@@ -85,3 +88,21 @@ def test_block_hashes_chain_the_prefix_so_equal_blocks_after_different_prefixes_
     assert block_hashes([1, 2, 3, 4, 5], 2) == block_hashes([1, 2, 3, 4], 2)  # the partial block has no hash
     assert block_hashes([9, 9, 3, 4], 2)[1] != block_hashes([1, 2, 3, 4], 2)[1]
     assert len(block_hashes([1, 2, 3], 4)) == 0
+
+
+def test_a_block_key_is_the_sha256_of_its_parent_key_and_its_token_ids_so_collisions_cannot_be_searched_for() -> None:
+    first, second = block_hashes([1, 2, 3, 4], 2)
+    assert first == hashlib.sha256(bytes(32) + array("I", [1, 2]).tobytes()).digest()
+    assert second == hashlib.sha256(first + array("I", [3, 4]).tobytes()).digest()
+
+
+blocks = st.lists(st.integers(0, 2**32 - 1), min_size=3, max_size=3)
+
+
+@given(blocks, blocks, st.lists(blocks, max_size=3))
+def test_a_key_depends_on_its_block_and_on_every_block_before_it(a: list[int], b: list[int],
+                                                                 tail: list[list[int]]) -> None:
+    rest = [t for block in tail for t in block]
+    keys_a, keys_b = block_hashes([*a, *rest], 3), block_hashes([*b, *rest], 3)
+    assert all((x == y) == (a == b) for x, y in zip(keys_a, keys_b, strict=True)), "one different block: new keys"
+    assert len(set(keys_a)) == len(keys_a), "a block repeated after another prefix gets another key"

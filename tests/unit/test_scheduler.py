@@ -126,6 +126,20 @@ def test_the_logits_tail_of_a_label_row_is_never_split_across_steps() -> None:
     assert (plan.chunks[0].start, plan.chunks[0].end, plan.chunks[0].sample) == (6, 10, True) and done == [row]
 
 
+def test_a_partly_answered_sequence_is_queued_again_when_its_prompt_and_whole_answer_fit() -> None:
+    s = Scheduler(BlockAllocator(4, 16), max_running=8, max_step_tokens=64)
+    x = seq(30, new=30)  # 60 of the 64 slots
+    s.add(x)
+    for _ in range(11):
+        run_step(s)
+    assert len(x.generated) == 11
+    s.abort([x])  # its step failed: the engine queues it again
+    s.add(x)
+    while not s.idle:
+        run_step(s)
+    assert x.finished and x.generated == [7] * 30
+
+
 def test_a_request_larger_than_the_whole_cache_is_refused_up_front() -> None:
     s = Scheduler(BlockAllocator(2, 4), max_running=8, max_step_tokens=64)
     assert not s.fits(9) and s.fits(8)
