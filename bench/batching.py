@@ -21,7 +21,7 @@ import orjson
 import torch
 
 from bench.services import kafka_broker, redis_server
-from streamer.app import Pipeline
+from streamer.app import Pipeline, connect
 from streamer.config import Settings
 from streamer.engine.worker import LLMWorker
 from streamer.kafka.tools import produce_lines, read_topic
@@ -91,7 +91,7 @@ def run_mode(
         routes=[{"name": "q", "input": f"questions-{tag}", "output": f"answers-{tag}"}],
     )
     produce_lines({"bootstrap.servers": bootstrap}, f"questions-{tag}", events)
-    elapsed_s = asyncio.run(_until_written(Pipeline(settings, bootstrap, redis_url, worker), len(events)))
+    elapsed_s = asyncio.run(_until_written(connect(settings, bootstrap, redis_url, worker), len(events)))
     answers = [
         orjson.loads(m.value())
         for m in read_topic(

@@ -1,9 +1,13 @@
 """Wires the stages of one streamer process and runs them until asked to stop.
 
-  KafkaSource ─▶ EventHandler ─bad/late─▶ Writer (dead-letter / late topic)
-                   ├─▶ LLMPool (micro-batcher ▶ resident worker) ─▶ Writer (output topic + Redis)
-                   └─▶ WindowStage (per route) ─window closes─▶ LLMPool? ─▶ Writer (window topic + Redis)
-  Writer ─"fully written"─▶ OffsetTracker ─▶ KafkaSource.commit
+  Source ─▶ EventHandler ─bad/late─▶ Writer (dead-letter / late topic)
+              ├─▶ model pool (continuous engine or static batches) ─▶ Writer (output topic + Redis)
+              └─▶ WindowStage (per route) ─window closes─▶ model pool? ─▶ Writer (window topic + Redis)
+  Writer ─"fully written"─▶ OffsetTracker ─▶ commit (the source; a transaction, exactly once)
+
+The stages talk to the world only through `Edges` (the source, the sink, Redis, the model pool and
+the clock), so the simulation in tests/sim runs this very wiring on in-memory stand-ins; `connect`
+builds the real ones.
 
 Shutdown order (after SIGTERM/SIGINT, within `shutdown_timeout_s`):
   1. stop fetching; 2. emit the windows already closed; 3. finish every queued request;
@@ -17,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
+from streamer.clock import Clock, SystemClock
 from streamer.config import Settings
-from streamer.engine.build import build_pool
+from streamer.engine.build import Pool, build_pool
 from streamer.engine.continuous import ContinuousPool
 from streamer.engine.worker import LLMWorker
 from streamer.events import EventHandler
@@ -29,7 +34,7 @@ from streamer.kafka.admin import ensure_topics
 from streamer.kafka.client_config import consumer_config, producer_config
 from streamer.kafka.offsets import TP, OffsetTracker
 from streamer.kafka.sink import KafkaSink
-from streamer.kafka.source import KafkaSource
+from streamer.kafka.source import KafkaSource, Rebalance, Source
 from streamer.kafka.transactions import CONSUMER_OVERRIDES, TransactionalProducer, producer_overrides
 from streamer.observe.metrics import Metrics, resident_bytes
 from streamer.state.redis import RedisState
@@ -43,38 +48,90 @@ _TICK_S = 0.02
 _MAX_POLL = 500
 
 
-class Pipeline:
-    def __init__(self, settings: Settings, bootstrap: str, redis_url: str, worker: LLMWorker,
-                 *, create_topics: bool = True, metrics: Metrics | None = None) -> None:
+async def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Edges:
+    """What a pipeline reads and writes through; everything between them is in memory."""
+
+    pool: Pool
+    state: RedisState
+    sink: KafkaSink | TransactionalProducer
+    open_source: Callable[[Rebalance], Source]  # subscribes to the routes' inputs
+    prepare: Callable[[], Awaitable[None]] = _nothing  # before consuming, e.g. create the output topics
+    clock: Clock = field(default_factory=SystemClock)
+
+
+def connect(settings: Settings, bootstrap: str, redis_url: str, worker: LLMWorker, *, create_topics: bool = True,
+            metrics: Metrics | None = None) -> Pipeline:
+    """A pipeline on the real edges: Kafka at `bootstrap`, Redis at `redis_url`, `worker`'s model."""
+    metrics = metrics or Metrics()
+    metrics.model_memory(resident_bytes(worker.model))
+    metrics.model_loaded(worker.name, worker.loaded.manifest)
+    exactly_once = settings.processing.guarantee == "exactly_once"
+    sink: KafkaSink | TransactionalProducer
+    if exactly_once:
+        sink = TransactionalProducer({**producer_config(settings.kafka, bootstrap),
+                                      **producer_overrides(settings.processing, settings.kafka.group_id)})
+    else:
+        sink = KafkaSink(producer_config(settings.kafka, bootstrap))
+    consumer = consumer_config(settings.kafka, bootstrap)
+    if exactly_once:
+        consumer |= CONSUMER_OVERRIDES
+    inputs = [r.input for r in settings.routes]
+
+    async def prepare() -> None:
+        if create_topics:
+            await asyncio.to_thread(ensure_topics, settings.kafka, bootstrap, _topics_out(settings))
+
+    return Pipeline(settings, Edges(
+        pool=build_pool(worker, settings.batching, settings.engine, on_batch=metrics.batch_done),
+        state=RedisState(settings.redis, redis_url, kafka_decides_windows=exactly_once),
+        sink=sink,
+        open_source=lambda rebalance: KafkaSource(consumer, inputs, rebalance),
+        prepare=prepare,
+    ), metrics)
+
+
+def _topics_out(settings: Settings) -> list[str]:
+    topics = {settings.kafka.dead_letter_topic}
+    for route in settings.routes:
+        window = route.window
+        topics |= {t for t in (route.output, window and window.output, window and window.late_topic) if t}
+    return sorted(topics)
+
+
+class Pipeline(Rebalance):
+    def __init__(self, settings: Settings, edges: Edges, metrics: Metrics | None = None) -> None:
         self._settings = settings
+        self._edges = edges
         self.metrics = metrics or Metrics()
-        self.metrics.model_memory(resident_bytes(worker.model))
-        self.metrics.model_loaded(worker.name, worker.loaded.manifest)
-        self._bootstrap = bootstrap
-        self._create_topics = create_topics
+        self._clock = edges.clock
         self._tracker = OffsetTracker()
-        self._pool = build_pool(worker, settings.batching, settings.engine, on_batch=self.metrics.batch_done)
+        self._pool = edges.pool
+        self._state = edges.state
         self._exactly_once = settings.processing.guarantee == "exactly_once"
-        self._state = RedisState(settings.redis, redis_url, kafka_decides_windows=self._exactly_once)
-        self._sink: KafkaSink | TransactionalProducer
         self._writer: Writer
         if self._exactly_once:
-            self._sink = TransactionalProducer({**producer_config(settings.kafka, bootstrap),
-                                                **producer_overrides(settings.processing, settings.kafka.group_id)})
-            self._writer = TransactionalWriter(self._sink, self._state, self._tracker,
+            self._writer = TransactionalWriter(edges.sink, self._state, self._tracker,  # type: ignore[arg-type]
                                                settings.kafka.commit_interval_ms / 1000, self._group_metadata,
                                                on_window=self.metrics.window_emitted)
         else:
-            self._sink = KafkaSink(producer_config(settings.kafka, bootstrap))
-            self._writer = Writer(self._sink, self._state, self._tracker, on_window=self.metrics.window_emitted)
+            self._writer = Writer(edges.sink, self._state, self._tracker,  # type: ignore[arg-type]
+                                  on_window=self.metrics.window_emitted)
         self.stages = {r.name: WindowStage(r, self._pool, self._writer, self._tracker, self._state,
-                                           on_mixed=self.metrics.window_mixed)
+                                           on_mixed=self.metrics.window_mixed, clock=self._clock)
                        for r in settings.routes if r.window is not None}
-        self._handler = EventHandler(settings, self._pool, self._writer, self._tracker, self.stages, self.metrics)
-        self.source: KafkaSource | None = None
+        self._handler = EventHandler(settings, self._pool, self._writer, self._tracker, self.stages, self.metrics,
+                                     clock=self._clock)
+        self.source: Source | None = None
         self._stage_of_topic = {r.input: self.stages[r.name] for r in settings.routes if r.window is not None}
         # Window-only routes never queue model work, except summaries, which wait for room themselves.
         self._uses_model = any(r.task != "none" for r in settings.routes)
+        self._background: list[asyncio.Task[None]] = []
+        self._next_tick_s = self._next_commit_s = 0.0
 
     @property
     def written(self) -> int:
@@ -86,29 +143,24 @@ class Pipeline:
         """Final window results fully written so far."""
         return self._writer.windows_written
 
-    def _topics_out(self) -> list[str]:
-        topics = {self._settings.kafka.dead_letter_topic}
-        for route in self._settings.routes:
-            window = route.window
-            topics |= {t for t in (route.output, window and window.output, window and window.late_topic) if t}
-        return sorted(topics)
-
     async def run(self, stop: asyncio.Event) -> None:
         """Consume, answer, window and write until `stop` is set, then drain and commit."""
-        await self._state.ping()
-        if self._create_topics:
-            await asyncio.to_thread(ensure_topics, self._settings.kafka, self._bootstrap, self._topics_out())
-        consumer = consumer_config(self._settings.kafka, self._bootstrap)
-        source = KafkaSource({**consumer, **CONSUMER_OVERRIDES} if self._exactly_once else consumer,
-                             [r.input for r in self._settings.routes], self._tracker,
-                             on_assign=self._assigned, on_revoke=self._revoked, commits=not self._exactly_once)
-        self.source = source
-        await self._pool.start()
-        background = [asyncio.create_task(self._writer.run()), asyncio.create_task(self._serve_sink())]
+        await self.start()
         try:
-            await self._consume(source, stop, background)
+            while not stop.is_set():
+                handled = self.turn()
+                await asyncio.sleep(0 if handled else _IDLE_SLEEP_S)
         finally:
-            await self._shutdown(source, background)
+            await self.shutdown()
+
+    async def start(self) -> None:
+        """Check Redis, prepare the topics, subscribe, start the model and the writer."""
+        await self._state.ping()
+        await self._edges.prepare()
+        self.source = self._edges.open_source(self)
+        await self._pool.start()
+        self._background = [asyncio.create_task(self._writer.run()), asyncio.create_task(self._serve_sink())]
+        self._next_tick_s = self._next_commit_s = self._clock.monotonic_s()
 
     def probes(self) -> dict[str, Callable[[], object]]:
         """Readiness checks for /readyz: the model is resident, Kafka and Redis answer."""
@@ -117,56 +169,78 @@ class Pipeline:
     async def _kafka_ready(self) -> bool:
         return self.source is not None and await asyncio.to_thread(self.source.reachable)
 
-    def _assigned(self, tps: list[TP]) -> None:
+    def assigned(self, tps: list[TP]) -> None:
         for topic, partition in tps:
             if stage := self._stage_of_topic.get(topic):
                 stage.watermarks.assign([(topic, partition)], served=False)
+
+    def revoked(self, tps: list[TP]) -> None:
+        """In-flight events of these partitions still finish and are written (idempotently); their
+        offsets are no longer ours, so commit what is fully written now and forget the rest."""
+        final = self._tracker.forget(tps)
+        if final and not self._exactly_once and self.source is not None:
+            self.source.commit(final, sync=True)
+        self._forget(tps)
+
+    def lost(self, tps: list[TP]) -> None:
+        self._tracker.forget(tps)
+        self._forget(tps)
+
+    def _forget(self, tps: list[TP]) -> None:
+        """Nothing commits or waits on these partitions any more: their next owner replays them."""
+        self._writer.forget(tps)
+        self.metrics.forget_partitions(tps)
+        for stage in self.stages.values():
+            stage.revoke(tps)
 
     def _group_metadata(self) -> object:
         assert self.source is not None, "a transaction commits offsets only once consuming started"
         return self.source.group_metadata()
 
-    def _revoked(self, tps: list[TP]) -> None:
-        if isinstance(self._writer, TransactionalWriter):
-            self._writer.forget(tps)
-        self.metrics.forget_partitions(tps)
-        for stage in self.stages.values():
-            stage.revoke(tps)
-
-    async def _consume(self, source: KafkaSource, stop: asyncio.Event, background: list[asyncio.Task[None]]) -> None:
+    def turn(self) -> int:
+        """One pass of the consume loop: pause or resume, poll, place the events, close windows, commit.
+        Returns how many messages it handled."""
+        source = self.source
+        assert source is not None, "start() first"
+        self._raise_if_failed()
         limits = self._settings.batching
-        next_commit_s = next_tick_s = time.monotonic()
-        while not stop.is_set():
-            self._raise_if_failed(background)
-            room = self._room()
-            if room == 0:
-                source.pause()
-            elif source.paused and room >= min(limits.max_batch, limits.max_queue):
-                source.resume()
-            # No poll while a transaction is being written: a revoke can then only come between two.
-            # Not polling is pausing, for the watermarks too (a write cycle waits while Redis is away).
-            polling = not self._writer.busy
-            messages = source.poll(0 if source.paused else min(room, _MAX_POLL)) if polling else []
-            now_ms = int(time.time() * 1000)
-            unreachable = source.unreachable()
+        room = self._room()
+        if room == 0:
+            source.pause()
+        elif source.paused and room >= min(limits.max_batch, limits.max_queue):
+            source.resume()
+        # No poll while a transaction is being written: a revoke can then only come between two.
+        # Not polling is pausing, for the watermarks too (a write cycle waits while Redis is away).
+        polling = not self._writer.busy
+        messages = source.poll(0 if source.paused else min(room, _MAX_POLL)) if polling else []
+        now_ms = self._clock.now_ms()
+        unreachable = source.unreachable()
+        for stage in self.stages.values():
+            stage.refresh(now_ms, paused=source.paused or not polling, unreachable=unreachable)
+        for message in messages:
+            self._handler.accept(message, now_ms)
+        now_s = self._clock.monotonic_s()
+        if now_s >= self._next_tick_s:
             for stage in self.stages.values():
-                stage.refresh(now_ms, paused=source.paused or not polling, unreachable=unreachable)
-            for message in messages:
-                self._handler.accept(message, now_ms)
-            now_s = time.monotonic()
-            if now_s >= next_tick_s:
-                for stage in self.stages.values():
-                    if waiting := stage.watermarks.unserved():
-                        stage.watermarks.serve(source.served(waiting), now_ms)  # their idle clocks start
-                    stage.tick(now_ms)
-                next_tick_s = now_s + _TICK_S
-            if now_s >= next_commit_s:
-                source.commit()
-                self._report(source)
-                next_commit_s = now_s + self._settings.kafka.commit_interval_ms / 1000
-            await asyncio.sleep(0 if messages else _IDLE_SLEEP_S)
+                if waiting := stage.watermarks.unserved():
+                    stage.watermarks.serve(source.served(waiting), now_ms)  # their idle clocks start
+                stage.tick(now_ms)
+            self._next_tick_s = now_s + _TICK_S
+        if now_s >= self._next_commit_s:
+            self._commit(source)
+            self._report(source)
+            self._next_commit_s = now_s + self._settings.kafka.commit_interval_ms / 1000
+        return len(messages)
 
-    def _report(self, source: KafkaSource) -> None:
+    def _commit(self, source: Source, *, sync: bool = False) -> None:
+        """At least once: commit every partition whose fully-written point moved (exactly once commits
+        inside the writer's transactions)."""
+        offsets = {} if self._exactly_once else self._tracker.committable()
+        if offsets:
+            source.commit(offsets, sync=sync)
+            self._tracker.mark_committed(offsets)
+
+    def _report(self, source: Source) -> None:
         """Gauges sampled at the commit cadence: queue, lag, open windows."""
         self.metrics.queue(self._pool.depth, self._pool.inflight_tokens)
         if isinstance(self._pool, ContinuousPool):
@@ -184,9 +258,9 @@ class Pipeline:
             return 0
         return self._pool.free_slots() if self._uses_model else _MAX_POLL
 
-    def _raise_if_failed(self, background: list[asyncio.Task[None]]) -> None:
+    def _raise_if_failed(self) -> None:
         """A stage that died stops the pipeline with its error rather than stalling it with paused input."""
-        for task in background:
+        for task in self._background:
             if task.done():
                 task.result()
         for stage in self.stages.values():
@@ -195,10 +269,12 @@ class Pipeline:
 
     async def _serve_sink(self) -> None:
         while True:
-            self._sink.poll()
+            self._edges.sink.poll()
             await asyncio.sleep(_IDLE_SLEEP_S)
 
-    async def _shutdown(self, source: KafkaSource, background: list[asyncio.Task[None]]) -> None:
+    async def shutdown(self) -> None:
+        source = self.source
+        assert source is not None
         source.pause()
         try:
             async with asyncio.timeout(self._settings.shutdown_timeout_s):
@@ -208,13 +284,14 @@ class Pipeline:
                 await self._writer.drain()
         except TimeoutError:
             log.warning("shutdown timed out; unfinished events will be processed again after restart")
+        self._commit(source, sync=True)
         source.close()
-        remaining = await self._sink.flush(5.0)
+        remaining = await self._edges.sink.flush(5.0)
         if remaining:
             log.warning("%d records were not acknowledged before exit", remaining)
-        for task in background:
+        for task in self._background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._sink.close()  # after the task that polls it
+        self._edges.sink.close()  # after the task that polls it
         await self._state.aclose()

@@ -62,7 +62,7 @@ def _logging(level: str) -> None:
 @app.command()
 def run(config: ConfigOption = None, log_level: str = "info") -> None:
     """Run the service until SIGTERM/SIGINT, then drain in-flight work, commit and exit."""
-    from streamer.app import Pipeline
+    from streamer.app import connect
     from streamer.observe.logs import new_run_id, setup_logging
     from streamer.runtime import endpoints, load_worker
 
@@ -74,7 +74,7 @@ def run(config: ConfigOption = None, log_level: str = "info") -> None:
             with console.status("Loading the model..."):
                 worker = load_worker(settings.model, settings.engine)
             console.print(startup_summary(settings, ends, worker))
-            pipeline = Pipeline(
+            pipeline = connect(
                 settings, ends.bootstrap, ends.redis_url, worker, create_topics=not ends.embedded_kafka
             )
             asyncio.run(_until_signal(pipeline, settings, ends.redis_url))

@@ -24,7 +24,7 @@ class RawMessage:
 
     value: bytes | None
     key: bytes | None
-    timestamp_ms: int
+    timestamp_ms: int | None  # None: the record has none (the handler uses processing time)
     topic: str
     partition: int
     offset: int

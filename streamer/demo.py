@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from streamer.app import Pipeline
+from streamer.app import Pipeline, connect
 from streamer.config import Route, Settings, WindowSettings
 from streamer.engine.worker import LLMWorker
 from streamer.errors import StreamerError
@@ -67,7 +67,7 @@ def run_demo(settings: Settings, questions: Path, console: Console, *, stay: boo
 
 async def _answer_all(settings: Settings, ends: Endpoints, worker: LLMWorker, expected: int, console: Console,
                       stay: bool, timeout_s: float) -> float:
-    pipeline = Pipeline(settings, ends.bootstrap, ends.redis_url, worker, create_topics=not ends.embedded_kafka)
+    pipeline = connect(settings, ends.bootstrap, ends.redis_url, worker, create_topics=not ends.embedded_kafka)
     stop = asyncio.Event()
     runner = await _serve(pipeline, settings, ends, console)
     started_s = time.monotonic()

@@ -8,11 +8,10 @@ part is left.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
-import time
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
-
+from streamer.clock import Clock, SystemClock
 from streamer.config import Route, Settings
 from streamer.contracts import Answer, DeadLetter, ErrorCode, InputEvent
 from streamer.decode import RawMessage, dead_letter, decode
@@ -29,23 +28,22 @@ from streamer.writer import Outcome, Ref, Writer
 
 class EventHandler:
     def __init__(self, settings: Settings, pool: Pool, writer: Writer, tracker: OffsetTracker,
-                 stages: dict[str, WindowStage], metrics: Metrics) -> None:
+                 stages: dict[str, WindowStage], metrics: Metrics, clock: Clock | None = None) -> None:
         self._settings, self._pool, self._writer, self._tracker = settings, pool, writer, tracker
         self._metrics = metrics
+        self._clock = clock or SystemClock()
         self._routes = {route.input: route for route in settings.routes}
         self._tasks = {route.input: route_tasks(route) for route in settings.routes}
         self._stages = stages
 
-    def accept(self, message: Message, now_ms: int) -> None:
-        topic, partition, offset = message.topic(), message.partition(), message.offset()
-        ref: Ref = ((topic, partition), offset)
+    def accept(self, raw: RawMessage, now_ms: int) -> None:
+        ref: Ref = ((raw.topic, raw.partition), raw.offset)
         self._tracker.track(*ref)
-        ts_type, ts_ms = message.timestamp()
-        timestamp_ms = now_ms if ts_type == TIMESTAMP_NOT_AVAILABLE else ts_ms
-        raw = RawMessage(message.value(), message.key(), timestamp_ms, topic, partition, offset)
-        route = self._routes[topic]
+        if raw.timestamp_ms is None:  # a record without a timestamp: processing time stands in
+            raw = dataclasses.replace(raw, timestamp_ms=now_ms)
+        route = self._routes[raw.topic]
         self._metrics.event_in(route.name)
-        decoded = decode(raw, default_task=route.task, known_tasks=self._tasks[topic],
+        decoded = decode(raw, default_task=route.task, known_tasks=self._tasks[raw.topic],
                          max_chars=self._settings.limits.max_chars)
         if isinstance(decoded, DeadLetter):
             self._dead(raw, decoded, route, ref)
@@ -55,7 +53,8 @@ class EventHandler:
             self._tracker.done(*ref)
             return
         future = self._pool.submit(self._request(decoded, route), _deadline_ms(decoded, route))
-        future.add_done_callback(functools.partial(self._answered, decoded, route, raw, ref, slot, time.monotonic()))
+        future.add_done_callback(functools.partial(self._answered, decoded, route, raw, ref, slot,
+                                                   self._clock.monotonic_s()))
 
     def _windows(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, now_ms: int) -> LabelSlot | None:
         """Place the event in its route's windows; a late event gets a record on the late topic."""
@@ -64,7 +63,7 @@ class EventHandler:
             return None
         slot = LabelSlot() if event.task == "classify" else None
         tokens = self._pool.worker.text_tokens(event.text) if stage.window.task != "count" else 0
-        item = WindowItem(event.text, event.ts or raw.timestamp_ms, event.key, tokens, slot)
+        item = WindowItem(event.text, _event_ms(event, raw), event.key, tokens, slot)
         if stage.add(item, ref, now_ms):
             return slot
         if event.task != "none":
@@ -115,8 +114,9 @@ class EventHandler:
         return Answer(
             id=event.id, key=event.key, task=task, output=text, model=self._pool.worker.name,
             tokens_in=result.tokens_in, tokens_out=tokens_out,
-            queued_ms=round(generated.queued_ms, 3), latency_ms=round((time.monotonic() - arrived_s) * 1000, 3),
-            source=raw.source, ts_in=event.ts or raw.timestamp_ms, ts_out=int(time.time() * 1000), meta=event.meta,
+            queued_ms=round(generated.queued_ms, 3),
+            latency_ms=round((self._clock.monotonic_s() - arrived_s) * 1000, 3), source=raw.source,
+            ts_in=_event_ms(event, raw), ts_out=self._clock.now_ms(), meta=event.meta,
         )
 
     def _dead(self, raw: RawMessage, letter: DeadLetter, route: Route, ref: Ref, topic: str | None = None) -> None:
@@ -130,6 +130,14 @@ class EventHandler:
 def _deadline_ms(event: InputEvent, route: Route) -> float | None:
     """The event's own deadline, else its route's SLO: the engine admits the earliest first."""
     return event.params.deadline_ms or route.slo_ms
+
+
+def _event_ms(event: InputEvent, raw: RawMessage) -> int:
+    """Event time: the event's own `ts`, which decoding defaulted to the record's timestamp."""
+    if event.ts is not None:
+        return event.ts
+    assert raw.timestamp_ms is not None  # accept filled it in
+    return raw.timestamp_ms
 
 
 def _key(event: InputEvent, raw: RawMessage) -> bytes | None:

@@ -76,6 +76,10 @@ class Writer:
         self._idle.clear()
         self._wake.set()
 
+    def forget(self, tps: Iterable[TP]) -> None:
+        """Partitions went away: what is buffered of them is still written (a duplicate at worst), and
+        its release of their offsets is ignored by the tracker."""
+
     async def run(self) -> None:
         """Write until cancelled."""
         while True:

@@ -1,42 +1,72 @@
-"""The consumer side: a consumer group that hands out messages and commits only finished work.
+"""The consumer side: a consumer group that hands out messages; the pipeline decides what to commit.
 
 Polled without blocking from the event loop, so rebalance callbacks run on the loop's thread and the
-OffsetTracker has a single owner. Partitions are paused as a whole when the batcher has no room.
+pipeline's ledger (the OffsetTracker) has a single owner. Partitions are paused as a whole when the
+pipeline has no room. What a rebalance means for in-flight work (commit what is written, forget the
+rest) is the pipeline's `Rebalance` listener's business; this module only speaks Kafka.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from streamer.decode import RawMessage
 from streamer.errors import StreamerError
-from streamer.kafka.offsets import TP, OffsetTracker
+from streamer.kafka.offsets import TP
 from streamer.kafka.reachability import STATS_INTERVAL_MS, unreachable
 
 log = logging.getLogger(__name__)
 
 
-PartitionsListener = Callable[[list[TP]], None]
+class Rebalance(Protocol):
+    """Hears of partitions coming and going, inside the poll that learns of it."""
+
+    def assigned(self, tps: list[TP]) -> None: ...
+
+    def revoked(self, tps: list[TP]) -> None:
+        """Given to another member in an orderly rebalance: commit what is fully written now."""
+        ...
+
+    def lost(self, tps: list[TP]) -> None:
+        """Taken without a handover (session timeout): another member may own them already."""
+        ...
 
 
-def _ignore(_: list[TP]) -> None:
-    return None
+class Source(Protocol):
+    """Where a pipeline's events come from: a consumer group's share of the input topics."""
+
+    @property
+    def paused(self) -> bool: ...
+
+    def poll(self, max_messages: int) -> list[RawMessage]: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def commit(self, offsets: dict[TP, int], *, sync: bool = False) -> None: ...
+
+    def group_metadata(self) -> object: ...
+
+    def reachable(self, timeout_s: float = 1.0) -> bool: ...
+
+    def lag(self) -> dict[TP, int]: ...
+
+    def unreachable(self) -> frozenset[TP]: ...
+
+    def served(self, tps: list[TP]) -> list[TP]: ...
+
+    def close(self) -> None: ...
 
 
 class KafkaSource:
-    def __init__(self, config: dict[str, Any], topics: Sequence[str], tracker: OffsetTracker, *,
-                 on_assign: PartitionsListener = _ignore, on_revoke: PartitionsListener = _ignore,
-                 commits: bool = True) -> None:
-        """`on_assign`/`on_revoke` tell other stages (windows) which partitions feed them; revoked and
-        lost partitions are forgotten by the tracker first, so nothing commits or waits on them.
-        `commits=False` (exactly once): offsets are committed inside the producer's transactions instead."""
-        self._tracker = tracker
-        self._commits = commits
-        self._listeners = (on_assign, on_revoke)
+    def __init__(self, config: dict[str, Any], topics: Sequence[str], rebalance: Rebalance) -> None:
+        self._rebalance = rebalance
         self._paused = False
         self._unreachable: frozenset[TP] = frozenset()
         self._consumer = Consumer({"statistics.interval.ms": STATS_INTERVAL_MS, **config,
@@ -49,7 +79,7 @@ class KafkaSource:
     def paused(self) -> bool:
         return self._paused
 
-    def poll(self, max_messages: int) -> list[Message]:
+    def poll(self, max_messages: int) -> list[RawMessage]:
         """Up to `max_messages` ready messages, without waiting; broker hiccups are logged, fatal errors raise."""
         if max_messages <= 0:
             if not self._paused:
@@ -61,7 +91,7 @@ class KafkaSource:
         for message in self._consumer.consume(num_messages=max_messages, timeout=0):
             error = message.error()
             if error is None:
-                ready.append(message)
+                ready.append(_raw(message))
             elif error.fatal():
                 raise StreamerError(f"Kafka consumer failed: {error.str()}")
             elif error.code() != KafkaError._PARTITION_EOF:
@@ -78,12 +108,14 @@ class KafkaSource:
             self._consumer.resume(self._consumer.assignment())
             self._paused = False
 
-    def commit(self, *, sync: bool = False) -> None:
-        """Commit every partition whose fully-written point moved."""
-        offsets = self._tracker.committable() if self._commits else {}
-        if offsets:
-            self._commit(offsets, sync=sync)
-            self._tracker.mark_committed(offsets)
+    def commit(self, offsets: dict[TP, int], *, sync: bool = False) -> None:
+        """Commit these offsets (the next one to read, per partition); a failure is logged, and the next
+        commit supersedes it."""
+        parts = [TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()]
+        try:
+            self._consumer.commit(offsets=parts, asynchronous=not sync)
+        except KafkaException as exc:
+            log.warning("commit failed (the next commit supersedes it): %s", exc.args[0].str())
 
     def group_metadata(self) -> object:
         """The member's generation, which a transaction's offset commit must carry (KIP-447 fencing)."""
@@ -117,15 +149,7 @@ class KafkaSource:
         return [tp for tp in tps if self._consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)[1] >= 0]
 
     def close(self) -> None:
-        self.commit(sync=True)
         self._consumer.close()
-
-    def _commit(self, offsets: dict[TP, int], *, sync: bool) -> None:
-        parts = [TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()]
-        try:
-            self._consumer.commit(offsets=parts, asynchronous=not sync)
-        except KafkaException as exc:
-            log.warning("commit failed (the next commit supersedes it): %s", exc.args[0].str())
 
     def _on_stats(self, stats: str) -> None:
         self._unreachable = unreachable(orjson.loads(stats))
@@ -136,22 +160,26 @@ class KafkaSource:
             consumer.pause(partitions)
         else:  # librdkafka keeps a partition's pause flag across a loss and reassignment
             consumer.resume(partitions)
-        self._listeners[0]([(p.topic, p.partition) for p in partitions])
+        self._rebalance.assigned(_tps(partitions))
         log.info("assigned %s", _names(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # In-flight events of these partitions still finish and are written (idempotently); their offsets
-        # are no longer ours, so commit what is fully written now and forget the rest.
-        final = self._tracker.forget((p.topic, p.partition) for p in partitions)
-        if final and self._commits:
-            self._commit(final, sync=True)
-        self._listeners[1]([(p.topic, p.partition) for p in partitions])
+        self._rebalance.revoked(_tps(partitions))
         log.info("revoked %s", _names(partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._tracker.forget((p.topic, p.partition) for p in partitions)
-        self._listeners[1]([(p.topic, p.partition) for p in partitions])
+        self._rebalance.lost(_tps(partitions))
         log.warning("lost %s (another member owns them now)", _names(partitions))
+
+
+def _raw(message: Message) -> RawMessage:
+    ts_type, ts_ms = message.timestamp()
+    return RawMessage(message.value(), message.key(), None if ts_type == TIMESTAMP_NOT_AVAILABLE else ts_ms,
+                      message.topic(), message.partition(), message.offset())
+
+
+def _tps(partitions: list[TopicPartition]) -> list[TP]:
+    return [(p.topic, p.partition) for p in partitions]
 
 
 def _names(partitions: list[TopicPartition]) -> str:

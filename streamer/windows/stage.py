@@ -24,11 +24,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Coroutine, Hashable
 from typing import Any
 
+from streamer.clock import Clock, SystemClock
 from streamer.config import Route
 from streamer.contracts import TextStats, WindowBounds, WindowResult
 from streamer.engine.build import Pool
@@ -54,10 +54,12 @@ def window_id(route: str, key: str | None, kind: str, start_ms: int, end_ms: int
 
 class WindowStage:
     def __init__(self, route: Route, pool: Pool, writer: Writer, tracker: OffsetTracker,
-                 state: RedisState, on_mixed: Callable[[str], None] = lambda route: None) -> None:
+                 state: RedisState, on_mixed: Callable[[str], None] = lambda route: None,
+                 clock: Clock | None = None) -> None:
         """`on_mixed(route)` hears of every final window holding events of several partitions (metrics)."""
         assert route.window is not None
         self._on_mixed = on_mixed
+        self._clock = clock or SystemClock()
         self.route, self.window = route, route.window
         self._pool, self._writer, self._tracker, self._state = pool, writer, tracker, state
         w = route.window
@@ -71,7 +73,7 @@ class WindowStage:
         self.watermarks = Watermarks(w.allowed_lateness_ms, w.idle_timeout_ms)
         self.late: defaultdict[str | None, int] = defaultdict(int)
         self._dirty: defaultdict[str | None, int] = defaultdict(int)
-        self._last_update_s = time.monotonic()
+        self._last_update_s = self._clock.monotonic_s()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing: set[OpenWindow[Content]] = set()  # handed over by the engine, not yet to the writer
         self._failure: BaseException | None = None
@@ -147,7 +149,8 @@ class WindowStage:
         if closed:
             self._closing.update(closed)
             self._spawn(self._close_all(closed))
-        if self.window.emit == "update" and time.monotonic() - self._last_update_s >= self.window.update_every_s:
+        due_s = self._last_update_s + self.window.update_every_s
+        if self.window.emit == "update" and self._clock.monotonic_s() >= due_s:
             self._emit_updates(list(self._dirty))
 
     async def drain(self) -> None:
@@ -184,7 +187,7 @@ class WindowStage:
             for open_window in (w for engine in self._engines.values() for w in engine.peek(key)):
                 result = self._result(open_window, final=False, summary=None)
                 self._writer.add(Outcome(self.window.output, result.id.encode(), result, (), self.route.name))
-        self._last_update_s = time.monotonic()
+        self._last_update_s = self._clock.monotonic_s()
 
     async def _close_all(self, closed: list[OpenWindow[Content]]) -> None:
         """Emit the windows one tick closed, minus what a revoke takes out meanwhile."""
@@ -255,7 +258,7 @@ class WindowStage:
             summary=summary, labels=dict(content.labels) if self.route.task == "classify" else None,
             stats=_stats(content) if self.window.task == "stats" else None,
             model=self._pool.worker.name if summary is not None else None,
-            final=final, emitted_at=int(time.time() * 1000),
+            final=final, emitted_at=self._clock.now_ms(),
         )
 
 

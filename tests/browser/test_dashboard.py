@@ -14,7 +14,7 @@ import pytest
 import redis
 from playwright.async_api import Page, async_playwright, expect
 
-from streamer.app import Pipeline
+from streamer.app import connect
 from streamer.config import RedisSettings, Settings
 from streamer.contracts import Answer, DeadLetter, ErrorCode, Source, WindowBounds, WindowResult
 from streamer.observe.dashboard import run_dashboard
@@ -152,7 +152,7 @@ def test_dashboard_shows_answers_and_closed_windows_live_in_headless_chromium(
 ):
     tag = unique_name("dash")
     create_topic(kafka_bootstrap, f"in-{tag}", partitions=1)
-    pipeline = Pipeline(pipeline_settings(kafka_bootstrap, redis_url, tag), kafka_bootstrap, redis_url, worker)
+    pipeline = connect(pipeline_settings(kafka_bootstrap, redis_url, tag), kafka_bootstrap, redis_url, worker)
     events = [orjson.dumps({"id": i, "key": k, "text": text, "ts": T0 + at}) for i, k, text, at in QUESTIONS]
     events.append(b"{not json")  # a dead letter, to show the codes panel
     ARTIFACTS.mkdir(exist_ok=True)

@@ -11,7 +11,7 @@ from collections import Counter
 import orjson
 import pytest
 
-from streamer.app import Pipeline
+from streamer.app import connect
 from streamer.config import Settings
 from tests.integration.services import consume_all, produce_lines, unique_name
 
@@ -59,7 +59,7 @@ def test_hostile_messages_are_dead_lettered_precisely_and_odd_valid_ones_answere
     messages = [m for m, _ in HOSTILE] + ODD_BUT_VALID + garbage
     produce_lines(kafka_bootstrap, f"in-{tag}", messages)
 
-    pipeline = Pipeline(settings, kafka_bootstrap, redis_url, worker)
+    pipeline = connect(settings, kafka_bootstrap, redis_url, worker)
 
     async def run() -> None:
         stop = asyncio.Event()

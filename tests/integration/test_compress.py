@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from streamer.app import Pipeline
+from streamer.app import connect
 from streamer.compress.manifest import Manifest
 from streamer.compress.report import cells
 from streamer.config import ModelSettings
@@ -71,7 +71,7 @@ def test_a_worker_loads_the_artifact_by_path_and_answers_through_kafka(artifact,
     tag = unique_name("compress")
     settings = settings_for(kafka_bootstrap, redis_url, tag)
     produce_lines(kafka_bootstrap, settings.routes[0].input, [question(i) for i in range(QUESTIONS)])
-    pipeline = Pipeline(settings, kafka_bootstrap, redis_url, worker)
+    pipeline = connect(settings, kafka_bootstrap, redis_url, worker)
     asyncio.run(run_until_written(pipeline, QUESTIONS, timeout_s=300))
 
     letters = consume_all(kafka_bootstrap, settings.kafka.dead_letter_topic, 1, timeout_s=5)

@@ -11,19 +11,35 @@ from confluent_kafka import Producer
 
 from streamer.config import KafkaSettings
 from streamer.kafka.client_config import TOPIC_DISCOVERY_MS, consumer_config
-from streamer.kafka.offsets import OffsetTracker
+from streamer.kafka.offsets import TP
 from streamer.kafka.source import KafkaSource
 from tests.integration.services import create_topic, unique_name
 
 pytestmark = pytest.mark.integration
 
 
+class Listener:
+    """Hears of assignments only."""
+
+    def __init__(self, assigned: list[TP]) -> None:
+        self._assigned = assigned
+
+    def assigned(self, tps: list[TP]) -> None:
+        self._assigned.extend(tps)
+
+    def revoked(self, tps: list[TP]) -> None:
+        pass
+
+    def lost(self, tps: list[TP]) -> None:
+        pass
+
+
 def test_a_topic_created_after_subscribing_is_consumed_within_seconds(kafka_bootstrap):
     early, topic = unique_name("early"), unique_name("late")
     create_topic(kafka_bootstrap, early, partitions=1)
     config = consumer_config(KafkaSettings(group_id=unique_name("g")), kafka_bootstrap)
-    assigned: list[object] = []
-    source = KafkaSource(config, [early, topic], OffsetTracker(), on_assign=assigned.extend)
+    assigned: list[TP] = []
+    source = KafkaSource(config, [early, topic], Listener(assigned))
     try:
         while not assigned:  # the group formed around the topic that exists
             assert source.poll(10) == []
@@ -38,7 +54,7 @@ def test_a_topic_created_after_subscribing_is_consumed_within_seconds(kafka_boot
             assert time.monotonic() - created < 3 * TOPIC_DISCOVERY_MS / 1000 + 10, "the new topic was not picked up"
             got = source.poll(10)
             time.sleep(0.1)
-        assert [m.value() for m in got] == [b"hello"]
+        assert [m.value for m in got] == [b"hello"]
         print(f"\nnew topic consumed {time.monotonic() - created:.1f} s after it was created")
     finally:
         source.close()

@@ -10,7 +10,7 @@ import orjson
 import pytest
 import redis
 
-from streamer.app import Pipeline
+from streamer.app import Pipeline, connect
 from streamer.config import Settings
 from tests.integration.services import committed_offsets, consume_all, end_offsets, produce_lines, unique_name
 
@@ -75,7 +75,7 @@ def test_every_valid_event_is_answered_once_and_every_bad_one_is_dead_lettered(
 
     asyncio.run(
         run_until_written(
-            Pipeline(settings, kafka_bootstrap, redis_url, worker), len(messages), timeout_s=600
+            connect(settings, kafka_bootstrap, redis_url, worker), len(messages), timeout_s=600
         )
     )
 
