@@ -176,8 +176,13 @@ def dashboard(
     redis_url: Annotated[str | None, typer.Option(help="default: redis.url of the settings")] = None,
     host: str = "127.0.0.1",
     port: int = 9500,
+    token: Annotated[str | None, typer.Option(
+        envvar="STREAMER_DASHBOARD_TOKEN", show_default=False,
+        help="bearer token the page and /api/* ask for (open /?token=... once); default: observe.auth_token")] = None,
 ) -> None:
     """Serve the live dashboard: it reads only Redis, so it works for any streamer deployment."""
+    from pydantic import SecretStr
+
     from streamer.observe.dashboard.server import run_dashboard
     from streamer.state.client_url import client_url
 
@@ -187,7 +192,9 @@ def dashboard(
                             if settings.redis.url else None)
         if url is None:
             raise ConfigError("no Redis to read: pass --redis-url or set redis.url (STREAMER_REDIS__URL)")
-        asyncio.run(run_dashboard(url, settings.redis.prefix, host, port))
+        secret = SecretStr(token) if token else settings.observe.auth_token
+        asyncio.run(run_dashboard(url, settings.redis.prefix, host, port, token=secret,
+                                  max_streams=settings.observe.max_live_streams))
     except ConfigError as exc:
         raise _fail(exc, 2) from None
     except (StreamerError, OSError) as exc:
@@ -201,6 +208,9 @@ def serve(
     config: ConfigOption = None,
     host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port of the OpenAI-compatible API")] = 8000,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="STREAMER_API_KEY", show_default=False,
+        help="bearer token every /v1 request must send (set it before listening beyond 127.0.0.1)")] = None,
     log_level: str = "info",
 ) -> None:
     """Serve the model as an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions); no Kafka."""
@@ -211,14 +221,15 @@ def serve(
         settings = _settings(config)
         with console.status("Loading the model..."):
             pool = APIPool.from_settings(settings.model, settings.batching)
-        asyncio.run(_serve_until_signal(pool, host, port, settings.limits))
+        asyncio.run(_serve_until_signal(pool, host, port, settings.limits, api_key or None))
     except ConfigError as exc:
         raise _fail(exc, 2) from None
     except (StreamerError, OSError) as exc:
         raise _fail(exc) from None
 
 
-async def _serve_until_signal(pool: APIPool, host: str, port: int, limits: LimitsSettings) -> None:
+async def _serve_until_signal(pool: APIPool, host: str, port: int, limits: LimitsSettings,
+                              api_key: str | None) -> None:
     """Serve until SIGTERM/SIGINT; requests already queued are answered before exit."""
     from streamer.serve.openai import run_server
 
@@ -226,7 +237,7 @@ async def _serve_until_signal(pool: APIPool, host: str, port: int, limits: Limit
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await run_server(pool, host, port, limits, stop=stop)
+    await run_server(pool, host, port, limits, stop=stop, api_key=api_key)
 
 
 @app.command()

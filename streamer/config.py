@@ -74,8 +74,10 @@ class RedisSettings(_Section):
     password: SecretStr | None = Field(None, description="AUTH password; overrides the URL's")
     tls: TlsSettings | None = Field(None, description="TLS options; set: TLS even for a redis:// URL")
     prefix: str = "streamer"
-    answer_ttl_s: int = Field(7 * 24 * 3600, ge=1)
+    answer_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="lifetime of per-event, per-key and per-window keys")
     stream_maxlen: int = Field(10_000, ge=10)
+    window_index_max: int = Field(1000, ge=1, description="window ids kept per (route, key) index; older ones trimmed")
+    latest_keys_max: int = Field(10_000, ge=1, description="keys kept in windows:latest:{route}; least recent dropped")
 
 
 class ModelSettings(_Section):
@@ -127,6 +129,7 @@ class EngineSettings(_Section):
 class LimitsSettings(_Section):
     max_chars: int = Field(4000, ge=1)
     max_new_tokens: int = Field(512, ge=1, description="cap on any request's max_new_tokens")
+    max_prompts: int = Field(64, ge=1, description="prompts in one /v1/completions request (streamer serve)")
 
 
 class WindowSettings(_Section):
@@ -191,8 +194,11 @@ class Route(_Section):
 class ObserveSettings(_Section):
     """Where the service shows itself: metrics, health, the dashboard, and how it logs."""
 
-    http_host: str = "0.0.0.0"
+    http_host: str = Field("127.0.0.1", description="0.0.0.0 serves every interface: set auth_token then")
     http_port: int | None = Field(9400, ge=1, le=65535, description="metrics, health, dashboard; null: off")
+    auth_token: SecretStr | None = Field(
+        None, description="bearer token the dashboard (/ and /api/*) asks for; null: none (metrics, probes stay open)")
+    max_live_streams: int = Field(16, ge=1, description="dashboard live-update streams served at once; more get 503")
     json_logs: bool = Field(False, description="one JSON object per log line, with the run id")
 
 

@@ -2,12 +2,14 @@
 
 streamer takes no requests over HTTP; this port only shows the process. `build_app` returns a plain
 aiohttp Application so other features (a dashboard) add their routes to the same port, either as
-`extra_routes` or later with `app.add_routes(...)` before `serve`.
+`extra_routes` or later with `app.add_routes(...)` before `serve`. Metrics and probes stay open (k8s and
+Prometheus call them); features that show data check a bearer token with `bearer` and `same_secret`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -72,6 +74,17 @@ def readiness_of(probes: Mapping[str, Probe], *, timeout_s: float = 2.0) -> Read
         return dict(zip(names, results, strict=True))
 
     return check
+
+
+def bearer(request: web.Request) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, if the request has one."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def same_secret(given: str | None, secret: str) -> bool:
+    """Constant-time comparison, so response times do not tell how much of a guess was right."""
+    return given is not None and hmac.compare_digest(given.encode(), secret.encode())
 
 
 async def _probe(name: str, probe: Probe, timeout_s: float) -> bool:

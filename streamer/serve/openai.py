@@ -13,6 +13,10 @@ Differences from OpenAI, on purpose or for now:
 - `stop` cuts the text; generation of that request runs on to its limit, and usage counts every token.
 - Unknown parameters (top_p, seed, user, ...) are accepted and ignored, as many clients send them;
   parameters whose meaning we cannot honour (n > 1, echo) are rejected with a 400.
+
+With an API key (`streamer serve --api-key`), every /v1 route asks for `Authorization: Bearer <key>`, as
+OpenAI does. Each prompt and message text is capped at `limits.max_chars`, and a /v1/completions request
+at `limits.max_prompts` prompts, so one request cannot take the whole batcher.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Literal, TypeVar
 
 from aiohttp import web
@@ -29,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from streamer.api import Completion, GenerationError, LLMPool
 from streamer.config import LimitsSettings
+from streamer.observe.http import bearer, same_secret
 
 log = logging.getLogger(__name__)
 
@@ -255,13 +260,48 @@ class StopScanner:
 # --- routes ---------------------------------------------------------------------------------------
 
 
-class _Routes:
-    """The handlers, bound to one pool and its limits (no module state, so apps can coexist)."""
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-    def __init__(self, api: LLMPool, limits: LimitsSettings) -> None:
+
+class _Routes:
+    """The handlers, bound to one pool, its limits and API key (no module state, so apps can coexist)."""
+
+    def __init__(self, api: LLMPool, limits: LimitsSettings, api_key: str | None) -> None:
         self.api = api
         self.limits = limits
+        self.api_key = api_key
         self.created = int(time.time())
+
+    def guard(self, handler: Handler) -> Handler:
+        """`handler` for callers with the API key (all callers when there is none)."""
+        key = self.api_key
+        if not key:
+            return handler
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            given = bearer(request)
+            if not same_secret(given, key):
+                message = "incorrect API key" if given else "no API key: send Authorization: Bearer <key>"
+                response = APIError(401, message, code="invalid_api_key").response()
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+            return await handler(request)
+
+        return guarded
+
+    def _check_text(self, text: str, param: str) -> None:
+        cap = self.limits.max_chars
+        if len(text) > cap:
+            raise APIError(400, f"{param} is {len(text)} characters; this server allows at most {cap} characters",
+                           param=param)
+
+    def _check_prompts(self, req: CompletionRequest) -> None:
+        prompts, cap = req.prompts, self.limits.max_prompts
+        if len(prompts) > cap:
+            raise APIError(400, f"prompt has {len(prompts)} prompts; this server allows at most {cap} prompts per "
+                           "request", param="prompt")
+        for i, prompt in enumerate(prompts):
+            self._check_text(prompt, "prompt" if isinstance(req.prompt, str) else f"prompt.{i}")
 
     async def models(self, _: web.Request) -> web.Response:
         body = ModelList(data=[ModelCard(id=self.api.model, created=self.created)])
@@ -272,6 +312,8 @@ class _Routes:
             req = await _parse(request, ChatCompletionRequest)
             max_new = self._max_tokens(req.max_completion_tokens or req.max_tokens, self.limits.max_new_tokens)
             messages = [m.as_worker_message() for m in req.messages]
+            for i, message in enumerate(messages):
+                self._check_text(message["content"], f"messages.{i}.content")
             if req.stream:
                 return await self._stream_chat(request, req, messages, max_new)
             done = await self._generate([messages], req, max_new)
@@ -311,6 +353,7 @@ class _Routes:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         try:
             req = await _parse(request, CompletionRequest)
+            self._check_prompts(req)
             max_new = self._max_tokens(req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
             chats = [[{"role": "user", "content": p}] for p in req.prompts]
             if req.stream:
@@ -441,18 +484,21 @@ class _Events:
         return self.response
 
 
-def add_openai_routes(app: web.Application, api: LLMPool, limits: LimitsSettings | None = None) -> None:
-    """Add the /v1 routes to an app (e.g. the service's metrics app); `api` must be started to answer."""
-    routes = _Routes(api, limits or LimitsSettings())
-    app.router.add_get("/v1/models", routes.models)
-    app.router.add_post("/v1/chat/completions", routes.chat)
-    app.router.add_post("/v1/completions", routes.completions)
+def add_openai_routes(app: web.Application, api: LLMPool, limits: LimitsSettings | None = None, *,
+                      api_key: str | None = None) -> None:
+    """Add the /v1 routes to an app (e.g. the service's metrics app); `api` must be started to answer.
+    `api_key`: the bearer token every route asks for; None or empty: none."""
+    routes = _Routes(api, limits or LimitsSettings(), api_key)
+    app.router.add_get("/v1/models", routes.guard(routes.models))
+    app.router.add_post("/v1/chat/completions", routes.guard(routes.chat))
+    app.router.add_post("/v1/completions", routes.guard(routes.completions))
 
 
-async def start_server(api: LLMPool, host: str, port: int, limits: LimitsSettings | None = None) -> web.AppRunner:
+async def start_server(api: LLMPool, host: str, port: int, limits: LimitsSettings | None = None, *,
+                       api_key: str | None = None) -> web.AppRunner:
     """Listen on host:port (0 picks a free port); `await runner.cleanup()` stops. Does not start `api`."""
     app = web.Application()
-    add_openai_routes(app, api, limits)
+    add_openai_routes(app, api, limits, api_key=api_key)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
@@ -462,10 +508,10 @@ async def start_server(api: LLMPool, host: str, port: int, limits: LimitsSetting
 
 
 async def run_server(api: LLMPool, host: str, port: int, limits: LimitsSettings | None = None,
-                     stop: asyncio.Event | None = None) -> None:
+                     stop: asyncio.Event | None = None, *, api_key: str | None = None) -> None:
     """Start the pool and serve until `stop` is set or the task is cancelled; queued calls finish first."""
     async with api:
-        runner = await start_server(api, host, port, limits)
+        runner = await start_server(api, host, port, limits, api_key=api_key)
         try:
             await (stop or asyncio.Event()).wait()
         finally:

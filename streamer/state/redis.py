@@ -1,27 +1,18 @@
-"""Incremental state in Redis: answers by id, a capped live stream, per-key and global counters.
+"""Incremental state in Redis: answers by id, capped live streams, per-key and global counters, windows.
 
 Each outcome is applied by one Lua script that first claims a guard key for the event, so an event
-re-processed after a restart is never counted twice. A batch's outcomes go in one pipeline.
+re-processed after a restart is never counted twice. A batch's outcomes go in one pipeline. Every name
+comes from `streamer.state.keys` (README, "Redis data model"), passed to the scripts as KEYS.
 
 Exactly-once mode adds a fence: `{p}:fence` holds, per input partition, the commit point of the last
 batch applied. The same script skips an event whose offset is below its partition's fence, and the
 batch (outcomes, then the new fence) runs as one MULTI, so a replay after a crash applies nothing twice
 even once the per-event guards have expired.
 
-Keys (prefix `streamer` by default):
-  {p}:answer:{id}        the answer JSON, with a TTL
-  {p}:answers            stream of recent answers (fields id, answer), capped with MAXLEN ~
-  {p}:dead-letters       stream of recent dead letters (fields error, dead_letter), capped
-  {p}:counters           hash: events, answers, dead_letters, dead_letters:{code}, tokens_in, tokens_out
-  {p}:key:{key}          hash per event key: events, answers, dead_letters, tokens_in, tokens_out
-  {p}:seen:{guard}       idempotency guard per event (answer: a:{id}; dead letter: d:{topic}:{partition}:{offset})
-  {p}:late               hash: late events per route
-  {p}:window:{id}        hash per window: result (JSON), final (0/1), route, key, end; expires like answers
-  {p}:windows:{route}:{key}  sorted set of window ids by window end (key `*` for windows across all keys)
-  {p}:windows:latest:{route} hash: key -> the latest result JSON of that key
-  {p}:windows            pub/sub channel: every window result JSON as it is written
-  {p}:fence              hash: topic:partition -> commit point of the last applied batch (exactly once)
-  Counters also hold `windows` (final window results written).
+Nothing grows without bound: per-event, per-key and per-window keys expire `answer_ttl_s` after their
+last write; streams are capped near `stream_maxlen`; a window index keeps its `window_index_max` newest
+ids and a route's latest results their `latest_keys_max` most recently updated keys. The rest (counters,
+late counts, the fence) are hashes with one field per error code, route or partition.
 """
 
 from __future__ import annotations
@@ -30,72 +21,87 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, RedisError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamer.config import RedisSettings
 from streamer.contracts import Answer, DeadLetter, WindowResult
 from streamer.errors import StreamerError
+from streamer.state.keys import Keys, encode_key
 
 
 class StateUnavailable(StreamerError):
-    """Redis did not answer; the write may be retried as a whole (it is idempotent)."""
+    """Redis did not answer, or refused for now (full, read-only, loading, busy); the write may be retried
+    as a whole (it is idempotent)."""
 
 
-_APPLY = """
-local p, ttl, maxlen, kind, guard, doc, key = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-local fenced_tp, offset = ARGV[8], tonumber(ARGV[9])
-if fenced_tp ~= '' and offset < tonumber(redis.call('HGET', p .. ':fence', fenced_tp) or '0') then return 0 end
-if not redis.call('SET', p .. ':seen:' .. guard, '1', 'NX', 'EX', ttl) then return 0 end
-local counters = p .. ':counters'
-local per_key = p .. ':key:' .. key
-redis.call('HINCRBY', counters, 'events', 1)
-if key ~= '' then redis.call('HINCRBY', per_key, 'events', 1) end
-if kind == 'answer' then
-  local id, tokens_in, tokens_out = ARGV[10], ARGV[11], ARGV[12]
-  redis.call('SET', p .. ':answer:' .. id, doc, 'EX', ttl)
-  redis.call('HINCRBY', counters, 'answers', 1)
-  redis.call('HINCRBY', counters, 'tokens_in', tokens_in)
-  redis.call('HINCRBY', counters, 'tokens_out', tokens_out)
-  if key ~= '' then
-    redis.call('HINCRBY', per_key, 'answers', 1)
-    redis.call('HINCRBY', per_key, 'tokens_in', tokens_in)
-    redis.call('HINCRBY', per_key, 'tokens_out', tokens_out)
-  end
-  redis.call('XADD', p .. ':answers', 'MAXLEN', '~', maxlen, '*', 'id', id, 'answer', doc)
-else
-  local code = ARGV[10]
-  redis.call('HINCRBY', counters, 'dead_letters', 1)
-  redis.call('HINCRBY', counters, 'dead_letters:' .. code, 1)
-  if key ~= '' then redis.call('HINCRBY', per_key, 'dead_letters', 1) end
-  if code == 'late' then redis.call('HINCRBY', p .. ':late', ARGV[11], 1) end
-  redis.call('XADD', p .. ':dead-letters', 'MAXLEN', '~', maxlen, '*', 'error', code, 'dead_letter', doc)
+# Shared head of the event scripts. KEYS[1] fence, KEYS[2] guard, KEYS[3] counters, KEYS[4] per-key hash ('' for
+# an event without a key); ARGV[1] fence field ('' when not fenced), ARGV[2] offset, ARGV[3] ttl.
+_CLAIM = """
+local fence_field, offset, ttl, keyed = ARGV[1], tonumber(ARGV[2]), ARGV[3], KEYS[4] ~= ''
+if fence_field ~= '' and offset < tonumber(redis.call('HGET', KEYS[1], fence_field) or '0') then return 0 end
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ttl) then return 0 end
+local function count(field, by)
+  redis.call('HINCRBY', KEYS[3], field, by)
+  if keyed then redis.call('HINCRBY', KEYS[4], field, by) end
 end
+count('events', 1)
+if keyed then redis.call('EXPIRE', KEYS[4], ttl) end
+"""
+
+# KEYS[5] answer, KEYS[6] answers stream; ARGV[4] doc, ARGV[5] id, ARGV[6] tokens in, ARGV[7] out, ARGV[8] maxlen.
+_ANSWER = _CLAIM + """
+redis.call('SET', KEYS[5], ARGV[4], 'EX', ttl)
+count('answers', 1)
+count('tokens_in', ARGV[6])
+count('tokens_out', ARGV[7])
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[8], '*', 'id', ARGV[5], 'answer', ARGV[4])
+return 1
+"""
+
+# KEYS[5] dead-letters stream, KEYS[6] late; ARGV[4] doc, ARGV[5] code, ARGV[6] route, ARGV[7] maxlen.
+_DEAD_LETTER = _CLAIM + """
+count('dead_letters', 1)
+redis.call('HINCRBY', KEYS[3], 'dead_letters:' .. ARGV[5], 1)
+if ARGV[5] == 'late' then redis.call('HINCRBY', KEYS[6], ARGV[6], 1) end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'error', ARGV[5], 'dead_letter', ARGV[4])
 return 1
 """
 
 # A final result is written once per window id; provisional ones only until the final one.
+# KEYS: window hash, (route, key) index, route's latest hash, its update order, counters.
+# ARGV: ttl, doc, final, route, encoded key, window end, id, emitted_at, index max, latest max, channel.
 _WINDOW = """
-local p, ttl, id, route, key, window_end, doc, final = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6],
-  ARGV[7], ARGV[8]
-local h = p .. ':window:' .. id
-if redis.call('HGET', h, 'final') == '1' then return 0 end
-redis.call('HSET', h, 'result', doc, 'final', final, 'route', route, 'key', key, 'end', window_end)
-redis.call('EXPIRE', h, ttl)
-redis.call('ZADD', p .. ':windows:' .. route .. ':' .. key, window_end, id)
-redis.call('HSET', p .. ':windows:latest:' .. route, key, doc)
-if final == '1' then redis.call('HINCRBY', p .. ':counters', 'windows', 1) end
-redis.call('PUBLISH', p .. ':windows', doc)
+local ttl, doc, final, key, id = ARGV[1], ARGV[2], ARGV[3], ARGV[5], ARGV[7]
+local index_max, latest_max = tonumber(ARGV[9]), tonumber(ARGV[10])
+if redis.call('HGET', KEYS[1], 'final') == '1' then return 0 end
+redis.call('HSET', KEYS[1], 'result', doc, 'final', final, 'route', ARGV[4], 'key', key, 'end', ARGV[6])
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('ZADD', KEYS[2], ARGV[6], id)
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -index_max - 1)
+redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('HSET', KEYS[3], key, doc)
+redis.call('ZADD', KEYS[4], ARGV[8], key)
+local excess = redis.call('ZCARD', KEYS[4]) - latest_max
+if excess > 0 then
+  for _, old in ipairs(redis.call('ZRANGE', KEYS[4], 0, excess - 1)) do redis.call('HDEL', KEYS[3], old) end
+  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, excess - 1)
+end
+redis.call('EXPIRE', KEYS[3], ttl)
+redis.call('EXPIRE', KEYS[4], ttl)
+if final == '1' then redis.call('HINCRBY', KEYS[5], 'windows', 1) end
+redis.call('PUBLISH', ARGV[11], doc)
 return 1
 """
 
 
-# Fences only move forward: a late-committing zombie cannot pull one back.
+# Fences only move forward: a late-committing zombie cannot pull one back. KEYS[1] fence; ARGV field, point...
 _FENCE = """
-local h = ARGV[1] .. ':fence'
-for i = 2, #ARGV, 2 do
-  local old = tonumber(redis.call('HGET', h, ARGV[i]) or '0')
-  if tonumber(ARGV[i + 1]) > old then redis.call('HSET', h, ARGV[i], ARGV[i + 1]) end
+for i = 1, #ARGV, 2 do
+  local old = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+  if tonumber(ARGV[i + 1]) > old then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
 return 1
 """
@@ -111,24 +117,29 @@ class Written:
     route: str
 
 
+Call = tuple[AsyncScript, list[str], list[str | bytes | int]]
+
+
 class RedisState:
     def __init__(self, settings: RedisSettings, url: str, *, kafka_decides_windows: bool = False) -> None:
         """`kafka_decides_windows` (exactly once): a window rebuilt by replay was never committed to its
         topic, whatever Redis says, so `windows_final` reports none final and the window is emitted again
         (Redis itself still applies a final result once)."""
         self._settings = settings
+        self._keys = Keys(settings.prefix)
         self._kafka_decides_windows = kafka_decides_windows
         # Timeouts, so a hung Redis surfaces as StateUnavailable (retried) rather than a stalled write.
         self._client = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
-        self._apply = self._client.register_script(_APPLY)
-        self._apply_window = self._client.register_script(_WINDOW)
+        self._answer = self._client.register_script(_ANSWER)
+        self._dead_letter = self._client.register_script(_DEAD_LETTER)
+        self._window = self._client.register_script(_WINDOW)
         self._fence = self._client.register_script(_FENCE)
 
     async def ping(self) -> None:
         """Fail fast, with a clear error, when Redis is unreachable at start."""
         try:
             await self._client.ping()
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except RedisError as exc:  # at start, any error: the message says what is wrong
             raise StateUnavailable(f"cannot reach Redis: {exc}") from None
 
     async def write(self, outcomes: Sequence[Written], fence: dict[tuple[str, int], int] | None = None) -> int:
@@ -140,34 +151,37 @@ class RedisState:
             return 0
         try:
             async with self._client.pipeline(transaction=fence is not None) as pipe:
-                for outcome in outcomes:
-                    script = self._apply_window if isinstance(outcome.record, WindowResult) else self._apply
-                    await script(args=self._args(outcome, fenced=fence is not None), client=pipe)
+                for script, keys, args in (self._call(o, fenced=fence is not None) for o in outcomes):
+                    await script(keys=keys, args=args, client=pipe)
                 if fence:
                     points = [v for (topic, partition), point in fence.items() for v in (f"{topic}:{partition}", point)]
-                    await self._fence(args=[self._settings.prefix, *points], client=pipe)
+                    await self._fence(keys=[self._keys.fence], args=points, client=pipe)
                 applied = await pipe.execute()
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise StateUnavailable(str(exc)) from exc
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
         return sum(int(a) for a in applied[: len(outcomes)])
 
-    def _args(self, outcome: Written, *, fenced: bool) -> list[str | bytes | int]:
-        s = self._settings
-        record = outcome.record
-        key = outcome.key or ""
+    def _call(self, outcome: Written, *, fenced: bool) -> Call:
+        s, k, record = self._settings, self._keys, outcome.record
         if isinstance(record, WindowResult):
-            final = "1" if record.final else "0"
-            return [s.prefix, s.answer_ttl_s, record.id, outcome.route, key or "*", record.window.end,
-                    outcome.payload, final]
+            field = encode_key(record.key)
+            keys = [k.window(record.id), k.windows(outcome.route, record.key), k.latest(outcome.route),
+                    k.latest_order(outcome.route), k.counters]
+            return self._window, keys, [
+                s.answer_ttl_s, outcome.payload, "1" if record.final else "0", outcome.route, field,
+                record.window.end, record.id, record.emitted_at, s.window_index_max, s.latest_keys_max, k.channel]
         src = record.source
-        tp = f"{src.topic}:{src.partition}" if fenced else ""
+        claim = [f"{src.topic}:{src.partition}" if fenced else "", src.offset, s.answer_ttl_s]
+        per_key = "" if outcome.key is None else k.per_key(outcome.key)
         if isinstance(record, Answer):
-            guard = f"a:{record.id}"
-            return [s.prefix, s.answer_ttl_s, s.stream_maxlen, "answer", guard, outcome.payload, key, tp, src.offset,
-                    record.id, record.tokens_in, record.tokens_out]
-        guard = f"d:{src.topic}:{src.partition}:{src.offset}"
-        return [s.prefix, s.answer_ttl_s, s.stream_maxlen, "dead", guard, outcome.payload, key, tp, src.offset,
-                record.error.value, outcome.route]
+            keys = [k.fence, k.answer_guard(src.topic, src.partition, src.offset), k.counters, per_key,
+                    k.answer(record.id), k.answers]
+            return self._answer, keys, [*claim, outcome.payload, record.id, record.tokens_in, record.tokens_out,
+                                        s.stream_maxlen]
+        keys = [k.fence, k.dead_letter_guard(src.topic, src.partition, src.offset), k.counters, per_key,
+                k.dead_letters, k.late]
+        return self._dead_letter, keys, [*claim, outcome.payload, record.error.value, outcome.route,
+                                         s.stream_maxlen]
 
     async def windows_final(self, window_ids: Sequence[str]) -> list[bool]:
         """Which windows already have a final result (e.g. written before a crash and replay); one round trip."""
@@ -176,15 +190,33 @@ class RedisState:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for window_id in window_ids:
-                    pipe.hget(f"{self._settings.prefix}:window:{window_id}", "final")
+                    pipe.hget(self._keys.window(window_id), "final")
                 flags = await pipe.execute()
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise StateUnavailable(str(exc)) from exc
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
         return [flag == b"1" for flag in flags]
 
     async def counters(self) -> dict[str, int]:
-        raw = await self._client.hgetall(f"{self._settings.prefix}:counters")
+        try:
+            raw = await self._client.hgetall(self._keys.counters)
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
         return {k.decode(): int(v) for k, v in raw.items()}
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+# What passes by itself: Redis unreachable or out of clients (ConnectionError, TimeoutError), loading its data
+# after a restart (LOADING, a ConnectionError too), full under noeviction (OOM), a replica or a failover
+# (READONLY, MASTERDOWN), a resharding (TRYAGAIN), a long script (BUSY, which has no class of its own). In a
+# MULTI, redis-py raises the error that made Redis discard the transaction (EXECABORT), so it counts the same.
+_PASSING = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, ReadOnlyError, MasterDownError, TryAgainError)
+
+
+def _unavailable(exc: RedisError) -> RedisError | StateUnavailable:
+    """StateUnavailable for what passes by itself, so the writer backs off and retries (and the pipeline pauses
+    its input); the error itself for anything else: a bug or a misconfiguration, which retrying would hide."""
+    if isinstance(exc, _PASSING) or getattr(exc, "status_code", None) == "BUSY":
+        return StateUnavailable(str(exc))
+    return exc

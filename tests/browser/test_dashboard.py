@@ -13,6 +13,7 @@ import orjson
 import pytest
 import redis
 from playwright.async_api import Page, async_playwright, expect
+from pydantic import SecretStr
 
 from streamer.app import connect
 from streamer.config import RedisSettings, Settings
@@ -33,13 +34,15 @@ SIZE_MS = 10_000
 
 
 @contextlib.asynccontextmanager
-async def dashboard(redis_url: str, prefix: str):
+async def dashboard(redis_url: str, prefix: str, token: str | None = None):
     """`run_dashboard` on a free port, yielding its base URL once it answers; cancelled on exit."""
     port = free_port()
-    task = asyncio.create_task(run_dashboard(redis_url, prefix, "127.0.0.1", port))
+    secret = SecretStr(token) if token is not None else None
+    task = asyncio.create_task(run_dashboard(redis_url, prefix, "127.0.0.1", port, token=secret))
     base = f"http://127.0.0.1:{port}/"
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     try:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers=headers) as session:
             for _ in range(100):
                 assert not task.done(), task.exception()
                 with contextlib.suppress(aiohttp.ClientError):
@@ -124,6 +127,32 @@ async def test_snapshot_and_event_stream_follow_the_documented_redis_keys_and_re
     finally:
         await state.aclose()
         client.close()
+
+
+def test_a_page_opened_once_with_its_token_goes_live_and_one_without_is_refused(redis_url, chromium):
+    prefix, token = unique_name("dash-token"), "a-token-for-the-browser"
+
+    async def scenario() -> None:
+        errors: list[str] = []
+        state = RedisState(RedisSettings(prefix=prefix), redis_url)
+        async with dashboard(redis_url, prefix, token) as base, async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            try:
+                page = await browser.new_page()
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                assert (await page.goto(base)).status == 401
+                await page.goto(f"{base}?token={token}")
+                assert page.url == base  # the token is out of the address bar
+                await page.wait_for_selector("body[data-live='true']", timeout=15_000)
+                await state.write([written(answer(7), "k")])  # arrives over the event stream
+                await page.wait_for_selector("#answers li[data-id='q7']", timeout=15_000)
+                assert await page.evaluate("document.cookie") == ""  # HttpOnly: the page's scripts never see it
+            finally:
+                await browser.close()
+                await state.aclose()
+        assert not errors, errors
+
+    asyncio.run(scenario())
 
 
 def pipeline_settings(bootstrap: str, redis_url: str, tag: str) -> Settings:

@@ -1,0 +1,83 @@
+"""Every Redis key name streamer writes or reads, built in this one place.
+
+README's "Redis data model" is the contract a user's own dashboard reads; a unit test checks that its
+table lists exactly the names built here, so the two cannot drift apart.
+
+Event keys are user data, so they reach key names and hash fields through `encode_key`: ordinary keys
+stay verbatim (what a reader expects), `None` (no key, or a window across all keys) is `*`, and a key
+that is empty, is `*`, or starts with a backslash gets a backslash in front. No two keys share a name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NO_KEY = "*"
+_ESCAPE = "\\"
+
+
+def encode_key(key: str | None) -> str:
+    """The key as it appears in Redis names and fields; one-to-one, and the identity for ordinary keys."""
+    if key is None:
+        return NO_KEY
+    if key in ("", NO_KEY) or key.startswith(_ESCAPE):
+        return _ESCAPE + key
+    return key
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The names under one prefix (`redis.prefix`)."""
+
+    prefix: str
+
+    @property
+    def counters(self) -> str:
+        return f"{self.prefix}:counters"
+
+    @property
+    def late(self) -> str:
+        return f"{self.prefix}:late"
+
+    @property
+    def answers(self) -> str:
+        return f"{self.prefix}:answers"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}:dead-letters"
+
+    @property
+    def fence(self) -> str:
+        return f"{self.prefix}:fence"
+
+    @property
+    def channel(self) -> str:
+        """The pub/sub channel of window results (a channel, not a key, but in the same namespace)."""
+        return f"{self.prefix}:windows"
+
+    def answer(self, id: str) -> str:
+        return f"{self.prefix}:answer:{id}"
+
+    def per_key(self, key: str) -> str:
+        return f"{self.prefix}:key:{encode_key(key)}"
+
+    def answer_guard(self, topic: str, partition: int, offset: int) -> str:
+        """Claimed by the first write of an answer: by where the event is, as ids are the producer's choice."""
+        return f"{self.prefix}:seen:a:{topic}:{partition}:{offset}"
+
+    def dead_letter_guard(self, topic: str, partition: int, offset: int) -> str:
+        return f"{self.prefix}:seen:d:{topic}:{partition}:{offset}"
+
+    def window(self, id: str) -> str:
+        return f"{self.prefix}:window:{id}"
+
+    def windows(self, route: str, key: str | None) -> str:
+        return f"{self.prefix}:windows:{route}:{encode_key(key)}"
+
+    def latest(self, route: str) -> str:
+        return f"{self.prefix}:windows:latest:{route}"
+
+    def latest_order(self, route: str) -> str:
+        """When each key of `latest(route)` was last updated, so the least recent can be dropped."""
+        return f"{self.prefix}:latest-order:{route}"
