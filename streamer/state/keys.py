@@ -62,12 +62,15 @@ class Keys:
     def per_key(self, key: str) -> str:
         return f"{self.prefix}:key:{encode_key(key)}"
 
-    def answer_guard(self, topic: str, partition: int, offset: int) -> str:
-        """Claimed by the first write of an answer: by where the event is, as ids are the producer's choice."""
-        return f"{self.prefix}:seen:a:{topic}:{partition}:{offset}"
+    def event_guard(self, topic: str, partition: int, offset: int) -> str:
+        """Claimed by the first write of an event's own outcome, its answer or its dead letter: by where the
+        event is, as ids are the producer's choice, and one for both, as a replay may answer an event a
+        model error dead-lettered before."""
+        return f"{self.prefix}:seen:e:{topic}:{partition}:{offset}"
 
-    def dead_letter_guard(self, topic: str, partition: int, offset: int) -> str:
-        return f"{self.prefix}:seen:d:{topic}:{partition}:{offset}"
+    def late_guard(self, topic: str, partition: int, offset: int) -> str:
+        """Claimed by the first write of an event's late record (an outcome beside its answer)."""
+        return f"{self.prefix}:seen:l:{topic}:{partition}:{offset}"
 
     def window(self, id: str) -> str:
         return f"{self.prefix}:window:{id}"

@@ -27,7 +27,7 @@ from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, R
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamer.config import RedisSettings
-from streamer.contracts import Answer, DeadLetter, WindowResult
+from streamer.contracts import Answer, DeadLetter, ErrorCode, WindowResult
 from streamer.errors import StreamerError
 from streamer.state.keys import Keys, encode_key
 
@@ -174,12 +174,12 @@ class RedisState:
         claim = [f"{src.topic}:{src.partition}" if fenced else "", src.offset, s.answer_ttl_s]
         per_key = "" if outcome.key is None else k.per_key(outcome.key)
         if isinstance(record, Answer):
-            keys = [k.fence, k.answer_guard(src.topic, src.partition, src.offset), k.counters, per_key,
+            keys = [k.fence, k.event_guard(src.topic, src.partition, src.offset), k.counters, per_key,
                     k.answer(record.id), k.answers]
             return self._answer, keys, [*claim, outcome.payload, record.id, record.tokens_in, record.tokens_out,
                                         s.stream_maxlen]
-        keys = [k.fence, k.dead_letter_guard(src.topic, src.partition, src.offset), k.counters, per_key,
-                k.dead_letters, k.late]
+        guard = k.late_guard if record.error is ErrorCode.LATE else k.event_guard
+        keys = [k.fence, guard(src.topic, src.partition, src.offset), k.counters, per_key, k.dead_letters, k.late]
         return self._dead_letter, keys, [*claim, outcome.payload, record.error.value, outcome.route,
                                          s.stream_maxlen]
 

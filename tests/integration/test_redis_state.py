@@ -129,6 +129,17 @@ async def test_two_distinct_events_with_the_same_id_both_count(bounded, client) 
     assert client.get(keys.answer("same")) is not None
 
 
+async def test_an_event_counts_once_whether_its_outcome_is_an_answer_or_a_dead_letter(bounded) -> None:
+    """At least once, a replay may answer an event that a model error dead-lettered before (or the other
+    way round): Redis keeps the first; the event's late record is an outcome of its own."""
+    state, _ = bounded
+    assert await state.write([dead_letter(5, ErrorCode.MODEL_ERROR)]) == 1
+    assert await state.write([answer(5)]) == 0
+    assert await state.write([dead_letter(5, ErrorCode.LATE)]) == 1
+    counters = await state.counters()
+    assert (counters["events"], counters.get("answers", 0), counters["dead_letters"]) == (2, 0, 2)
+
+
 @pytest.fixture
 def own_server() -> Iterator[tuple[str, redis.Redis]]:
     """A redis-server of this test's own, since the tests make it refuse writes."""
