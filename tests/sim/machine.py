@@ -1,0 +1,452 @@
+"""The deterministic simulation: the real pipeline (event handling, window stages, offset tracker, both
+writers, the consume loop) on an in-memory partitioned log, Redis and model, driven by hypothesis.
+
+Rules produce events (valid, hostile, late, far-future), poll in batches of any size, complete or
+fail model requests out of order, acknowledge or fail deliveries, end transactions, let time pass,
+take Redis or the broker away, lose replies, crash and restart from the committed offsets, and
+revoke, lose or assign back partitions (also inside a poll, and by exceeding max.poll.interval).
+
+After every step: no committed offset has passed an event whose outcomes are not all durable; in
+exactly-once mode the committed log holds no record twice. At the end (`teardown`), after every
+fault has healed and the input is drained: window results and late events are exactly what the
+brute-force oracle (tests/sim/oracle.py) says, whatever the batching, replays and rebalances; each
+event has its outcome (exactly once, or at least once), and Redis counts each exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import orjson
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from streamer.app import Edges, Pipeline
+from streamer.config import Settings
+from streamer.observe.metrics import Metrics
+from tests.sim.kafka import Cluster, SimProducer, SimSink, SimSource, Stored
+from tests.sim.loop import Stalled, VirtualLoop
+from tests.sim.model import SimPool, label_of
+from tests.sim.oracle import Event, Expected, expect
+from tests.sim.state import SimState
+
+BASE_MS = 1_700_000_000_000  # wall-clock epoch ms at virtual time 0
+PARTITIONS = 3
+KEYS = ("a", "b", "c", None)
+LABELS = ("pos", "neg")
+IDLE_MS = 10**12  # partitions never go idle mid-run: windows close by event time only, until the drain
+MAX_POLL_INTERVAL_S = 300.0
+WINDOW = {"idle_timeout_ms": IDLE_MS, "output": "windows"}
+ROUTES: dict[str, dict[str, Any]] = {
+    "classify+tumbling": {"task": "classify", "labels": list(LABELS), "output": "answers",
+                          "window": {"kind": "tumbling", "size_ms": 1000, **WINDOW}},
+    "answer+sliding": {"task": "answer", "output": "answers",
+                       "window": {"kind": "sliding", "size_ms": 2000, "slide_ms": 500, **WINDOW}},
+    "none+session": {"task": "none", "window": {"kind": "session", "gap_ms": 300, **WINDOW}},
+    "none+tumbling+update": {"task": "none", "window": {"kind": "tumbling", "size_ms": 1000, "emit": "update",
+                                                        "update_every_events": 3, **WINDOW}},
+    "none+summarize": {"task": "none", "window": {"kind": "tumbling", "size_ms": 1000, "task": "summarize",
+                                                  **WINDOW}},
+    "answer": {"task": "answer", "output": "answers"},
+}
+DEEP = b'{"id": "deep", "text": "x", "meta": {"x": ' + b"[" * 300 + b"]" * 300 + b"}}"
+HOSTILE: dict[str, tuple[bytes, str]] = {  # the message, and the dead-letter code it must end as
+    "not json": (b"not json", "invalid_json"),
+    "no id": (b'{"text": "no id"}', "schema"),
+    "deep meta": (DEEP, "schema"),
+    "control flood": (b"\x01" * 180_000, "invalid_json"),
+    "huge id": (b'{"id": "' + b"i" * 800_000 + b'", "text": "x"}', "schema"),
+    "u64 ts": (b'{"id": "u64", "text": "x", "ts": 18446744073709551615}', "schema"),
+}
+
+
+class SimClock:
+    def __init__(self, loop: VirtualLoop) -> None:
+        self._loop = loop
+
+    def now_ms(self) -> int:
+        return BASE_MS + int(self._loop.time() * 1000)
+
+    def monotonic_s(self) -> float:
+        return self._loop.time()
+
+
+class Instance:
+    """One `streamer run` process on the simulated edges; `crash` drops it without a goodbye."""
+
+    def __init__(self, settings: Settings, cluster: Cluster, state: SimState, loop: VirtualLoop) -> None:
+        self.loop = loop
+        self.pool = SimPool(settings.batching.max_queue)
+        exactly_once = settings.processing.guarantee == "exactly_once"
+        self.sink: SimSink | SimProducer = SimProducer(cluster) if exactly_once else SimSink(cluster)
+        self.source: SimSource | None = None
+
+        def open_source(rebalance: Any) -> SimSource:
+            self.source = SimSource(cluster, rebalance, loop.time)
+            return self.source
+
+        edges = Edges(pool=self.pool, state=state, sink=self.sink, open_source=open_source,  # type: ignore[arg-type]
+                      clock=SimClock(loop))
+        self.pipeline = Pipeline(settings, edges, Metrics())
+        loop.run_until_complete(self.pipeline.start())
+        loop.settle()
+
+    def turn(self, batch: int) -> None:
+        assert self.source is not None
+        self.source.batch_limit = batch
+        self.loop.call(self.pipeline.turn)
+
+    def crash(self) -> None:
+        for task in asyncio.all_tasks(self.loop):
+            task.cancel()
+        self.loop.settle()
+        if isinstance(self.sink, SimSink):
+            self.sink.pending.clear()  # never acknowledged
+        self.source = None
+
+
+FAULTS = frozenset({"hostile", "future", "model", "stall", "redis", "broker", "commits", "crash", "rebalance"})
+
+
+class Simulation(RuleBasedStateMachine):
+    faults = FAULTS  # the fault rules this machine may use; `only` narrows them
+
+    out_of_order = True  # events may come from behind (late ones among them)
+
+    @classmethod
+    def only(cls, *faults: str, out_of_order: bool = True) -> type[Simulation]:
+        """A machine using only these fault rules (and every plain rule)."""
+        unknown = set(faults) - FAULTS
+        assert not unknown, f"unknown faults {unknown}; known: {sorted(FAULTS)}"
+        name = f"Simulation_{'_'.join(sorted(faults)) or 'none'}{'' if out_of_order else '_in_order'}"
+        return type(name, (cls,), {"faults": frozenset(faults), "out_of_order": out_of_order})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = VirtualLoop()
+        asyncio.set_event_loop(self.loop)
+        self.instance: Instance | None = None
+        self.events: list[Event] = []
+        self.event_ms = BASE_MS - 60_000
+        self.failures = 0  # model requests failed: a classify window may then miss a label
+
+    # --- set-up -----------------------------------------------------------------------------------
+    @initialize(shape=st.sampled_from(sorted(ROUTES)), exactly_once=st.booleans(),
+                lateness_ms=st.sampled_from([0, 250]))
+    def configure(self, shape: str, exactly_once: bool, lateness_ms: int) -> None:
+        route = {"name": "r", "input": "in", **ROUTES[shape]}
+        if "window" in route:
+            route["window"] = {**route["window"], "allowed_lateness_ms": lateness_ms}
+        self.settings = Settings(
+            kafka={"bootstrap_servers": "sim:9092", "dead_letter_topic": "dlq", "commit_interval_ms": 100},
+            batching={"max_batch": 4, "max_queue": 8},
+            processing={"guarantee": "exactly_once" if exactly_once else "at_least_once"},
+            shutdown_timeout_s=5, routes=[route])
+        self.route = self.settings.routes[0]
+        self.exactly_once = exactly_once
+        self.cluster = Cluster("in", PARTITIONS, 1_000_000, MAX_POLL_INTERVAL_S)
+        self.state = SimState(kafka_decides_windows=exactly_once)
+        self.instance = Instance(self.settings, self.cluster, self.state, self.loop)
+
+    # --- input ------------------------------------------------------------------------------------
+    @rule(partition=st.integers(0, PARTITIONS - 1), key=st.sampled_from(KEYS), step_ms=st.integers(0, 400),
+          behind_ms=st.sampled_from([0, 0, 0, 100, 600, 1500]))
+    def produce(self, partition: int, key: str | None, step_ms: int, behind_ms: int) -> None:
+        """A valid event; event time mostly moves forward, sometimes an event comes from behind."""
+        self.event_ms += step_ms
+        n = len(self.events)
+        ts_ms = self.event_ms - (behind_ms if self.out_of_order else 0)
+        doc = {"id": f"e{n}", "key": key, "text": f"event {n}", "ts": ts_ms}
+        self._append(partition, orjson.dumps(doc), key, Event(partition, 0, key, ts_ms, f"event {n}", None))
+
+    @precondition(lambda self: "hostile" in self.faults)
+    @rule(partition=st.integers(0, PARTITIONS - 1), kind=st.sampled_from(sorted(HOSTILE)))
+    def produce_hostile(self, partition: int, kind: str) -> None:
+        value, code = HOSTILE[kind]
+        self._append(partition, value, None, Event(partition, 0, None, 0, "", code))
+
+    @precondition(lambda self: "future" in self.faults)
+    @rule(partition=st.integers(0, PARTITIONS - 1), years=st.sampled_from([1, 1000]))
+    def produce_far_future(self, partition: int, years: int) -> None:
+        """An event from a producer with a broken clock (or `ts` in microseconds)."""
+        ts_ms = self.cluster_now_ms() + years * 365 * 86_400_000
+        doc = {"id": f"f{len(self.events)}", "key": "a", "text": "from the future", "ts": ts_ms}
+        self._append(partition, orjson.dumps(doc), "a", Event(partition, 0, "a", ts_ms, "", "future"))
+
+    def _append(self, partition: int, value: bytes, key: str | None, event: Event) -> None:
+        stored = Stored(key.encode() if key is not None else None, value, self.cluster_now_ms())
+        offset = self.cluster.append(partition, stored)
+        self.events.append(Event(event.partition, offset, event.key, event.ts_ms, event.text, event.code))
+
+    def cluster_now_ms(self) -> int:
+        return BASE_MS + int(self.loop.time() * 1000)
+
+    # --- the pipeline's own pace ------------------------------------------------------------------
+    @precondition(lambda self: self.instance is not None)
+    @rule(batch=st.sampled_from([1, 2, 3, 7, 500]))
+    def poll(self, batch: int) -> None:
+        assert self.instance is not None
+        self.instance.turn(batch)
+
+    @precondition(lambda self: self.instance is not None and self.instance.pool.pending)
+    @rule(index=st.integers(0, 20), ok=st.sampled_from([True, True, True, False]))
+    def finish_request(self, index: int, ok: bool) -> None:
+        assert self.instance is not None
+        ok = ok or "model" not in self.faults
+        self.failures += not ok
+        self.instance.pool.finish(index, ok=ok)
+        self.loop.settle()
+
+    @precondition(lambda self: isinstance(getattr(self.instance, "sink", None), SimSink))
+    @rule(count=st.sampled_from([1, 3, 100]))
+    def deliver(self, count: int) -> None:
+        assert self.instance is not None and isinstance(self.instance.sink, SimSink)
+        self.instance.sink.deliver(count)
+        self.loop.settle()
+
+    @precondition(lambda self: isinstance(getattr(self.instance, "sink", None), SimProducer))
+    @rule()
+    def end_transaction(self) -> None:
+        assert self.instance is not None and isinstance(self.instance.sink, SimProducer)
+        self.instance.sink.end()
+        self.loop.settle()
+
+    @rule(ms=st.sampled_from([5, 50, 200, 1000]))
+    def wait(self, ms: int) -> None:
+        self.loop.advance(ms / 1000)
+
+    @precondition(lambda self: "stall" in self.faults)
+    @rule(seconds=st.sampled_from([30, 400]))
+    def stall(self, seconds: int) -> None:
+        """The process gets no CPU for a while (a GC pause, a suspended VM): past max.poll.interval at 400 s."""
+        self.loop.jump(seconds)
+
+    # --- faults -----------------------------------------------------------------------------------
+    @precondition(lambda self: "redis" in self.faults)
+    @rule(up=st.booleans())
+    def redis(self, up: bool) -> None:
+        self.state.up = up
+
+    @precondition(lambda self: "redis" in self.faults)
+    @rule(lose=st.booleans())
+    def redis_replies(self, lose: bool) -> None:
+        self.state.lose_replies = lose
+
+    @precondition(lambda self: "broker" in self.faults)
+    @rule(up=st.booleans())
+    def broker(self, up: bool) -> None:
+        self.cluster.up = up
+
+    @precondition(lambda self: "commits" in self.faults and self.instance is not None
+                  and self.instance.source is not None)
+    @rule(fail=st.booleans())
+    def commits(self, fail: bool) -> None:
+        assert self.instance is not None and self.instance.source is not None
+        self.instance.source.commits_fail = fail
+
+    @precondition(lambda self: "crash" in self.faults and self.instance is not None)
+    @rule()
+    def crash(self) -> None:
+        assert self.instance is not None
+        self.instance.crash()
+        self.instance = None
+
+    @precondition(lambda self: self.instance is None)
+    @rule()
+    def restart(self) -> None:
+        self.instance = Instance(self.settings, self.cluster, self.state, self.loop)
+
+    @precondition(lambda self: "rebalance" in self.faults and self.instance is not None
+                  and self.instance.source is not None)
+    @rule(kind=st.sampled_from(["revoke", "lose", "assign", "revoke midway"]),
+          partitions=st.sets(st.integers(0, PARTITIONS - 1), min_size=1))
+    def rebalance(self, kind: str, partitions: set[int]) -> None:
+        assert self.instance is not None and self.instance.source is not None
+        tps = [("in", p) for p in sorted(partitions)]
+        if kind == "revoke midway":
+            self.instance.source.revoke_midway = tps
+        else:
+            self.instance.source.rebalance(kind, tps)
+
+    # --- what must hold after every step ----------------------------------------------------------
+    @invariant()
+    def no_commit_passes_an_unwritten_event(self) -> None:
+        if not hasattr(self, "cluster"):
+            return
+        out = self._output()
+        expected = self._expected()
+        for event in self.events:
+            if event.offset >= self.cluster.committed.get(("in", event.partition), 0):
+                continue
+            missing = out.missing(event, self._answers(event), expected)
+            assert not missing, f"offset {event.offset} of partition {event.partition} is committed, but {missing}"
+
+    @invariant()
+    def exactly_once_means_once(self) -> None:
+        if hasattr(self, "cluster") and self.exactly_once:
+            twice = self._output().duplicates()
+            assert not twice, f"read_committed readers see these twice: {twice[:5]}"
+
+    # --- the end: heal, drain, compare with the oracle --------------------------------------------
+    def teardown(self) -> None:
+        try:
+            if hasattr(self, "cluster"):
+                self._drain()
+                self._check_results()
+        finally:
+            if self.instance is not None:
+                self.instance.crash()
+            self.loop.close()
+            asyncio.set_event_loop(None)
+
+    def _drain(self) -> None:
+        self.state.up, self.state.lose_replies, self.cluster.up = True, False, True
+        self.cluster.max_poll_interval_s = float("inf")
+        if self.instance is None:
+            self.restart()
+        assert self.instance is not None and self.instance.source is not None
+        self.instance.source.commits_fail = False
+        self.instance.source.rebalance("assign", self.cluster.tps())
+        phases = [("consume", self._consumed)] + [("close", self._committed)] * 3
+        for phase, done in phases:
+            if phase == "close":
+                self.loop.jump(IDLE_MS / 1000 + 1)  # every partition idle: windows close by the wall clock
+            for _ in range(200):
+                self._heal_step()
+                if done():
+                    break
+            if phase == "consume" and not done():
+                raise Stalled(f"not consumed: {self.instance.source.position}, model {self.instance.pool.pending}")
+        if not self._committed():
+            raise Stalled(f"not committed: {self.cluster.committed}, ends {[len(p) for p in self.cluster.log]}")
+        for _ in range(5):
+            self._heal_step()
+
+    def _heal_step(self) -> None:
+        assert self.instance is not None and self.instance.source is not None
+        self.instance.source.rebalance("assign", self.cluster.tps())
+        self.instance.turn(500)
+        while self.instance.pool.pending:
+            self.instance.pool.finish(0, ok=True)
+        self.loop.settle()
+        if isinstance(self.instance.sink, SimSink):
+            self.instance.sink.deliver(10**9)
+        else:
+            self.instance.sink.end()
+        self.loop.advance(0.05)
+
+    def _consumed(self) -> bool:
+        """Every message handed out and every model request answered."""
+        assert self.instance is not None and self.instance.source is not None
+        source = self.instance.source
+        handed_out = all(tp in source.assigned and source.position[tp] == self.cluster.end(tp)
+                         for tp in self.cluster.tps())
+        return handed_out and not self.instance.pool.pending
+
+    def _committed(self) -> bool:
+        return all(self.cluster.committed.get(tp, 0) == self.cluster.end(tp) for tp in self.cluster.tps())
+
+    def _output(self) -> Output:
+        if getattr(self, "_out", None) is None or self._out.size != len(self.cluster.out):
+            self._out = Output(self.cluster)
+        return self._out
+
+    def _expected(self) -> Expected:
+        window = self.route.window
+        if window is None:
+            return Expected()
+        return expect(self.route.name, window, [e for e in self.events if e.code is None])
+
+    def _answers(self, event: Event) -> bool:
+        """Whether this event must have a per-event record (an answer, or a dead letter)."""
+        return event.code is not None or self.route.task != "none"
+
+    def _check_results(self) -> None:
+        out = self._output()
+        expected = self._expected()
+        for event in self.events:
+            missing = out.missing(event, self._answers(event), expected)
+            assert not missing, f"event {event.offset} of partition {event.partition}: {missing}"
+        if self.exactly_once:
+            assert not out.duplicates()
+        window = self.route.window
+        if window is not None:
+            results = out.final_windows()
+            assert set(results) == set(expected.windows), (
+                f"windows emitted but not expected: {sorted(set(results) - set(expected.windows))[:3]}; "
+                f"expected, not emitted: {sorted(set(expected.windows) - set(results))[:3]}")
+            for wid, members in expected.windows.items():
+                result = results[wid]
+                assert result["count"] == len(members), f"window {wid}: {result['count']} != {len(members)}"
+                if self.route.task == "classify" and not self.failures:
+                    labels = Counter(label_of(m.text, LABELS) for m in members)
+                    assert result["labels"] == dict(labels), f"window {wid}: labels"
+            late = out.late()
+            assert late == expected.late, f"late: {sorted(late ^ expected.late)[:5]} disagree with the oracle"
+        self._check_redis(out, expected)
+
+    def _check_redis(self, out: Output, expected: Expected) -> None:
+        """Each event counted once, whatever the replays: the first written per-event outcome wins."""
+        per_event = out.per_event_sources()
+        counters = self.state.counters
+        late = len(expected.late)
+        assert counters["events"] == len(per_event) + late, (counters, len(per_event), late)
+        non_late = counters["dead_letters"] - counters["dead_letters:late"]
+        assert counters["answers"] + non_late == len(per_event)
+        assert counters["dead_letters:late"] == late
+        assert counters["windows"] == len(expected.windows)
+
+
+class Output:
+    """The output topics as a read_committed reader sees them (at least once: as acknowledged)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.size = len(cluster.out)
+        docs = [(w.topic, orjson.loads(w.value)) for w in cluster.out]
+        self.answers = [d for t, d in docs if t == "answers"]
+        self.letters = [d for t, d in docs if t == "dlq"]
+        self.windows = [d for t, d in docs if t == "windows"]
+        self._answered = {_source(d) for d in self.answers}
+        self._codes: dict[tuple[int, int], set[str]] = {}
+        for letter in self.letters:
+            self._codes.setdefault(_source(letter), set()).add(letter["error"])
+        self._finals = {d["id"]: d for d in self.windows if d["final"]}
+
+    def late(self) -> set[tuple[int, int]]:
+        return {where for where, codes in self._codes.items() if "late" in codes}
+
+    def per_event_sources(self) -> set[tuple[int, int]]:
+        """Events with an answer or a dead letter of their own (not a late record)."""
+        return self._answered | {where for where, codes in self._codes.items() if codes - {"late"}}
+
+    def final_windows(self) -> dict[str, dict[str, Any]]:
+        return self._finals
+
+    def duplicates(self) -> list[str]:
+        keys = [f"answer {_source(d)}" for d in self.answers]
+        keys += [f"{d['error']} {_source(d)}" for d in self.letters]
+        keys += [f"window {d['id']}" for d in self.windows if d["final"]]
+        return [key for key, n in Counter(keys).items() if n > 1]
+
+    def missing(self, event: Event, answers: bool, expected: Expected) -> str:
+        """What of this event's outcomes is not on the output topics ('' when nothing)."""
+        where = (event.partition, event.offset)
+        codes = self._codes.get(where, set())
+        if answers:
+            letters = codes - {"late"}
+            if event.code is not None and event.code not in letters:
+                return f"no {event.code} dead letter (has {sorted(letters)})"
+            if event.code is None and where not in self._answered and "model_error" not in letters:
+                return "no answer"
+        if event.code is not None:
+            return ""
+        if where in expected.late:
+            return "" if "late" in codes else "no late dead letter"
+        gone = [w for w in expected.membership.get(where, []) if w not in self._finals]
+        return f"its windows {gone} have no final result" if gone else ""
+
+
+def _source(doc: dict[str, Any]) -> tuple[int, int]:
+    return doc["source"]["partition"], doc["source"]["offset"]

@@ -1,0 +1,92 @@
+"""Redis in memory, with the rules of the Lua scripts in streamer/state/redis.py: per-event guards,
+the exactly-once fence, final window results written once, the counters. A batch applies atomically
+or not at all; an outage refuses it, and a lost reply applies it and then reports a failure, the
+case that makes idempotency matter. tests/integration/test_sim_state.py holds it to the real scripts.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import orjson
+
+from streamer.contracts import Answer, WindowResult
+from streamer.state.redis import StateUnavailable, Written
+
+
+class SimState:
+    def __init__(self, *, kafka_decides_windows: bool = False) -> None:
+        self.kafka_decides_windows = kafka_decides_windows
+        self.counters: Counter[str] = Counter()
+        self.per_key: dict[str, Counter[str]] = {}
+        self.late: Counter[str] = Counter()
+        self.seen: set[str] = set()
+        self.fence: dict[str, int] = {}
+        self.windows: dict[str, tuple[bool, bytes]] = {}  # id -> (final, result JSON)
+        self.answers: dict[str, bytes] = {}
+        self.up = True
+        self.lose_replies = False  # apply a write, then fail as if its reply never came
+
+    async def ping(self) -> None:
+        if not self.up:
+            raise StateUnavailable("cannot reach Redis")
+
+    async def write(self, outcomes: Sequence[Written], fence: dict[tuple[str, int], int] | None = None) -> int:
+        if not self.up:
+            raise StateUnavailable("Connection refused")
+        applied = sum(self._apply(o, fenced=fence is not None) for o in outcomes)
+        for (topic, partition), point in (fence or {}).items():
+            name = f"{topic}:{partition}"
+            self.fence[name] = max(point, self.fence.get(name, 0))
+        if self.lose_replies:
+            raise StateUnavailable("Timeout reading from socket")
+        return applied
+
+    def _apply(self, outcome: Written, *, fenced: bool) -> bool:
+        record = outcome.record
+        if isinstance(record, WindowResult):
+            return self._window(record, outcome.payload)
+        src = record.source
+        if fenced and src.offset < self.fence.get(f"{src.topic}:{src.partition}", 0):
+            return False
+        guard = f"a:{record.id}" if isinstance(record, Answer) else f"d:{src.topic}:{src.partition}:{src.offset}"
+        if guard in self.seen:
+            return False
+        self.seen.add(guard)
+        key = outcome.key or ""
+        self.counters["events"] += 1
+        per_key = self.per_key.setdefault(key, Counter()) if key else Counter()
+        per_key["events"] += 1
+        if isinstance(record, Answer):
+            self.answers[record.id] = outcome.payload
+            self.counters.update({"answers": 1, "tokens_in": record.tokens_in, "tokens_out": record.tokens_out})
+            per_key.update({"answers": 1})
+        else:
+            self.counters.update({"dead_letters": 1, f"dead_letters:{record.error.value}": 1})
+            per_key.update({"dead_letters": 1})
+            if record.error.value == "late":
+                self.late[outcome.route] += 1
+        return True
+
+    def _window(self, result: WindowResult, payload: bytes) -> bool:
+        final, _ = self.windows.get(result.id, (False, b""))
+        if final:
+            return False
+        self.windows[result.id] = (result.final, payload)
+        if result.final:
+            self.counters["windows"] += 1
+        return True
+
+    async def windows_final(self, window_ids: Sequence[str]) -> list[bool]:
+        if not self.up:
+            raise StateUnavailable("Connection refused")
+        if self.kafka_decides_windows:
+            return [False] * len(window_ids)
+        return [self.windows.get(i, (False, b""))[0] for i in window_ids]
+
+    def final_windows(self) -> dict[str, dict[str, object]]:
+        return {i: orjson.loads(doc) for i, (final, doc) in self.windows.items() if final}
+
+    async def aclose(self) -> None:
+        return None
