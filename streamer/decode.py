@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import orjson
 from pydantic import ValidationError
 
+from streamer.config import LimitsSettings
 from streamer.contracts import DeadLetter, ErrorCode, InputEvent, Source
 
 PAYLOAD_CAP_BYTES = 256 * 1024
@@ -64,9 +65,13 @@ def _schema_detail(error: ValidationError) -> str:
 
 
 def decode(
-    raw: RawMessage, *, default_task: str, known_tasks: Collection[str], max_chars: int
+    raw: RawMessage, *, default_task: str, known_tasks: Collection[str], limits: LimitsSettings
 ) -> InputEvent | DeadLetter:
-    """Parse and validate one message; fill `key`, `ts` and `task` defaults from Kafka and the route."""
+    """Parse and validate one message; fill `key`, `ts` and `task` defaults from Kafka and the route.
+
+    Every string that reaches an output is bounded here or by the contract (`id`, `key`, `text`,
+    `params`), and so is `meta`, which answers carry: its depth (JSON nested past orjson's 255 levels
+    cannot be written back) and its size."""
     if not raw.value:
         return dead_letter(raw, ErrorCode.INVALID_JSON, "empty message")
     try:
@@ -82,17 +87,37 @@ def decode(
         doc["ts"] = raw.timestamp_ms
     if doc.get("task") is None:
         doc["task"] = default_task
+    if (problem := _meta_problem(doc.get("meta"), limits)) is not None:
+        return dead_letter(raw, ErrorCode.SCHEMA, f"meta: {problem}", event_id)
     try:
         event = InputEvent.model_validate(doc)
     except ValidationError as exc:
         return dead_letter(raw, ErrorCode.SCHEMA, _schema_detail(exc), event_id)
-    if len(event.text) > max_chars:
-        detail = f"text has {len(event.text)} characters; the limit is {max_chars}"
+    if len(event.text) > limits.max_chars:
+        detail = f"text has {len(event.text)} characters; the limit is {limits.max_chars}"
         return dead_letter(raw, ErrorCode.TOO_LONG, detail, event.id)
     if event.task not in known_tasks:
         detail = f"unknown task {event.task!r}; known: {', '.join(sorted(known_tasks))}"
         return dead_letter(raw, ErrorCode.UNKNOWN_TASK, detail, event.id)
     return event
+
+
+def _meta_problem(meta: object, limits: LimitsSettings) -> str | None:
+    """Why `meta` cannot pass through to an answer (too deep, too large), or None."""
+    if meta is None:
+        return None
+    stack: list[tuple[object, int]] = [(meta, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if not isinstance(value, dict | list):
+            continue
+        if depth > limits.max_meta_depth:
+            return f"nested deeper than {limits.max_meta_depth} levels (limits.max_meta_depth)"
+        stack.extend((child, depth + 1) for child in (value.values() if isinstance(value, dict) else value))
+    size = len(orjson.dumps(meta))
+    if size > limits.max_meta_bytes:
+        return f"{size} bytes of JSON; the limit is {limits.max_meta_bytes} (limits.max_meta_bytes)"
+    return None
 
 
 def _key_text(key: bytes | None) -> str | None:

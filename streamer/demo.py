@@ -102,8 +102,9 @@ async def _serve(pipeline: Pipeline, settings: Settings, ends: Endpoints, consol
     """Metrics and the dashboard on the HTTP port (any free port when the configured one is taken)."""
     if settings.observe.http_port is None:
         return None
-    app = http.build_app(pipeline.metrics, http.readiness_of(pipeline.probes()))
-    add_dashboard(app, ends.redis_url, settings.redis.prefix)
+    app = http.build_app(pipeline.metrics, http.readiness_of(pipeline.probes()), pipeline.liveness.problem)
+    add_dashboard(app, ends.redis_url, settings.redis.prefix, token=settings.observe.auth_token,
+                  max_streams=settings.observe.max_live_streams)
     try:
         runner = await http.serve(app, settings.observe.http_host, settings.observe.http_port)
     except OSError:

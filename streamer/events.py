@@ -1,8 +1,11 @@
 """Turns one consumed message into its work: a dead letter, a model request, window items, outcomes.
 
-Each event is tracked in the OffsetTracker with one part for itself; windows it joins add a part
-each; every outcome that finishes it releases its part. The event's offset is committable when no
-part is left.
+The parts of an event in the OffsetTracker, each with its releaser:
+- one for the event itself, released by its answer or dead letter (the writer, once written), or at
+  once after window placement for a window-only route (`task: none`);
+- one per window it joins (`WindowStage.add` holds them; the window's result releases them);
+- one for its late record, when every window it belongs to has closed (released by that record).
+The event's offset is committable when no part is left.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import logging
 
 from streamer.clock import Clock, SystemClock
 from streamer.config import Route, Settings
@@ -18,46 +22,62 @@ from streamer.decode import RawMessage, dead_letter, decode
 from streamer.engine.build import Pool
 from streamer.engine.pool import Generated
 from streamer.engine.worker import GenRequest, ScoreRequest, ScoreResult
-from streamer.kafka.offsets import OffsetTracker
+from streamer.kafka.offsets import OffsetTracker, Ref
 from streamer.observe.metrics import Metrics
+from streamer.outcomes import Sealer
 from streamer.tasks.prompts import build_messages, finish, route_tasks
 from streamer.windows.content import LabelSlot, WindowItem
 from streamer.windows.stage import WindowStage
-from streamer.writer import Outcome, Ref, Writer
+from streamer.writer import Writer
+
+log = logging.getLogger(__name__)
 
 
 class EventHandler:
     def __init__(self, settings: Settings, pool: Pool, writer: Writer, tracker: OffsetTracker,
-                 stages: dict[str, WindowStage], metrics: Metrics, clock: Clock | None = None) -> None:
+                 stages: dict[str, WindowStage], metrics: Metrics, sealer: Sealer, clock: Clock | None = None) -> None:
         self._settings, self._pool, self._writer, self._tracker = settings, pool, writer, tracker
         self._metrics = metrics
+        self._sealer = sealer
         self._clock = clock or SystemClock()
         self._routes = {route.input: route for route in settings.routes}
         self._tasks = {route.input: route_tasks(route) for route in settings.routes}
         self._stages = stages
 
     def accept(self, raw: RawMessage, now_ms: int) -> None:
-        ref: Ref = ((raw.topic, raw.partition), raw.offset)
-        self._tracker.track(*ref)
+        ref = self._tracker.track((raw.topic, raw.partition), raw.offset)
         if raw.timestamp_ms is None:  # a record without a timestamp: processing time stands in
             raw = dataclasses.replace(raw, timestamp_ms=now_ms)
         route = self._routes[raw.topic]
         self._metrics.event_in(route.name)
         decoded = decode(raw, default_task=route.task, known_tasks=self._tasks[raw.topic],
-                         max_chars=self._settings.limits.max_chars)
+                         limits=self._settings.limits)
         if isinstance(decoded, DeadLetter):
             self._dead(raw, decoded, route, ref)
             return
+        if (ahead := self._ahead(decoded, raw, now_ms)) is not None:
+            self._dead(raw, dead_letter(raw, ErrorCode.FUTURE, ahead, decoded.id), route, ref)
+            return
         slot = self._windows(decoded, route, raw, ref, now_ms)
         if decoded.task == "none":
-            self._tracker.done(*ref)
+            self._tracker.done(ref)
             return
         future = self._pool.submit(self._request(decoded, route), _deadline_ms(decoded, route))
         future.add_done_callback(functools.partial(self._answered, decoded, route, raw, ref, slot,
                                                    self._clock.monotonic_s()))
 
+    def _ahead(self, event: InputEvent, raw: RawMessage, now_ms: int) -> str | None:
+        """Why the event's time is too far in the future to be believed, or None. Judged against the
+        record's timestamp (or processing time, if that is earlier), so a replay judges it alike."""
+        skew_ms = self._settings.limits.max_event_skew_ms
+        ahead_ms = _event_ms(event, raw) - min(_record_ms(raw), now_ms)
+        if ahead_ms <= skew_ms:
+            return None
+        return f"event time {_event_ms(event, raw)} is {ahead_ms} ms ahead; the limit is {skew_ms} (max_event_skew_ms)"
+
     def _windows(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, now_ms: int) -> LabelSlot | None:
-        """Place the event in its route's windows; a late event gets a record on the late topic."""
+        """Place the event in its route's windows; a late event gets a record on the late topic, a part of
+        its own (whatever the task: the event's own part may be released before that record is written)."""
         stage = self._stages.get(route.name)
         if stage is None:
             return None
@@ -66,8 +86,7 @@ class EventHandler:
         item = WindowItem(event.text, _event_ms(event, raw), event.key, tokens, slot)
         if stage.add(item, ref, now_ms):
             return slot
-        if event.task != "none":
-            self._tracker.hold(*ref)  # the late record is a part of its own, beside the answer
+        self._tracker.hold(ref)
         detail = f"event time {item.ts_ms} is behind the watermark of route {route.name}"
         self._dead(raw, dead_letter(raw, ErrorCode.LATE, detail, event.id), route, ref,
                    topic=stage.window.late_topic)
@@ -83,17 +102,30 @@ class EventHandler:
 
     def _answered(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, slot: LabelSlot | None,
                   arrived_s: float, future: asyncio.Future[Generated]) -> None:
+        """A done-callback: whatever goes wrong, the event ends in exactly one outcome and its label
+        slot resolves (a window waits for it), or the commit point would stay at it for ever."""
+        generated: Generated | None = None
+        error: str | None
         try:
             generated = future.result()
-        except Exception as exc:  # the worker already split and retried; what is left is this event's
-            generated, error = None, repr(exc)
-        else:
             error = generated.result.error
-        if slot is not None:
-            slot.resolve(generated.result.label if generated and error is None else None)
-        if generated is None or error is not None:
-            self._dead(raw, dead_letter(raw, ErrorCode.MODEL_ERROR, error or "", event.id), route, ref)
-            return
+        except asyncio.CancelledError:
+            error = "the model request was cancelled"
+        except Exception as exc:  # the pool already split and retried; what is left is this event's
+            error = repr(exc)
+        if slot is not None and not slot.resolved:
+            slot.resolve(getattr(generated.result, "label", None) if generated is not None and error is None else None)
+        try:
+            if generated is None or error is not None:
+                raise _ModelFailed(error or "")
+            self._write_answer(event, route, raw, ref, generated, arrived_s)
+        except Exception as exc:  # the model's failure, or a bug building the answer: a dead letter either way
+            if not isinstance(exc, _ModelFailed):
+                log.exception("answering event %s failed", event.id)
+            self._dead(raw, dead_letter(raw, ErrorCode.MODEL_ERROR, str(exc) or repr(exc), event.id), route, ref)
+
+    def _write_answer(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, generated: Generated,
+                      arrived_s: float) -> None:
         answer = self._answer(event, route, raw, generated, arrived_s)
         self._metrics.answered(route.name, answer.latency_ms / 1000, answer.tokens_out)
         if generated.first_token_ms is not None:
@@ -101,7 +133,7 @@ class EventHandler:
         deadline_ms = _deadline_ms(event, route)
         if deadline_ms is not None and answer.latency_ms > deadline_ms:
             self._metrics.slo_miss(route.name)  # still answered: a late answer beats none
-        self._writer.add(Outcome(route.output or "", _key(event, raw), answer, (ref,), route.name))
+        self._writer.add(self._sealer.seal(route.output or "", _key(event, raw), answer, (ref,), route.name))
 
     def _answer(self, event: InputEvent, route: Route, raw: RawMessage, generated: Generated,
                 arrived_s: float) -> Answer:
@@ -113,8 +145,7 @@ class EventHandler:
             text, tokens_out = finish(task, result.text, route), result.tokens_out
         return Answer(
             id=event.id, key=event.key, task=task, output=text, model=self._pool.worker.name,
-            tokens_in=result.tokens_in, tokens_out=tokens_out,
-            queued_ms=round(generated.queued_ms, 3),
+            tokens_in=result.tokens_in, tokens_out=tokens_out, queued_ms=round(generated.queued_ms, 3),
             latency_ms=round((self._clock.monotonic_s() - arrived_s) * 1000, 3), source=raw.source,
             ts_in=_event_ms(event, raw), ts_out=self._clock.now_ms(), meta=event.meta,
         )
@@ -124,20 +155,29 @@ class EventHandler:
         self._metrics.dead_lettered(route.name, letter.error.value)
         if letter.error is ErrorCode.LATE:
             self._metrics.late(route.name)
-        self._writer.add(Outcome(target, raw.key, letter, (ref,), route.name))
+        self._writer.add(self._sealer.seal(target, raw.key, letter, (ref,), route.name))
+
+
+class _ModelFailed(Exception):
+    """The model answered this event with an error (after the pool's own retries)."""
 
 
 def _deadline_ms(event: InputEvent, route: Route) -> float | None:
-    """The event's own deadline, else its route's SLO: the engine admits the earliest first."""
-    return event.params.deadline_ms or route.slo_ms
+    """The route's SLO, or the event's own deadline where the route trusts its producers with admission
+    order (`event_deadlines`): otherwise any producer could jump the queue with `deadline_ms: 1`."""
+    if route.event_deadlines and event.params.deadline_ms is not None:
+        return event.params.deadline_ms
+    return route.slo_ms
+
+
+def _record_ms(raw: RawMessage) -> int:
+    assert raw.timestamp_ms is not None  # accept filled it in
+    return raw.timestamp_ms
 
 
 def _event_ms(event: InputEvent, raw: RawMessage) -> int:
     """Event time: the event's own `ts`, which decoding defaulted to the record's timestamp."""
-    if event.ts is not None:
-        return event.ts
-    assert raw.timestamp_ms is not None  # accept filled it in
-    return raw.timestamp_ms
+    return event.ts if event.ts is not None else _record_ms(raw)
 
 
 def _key(event: InputEvent, raw: RawMessage) -> bytes | None:

@@ -3,12 +3,17 @@
 Polled without blocking from the event loop, so rebalance callbacks run on the loop's thread and the
 pipeline's ledger (the OffsetTracker) has a single owner. Partitions are paused as a whole when the
 pipeline has no room. What a rebalance means for in-flight work (commit what is written, forget the
-rest) is the pipeline's `Rebalance` listener's business; this module only speaks Kafka.
+rest) is the pipeline's `Listener`'s business; this module only speaks Kafka:
+- a newly assigned partition stays paused until the watermark its last commit carried is read (in a
+  thread: with read_committed, a dead member's pending transaction can make that wait);
+- an asynchronous commit that fails is reported, so its position is committed again.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -17,16 +22,23 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Kafka
 
 from streamer.decode import RawMessage
 from streamer.errors import StreamerError
-from streamer.kafka.offsets import TP
+from streamer.kafka.offsets import TP, Position
+from streamer.kafka.positions import mark_of, topic_partitions
 from streamer.kafka.reachability import STATS_INTERVAL_MS, unreachable
 
 log = logging.getLogger(__name__)
 
+_RESTORE_TIMEOUT_S = 10.0  # one try at reading committed positions; retried until it answers
 
-class Rebalance(Protocol):
-    """Hears of partitions coming and going, inside the poll that learns of it."""
+
+class Listener(Protocol):
+    """Hears, inside the poll that learns of it, of partitions coming and going and of failed commits."""
 
     def assigned(self, tps: list[TP]) -> None: ...
+
+    def restored(self, tp: TP, mark_ms: int | None) -> None:
+        """The watermark the partition's last commit carried (None: none), before any of its messages."""
+        ...
 
     def revoked(self, tps: list[TP]) -> None:
         """Given to another member in an orderly rebalance: commit what is fully written now."""
@@ -34,6 +46,10 @@ class Rebalance(Protocol):
 
     def lost(self, tps: list[TP]) -> None:
         """Taken without a handover (session timeout): another member may own them already."""
+        ...
+
+    def commit_failed(self, tps: list[TP]) -> None:
+        """An asynchronous commit of these partitions failed: commit their positions again."""
         ...
 
 
@@ -49,15 +65,17 @@ class Source(Protocol):
 
     def resume(self) -> None: ...
 
-    def commit(self, offsets: dict[TP, int], *, sync: bool = False) -> None: ...
+    def commit(self, positions: dict[TP, Position], *, sync: bool = False) -> None: ...
 
     def group_metadata(self) -> object: ...
 
     def reachable(self, timeout_s: float = 1.0) -> bool: ...
 
+    def in_group(self) -> bool: ...
+
     def lag(self) -> dict[TP, int]: ...
 
-    def unreachable(self) -> frozenset[TP]: ...
+    def stalled(self) -> frozenset[TP]: ...
 
     def served(self, tps: list[TP]) -> list[TP]: ...
 
@@ -65,12 +83,15 @@ class Source(Protocol):
 
 
 class KafkaSource:
-    def __init__(self, config: dict[str, Any], topics: Sequence[str], rebalance: Rebalance) -> None:
-        self._rebalance = rebalance
+    def __init__(self, config: dict[str, Any], topics: Sequence[str], listener: Listener) -> None:
+        self._listener = listener
         self._paused = False
+        self._restoring: set[TP] = set()  # assigned, paused until their committed watermark is read
+        self._restored: queue.SimpleQueue[tuple[TP, int | None]] = queue.SimpleQueue()
         self._unreachable: frozenset[TP] = frozenset()
+        self._group_state = "init"
         self._consumer = Consumer({"statistics.interval.ms": STATS_INTERVAL_MS, **config,
-                                   "on_commit": _log_commit_error, "stats_cb": self._on_stats})
+                                   "on_commit": self._on_commit, "stats_cb": self._on_stats})
         self._consumer.subscribe(
             list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -80,7 +101,9 @@ class KafkaSource:
         return self._paused
 
     def poll(self, max_messages: int) -> list[RawMessage]:
-        """Up to `max_messages` ready messages, without waiting; broker hiccups are logged, fatal errors raise."""
+        """Up to `max_messages` ready messages of owned partitions, without waiting; broker hiccups are
+        logged, fatal errors raise."""
+        self._finish_restores()
         if max_messages <= 0:
             if not self._paused:
                 return []  # no room; polling again would hand out more than we can hold
@@ -91,12 +114,12 @@ class KafkaSource:
         for message in self._consumer.consume(num_messages=max_messages, timeout=0):
             error = message.error()
             if error is None:
-                ready.append(_raw(message))
+                ready.append(message)
             elif error.fatal():
                 raise StreamerError(f"Kafka consumer failed: {error.str()}")
             elif error.code() != KafkaError._PARTITION_EOF:
                 log.warning("consumer: %s", error.str())
-        return ready
+        return [_raw(m) for m in ready]
 
     def pause(self) -> None:
         if not self._paused:
@@ -105,17 +128,18 @@ class KafkaSource:
 
     def resume(self) -> None:
         if self._paused:
-            self._consumer.resume(self._consumer.assignment())
+            self._consumer.resume([tp for tp in self._consumer.assignment()
+                                   if (tp.topic, tp.partition) not in self._restoring])
             self._paused = False
 
-    def commit(self, offsets: dict[TP, int], *, sync: bool = False) -> None:
-        """Commit these offsets (the next one to read, per partition); a failure is logged, and the next
-        commit supersedes it."""
-        parts = [TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()]
+    def commit(self, positions: dict[TP, Position], *, sync: bool = False) -> None:
+        """Commit these positions (the next offset to read, and the watermark, per partition); a failure
+        is reported to the listener, which commits the partitions again."""
         try:
-            self._consumer.commit(offsets=parts, asynchronous=not sync)
+            self._consumer.commit(offsets=topic_partitions(positions), asynchronous=not sync)
         except KafkaException as exc:
-            log.warning("commit failed (the next commit supersedes it): %s", exc.args[0].str())
+            log.warning("commit failed (it is tried again): %s", exc.args[0].str())
+            self._listener.commit_failed(list(positions))
 
     def group_metadata(self) -> object:
         """The member's generation, which a transaction's offset commit must carry (KIP-447 fencing)."""
@@ -129,6 +153,10 @@ class KafkaSource:
             return False
         return True
 
+    def in_group(self) -> bool:
+        """Whether the member is joined to its group (as of the client's last statistics)."""
+        return self._group_state == "up"
+
     def lag(self) -> dict[TP, int]:
         """Messages behind the log end per assigned partition, from the client's cached watermarks
         (before the first fetch of a partition: from its log start; 0 while nothing is known)."""
@@ -139,10 +167,11 @@ class KafkaSource:
             lags[(position.topic, position.partition)] = max(high - start, 0) if high >= 0 else 0
         return lags
 
-    def unreachable(self) -> frozenset[TP]:
-        """Partitions whose leader the client cannot reach (as of its last statistics): their silence
-        is an outage, not quiet input."""
-        return self._unreachable
+    def stalled(self) -> frozenset[TP]:
+        """Owned partitions not fetched now though their input may wait: their leader is unreachable
+        (as of the client's last statistics) or their committed watermark is still being read. Their
+        silence says nothing about the input."""
+        return self._unreachable | frozenset(self._restoring)
 
     def served(self, tps: list[TP]) -> list[TP]:
         """Of `tps`, the partitions Kafka has answered a fetch for (their end offset is known here)."""
@@ -152,24 +181,64 @@ class KafkaSource:
         self._consumer.close()
 
     def _on_stats(self, stats: str) -> None:
-        self._unreachable = unreachable(orjson.loads(stats))
+        document = orjson.loads(stats)
+        self._unreachable = unreachable(document)
+        self._group_state = document.get("cgrp", {}).get("state", self._group_state)
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        failed = [(p.topic, p.partition) for p in partitions if p.error is not None]
+        if error is not None and error.code() != KafkaError._NO_OFFSET:
+            log.warning("offset commit failed (it is tried again): %s", error.str())
+            failed = [(p.topic, p.partition) for p in partitions]
+        if failed:
+            self._listener.commit_failed(failed)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         consumer.incremental_assign(partitions)
-        if self._paused:
-            consumer.pause(partitions)
-        else:  # librdkafka keeps a partition's pause flag across a loss and reassignment
-            consumer.resume(partitions)
-        self._rebalance.assigned(_tps(partitions))
+        consumer.pause(partitions)  # until the watermark its last commit carried is read
+        tps = _tps(partitions)
+        self._restoring.update(tps)
+        self._listener.assigned(tps)
+        threading.Thread(target=self._read_commits, args=(tps,), daemon=True, name="read-commits").start()
         log.info("assigned %s", _names(partitions))
 
+    def _read_commits(self, tps: list[TP]) -> None:
+        """In a thread: the positions committed for `tps`, with their watermarks, retried until read."""
+        while True:
+            try:
+                committed = self._consumer.committed([TopicPartition(*tp) for tp in tps], timeout=_RESTORE_TIMEOUT_S)
+            except (KafkaException, RuntimeError) as exc:  # RuntimeError: the consumer was closed meanwhile
+                if isinstance(exc, RuntimeError):
+                    return
+                log.warning("reading committed positions of %s: %s; trying again", tps, exc.args[0].str())
+                continue
+            for position in committed:
+                self._restored.put(((position.topic, position.partition), mark_of(position.metadata)))
+            return
+
+    def _finish_restores(self) -> None:
+        """On the loop's thread: hand each restored watermark to the listener and start fetching."""
+        while not self._restored.empty():
+            tp, mark_ms = self._restored.get()
+            if tp not in self._restoring:
+                continue  # revoked meanwhile
+            self._restoring.discard(tp)
+            self._listener.restored(tp, mark_ms)
+            if not self._paused:
+                self._consumer.resume([TopicPartition(*tp)])
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._rebalance.revoked(_tps(partitions))
+        self._disown(partitions)
+        self._listener.revoked(_tps(partitions))
         log.info("revoked %s", _names(partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._rebalance.lost(_tps(partitions))
+        self._disown(partitions)
+        self._listener.lost(_tps(partitions))
         log.warning("lost %s (another member owns them now)", _names(partitions))
+
+    def _disown(self, partitions: list[TopicPartition]) -> None:
+        self._restoring.difference_update(_tps(partitions))
 
 
 def _raw(message: Message) -> RawMessage:
@@ -184,8 +253,3 @@ def _tps(partitions: list[TopicPartition]) -> list[TP]:
 
 def _names(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing"
-
-
-def _log_commit_error(error: KafkaError | None, partitions: list[TopicPartition]) -> None:
-    if error is not None and error.code() != KafkaError._NO_OFFSET:
-        log.warning("offset commit failed: %s", error.str())

@@ -8,8 +8,9 @@ member id), so an instance that lost its partitions in a rebalance can no longer
 them — the coordinator refuses, and its transaction aborts. Per-partition ids (the pre-KIP-447
 scheme) would need one producer per input partition; brokers >= 2.5 make that unnecessary.
 
-Blocking calls run in a thread; records are produced without delivery callbacks, because a
-committed transaction already means every record of it was acknowledged.
+Blocking calls run in a thread. A committed transaction already means every record of it was
+acknowledged; delivery callbacks only note records refused for what they are, so that the writer
+replaces them with dead letters instead of producing them again for ever.
 """
 
 from __future__ import annotations
@@ -21,14 +22,18 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from confluent_kafka import KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from streamer.config import ProcessingSettings
+from streamer.contracts import ErrorCode
 from streamer.errors import StreamerError
-from streamer.kafka.offsets import TP
+from streamer.kafka.offsets import TP, Position
+from streamer.kafka.positions import topic_partitions
+from streamer.kafka.sink import refused_as
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,15 @@ class TransactionFenced(StreamerError):
 class Ending(Enum):
     COMMITTED = "committed"
     ABORTED = "aborted"  # nothing of the batch is visible; produce it again in a new transaction
+
+
+@dataclass(frozen=True)
+class Transacted:
+    """How a transaction ended; when aborted, the records the client or broker refused for what they
+    are (by index, with the dead-letter code that replaces them): producing them again cannot help."""
+
+    ending: Ending
+    refused: dict[int, ErrorCode] = field(default_factory=dict)
 
 
 def transactional_id(processing: ProcessingSettings, group_id: str) -> str:
@@ -83,29 +97,34 @@ class TransactionalProducer:
         """Register the id with the coordinator, fencing any earlier producer that used it."""
         await self._retrying("init", lambda: self._producer.init_transactions(_CALL_TIMEOUT_S))
 
-    async def transact(self, records: list[Record], offsets: dict[TP, int], group_metadata: object) -> Ending:
-        """Produce `records` and commit `offsets` (next offset to read, per partition) in one transaction."""
+    async def transact(self, records: list[Record], positions: dict[TP, Position],
+                       group_metadata: object) -> Transacted:
+        """Produce `records` and commit `positions` (next offset to read, and the watermark, per partition)
+        in one transaction."""
         self._call(self._producer.begin_transaction)
         self._open = True
+        refused: dict[int, ErrorCode] = {}
         try:
-            for topic, key, value in records:
-                self._produce(topic, key, value)
-            positions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+            for index, (topic, key, value) in enumerate(records):
+                self._produce(index, topic, key, value, refused)
+            if refused:
+                raise _Abortable(f"{len(refused)} records refused")
             if positions:
-                await self._send_offsets(positions, group_metadata)
+                await self._send_offsets(topic_partitions(positions), group_metadata)
             # No giving up here: once EndTxn may have been sent, only the coordinator's answer tells
             # whether the batch is committed, and redoing a committed batch would duplicate it.
             await self._retrying("commit", lambda: self._producer.commit_transaction(_CALL_TIMEOUT_S))
         except _Abortable as exc:
+            self._producer.poll(0)  # serve the delivery reports that say which records were refused
             log.warning("transaction aborted (%s); its records will be produced again", exc)
             await self._abort()
-            return Ending.ABORTED
+            return Transacted(Ending.ABORTED, refused)
         except _Stuck as exc:
             log.warning("%s; replacing the producer, its records will be produced again", exc)
             await self._replace()
-            return Ending.ABORTED
+            return Transacted(Ending.ABORTED, refused)
         self._open = False
-        return Ending.COMMITTED
+        return Transacted(Ending.COMMITTED)
 
     async def _send_offsets(self, positions: list[TopicPartition], group_metadata: object) -> None:
         """librdkafka waits for send_offsets_to_transaction without a deadline of its own (the timeout
@@ -140,14 +159,24 @@ class TransactionalProducer:
         threading.Thread(target=_retire, args=(old,), daemon=True, name="retire-producer").start()
         await self.start()
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes) -> None:
+    def _produce(self, index: int, topic: str, key: bytes | None, value: bytes, refused: dict[int, ErrorCode]) -> None:
+        """Produce one record of the transaction; one the client or broker refuses for what it is lands
+        in `refused` (a delivery report: the commit then fails and the transaction aborts)."""
+
+        def delivered(error: KafkaError | None, _message: Message) -> None:
+            if error is not None and (code := refused_as(error)) is not None:
+                refused[index] = code
+
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key)
+                self._producer.produce(topic, value=value, key=key, on_delivery=delivered)
                 return
             except BufferError:
                 self._producer.poll(0.05)  # local queue full: let deliveries drain, then retry
             except KafkaException as exc:
+                if (code := refused_as(exc.args[0])) is not None:
+                    refused[index] = code
+                    return
                 raise _Abortable(exc.args[0].str()) from None
 
     def poll(self) -> None:

@@ -24,18 +24,27 @@ Readiness = Callable[[], Awaitable[dict[str, bool]]]
 Probe = Callable[[], object]
 """A readiness probe: sync or async; ready when it returns anything but False without raising."""
 
+Problem = Callable[[], str | None]
+"""Liveness: why the process should be restarted, or None while it is healthy."""
+
 METRICS_KEY = web.AppKey("metrics", Metrics)
 READINESS_KEY = web.AppKey("readiness", Readiness)
+LIVENESS_KEY = web.AppKey("liveness", Problem)
 
 _READINESS_TIMEOUT_S = 2.5  # under the probe's timeoutSeconds (3) in ops/k8s/deployment.yaml
 
 
-def build_app(metrics: Metrics, readiness: Readiness,
+def _healthy() -> str | None:
+    return None
+
+
+def build_app(metrics: Metrics, readiness: Readiness, liveness: Problem = _healthy,
               extra_routes: Iterable[Iterable[web.AbstractRouteDef]] = ()) -> web.Application:
     """GET /metrics, /healthz and /readyz, plus any route tables given (e.g. a dashboard's)."""
     app = web.Application()
     app[METRICS_KEY] = metrics
     app[READINESS_KEY] = readiness
+    app[LIVENESS_KEY] = liveness
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -104,7 +113,12 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": Metrics.CONTENT_TYPE})
 
 
-async def _healthz(_: web.Request) -> web.Response:
+async def _healthz(request: web.Request) -> web.Response:
+    """200 while the process does its work (or cannot, for a reason a restart would not fix); 503 with
+    the reason otherwise, so a supervisor restarts it."""
+    problem = request.app[LIVENESS_KEY]()
+    if problem is not None:
+        return web.json_response({"status": "failing", "problem": problem}, status=503)
     return web.json_response({"status": "alive"})
 
 
@@ -116,4 +130,7 @@ async def _readyz(request: web.Request) -> web.Response:
     except Exception as exc:
         log.warning("readiness check failed: %r", exc)
         return web.json_response({"readiness": False}, status=503)
+    problem = request.app[LIVENESS_KEY]()
+    if problem is not None:
+        checks = {**checks, "alive": False}
     return web.json_response(checks, status=200 if all(checks.values()) else 503)

@@ -59,6 +59,8 @@ class _StreamSeries:
     open_windows: Gauge
     windows_emitted: Counter
     windows_mixed: Counter
+    offsets_pending: Gauge
+    outcomes_held: Gauge
 
 
 def _event_series(registry: CollectorRegistry) -> _EventSeries:
@@ -116,6 +118,13 @@ def _stream_series(registry: CollectorRegistry) -> _StreamSeries:
         windows_mixed=Counter("streamer_windows_mixed_partitions",
                               "Final windows holding events of several input partitions (a rebalance "
                               "can split them: key the input by the window key).", ["route"], registry=registry),
+        offsets_pending=Gauge("streamer_offsets_pending",
+                              "Events between a partition's commit point and its last consumed one: what the "
+                              "offset ledger holds (and a restart would replay).", ["topic", "partition"],
+                              registry=registry),
+        outcomes_held=Gauge("streamer_outcomes_held",
+                            "Outcomes written only once earlier events of their partitions are (exactly once: "
+                            "all; at least once: session windows).", registry=registry),
     )
 
 
@@ -190,8 +199,15 @@ class Metrics:
     def forget_partitions(self, partitions: Iterable[tuple[str, int]]) -> None:
         """Drop the lag of revoked partitions, so a partition another member owns now is not summed twice."""
         for topic, partition in partitions:
-            with contextlib.suppress(KeyError):  # never reported for this partition
-                self._stream.consumer_lag.remove(topic, str(partition))
+            for gauge in (self._stream.consumer_lag, self._stream.offsets_pending):
+                with contextlib.suppress(KeyError):  # never reported for this partition
+                    gauge.remove(topic, str(partition))
+
+    def ledger(self, pending: Mapping[tuple[str, int], int], held: int) -> None:
+        """What the offset ledger and the writer hold in memory."""
+        for (topic, partition), n in pending.items():
+            self._stream.offsets_pending.labels(topic, str(partition)).set(n)
+        self._stream.outcomes_held.set(held)
 
     def open_windows(self, route: str, n: int) -> None:
         self._stream.open_windows.labels(route).set(n)

@@ -36,10 +36,13 @@ class WindowSpec:
     size_ms: int | None = None
     slide_ms: int | None = None
     gap_ms: int | None = None
+    max_duration_ms: int | None = None  # sessions: None, unbounded
 
     def __post_init__(self) -> None:
         if self.kind == "session":
-            _positive("gap_ms", self.gap_ms, self.kind)
+            gap_ms = _positive("gap_ms", self.gap_ms, self.kind)
+            if self.max_duration_ms is not None and self.max_duration_ms < gap_ms:
+                raise ValueError(f"session windows need max_duration_ms >= gap_ms, got {self.max_duration_ms}")
         elif self.kind == "tumbling":
             _positive("size_ms", self.size_ms, self.kind)
         elif self.kind == "sliding":
@@ -59,8 +62,8 @@ class WindowSpec:
         return cls("sliding", size_ms=size_ms, slide_ms=slide_ms)
 
     @classmethod
-    def session(cls, gap_ms: int) -> "WindowSpec":
-        return cls("session", gap_ms=gap_ms)
+    def session(cls, gap_ms: int, max_duration_ms: int | None = None) -> "WindowSpec":
+        return cls("session", gap_ms=gap_ms, max_duration_ms=max_duration_ms)
 
     @property
     def step_ms(self) -> int:

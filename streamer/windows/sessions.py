@@ -1,4 +1,4 @@
-"""Session windows: per key, events closer than the gap form one window, merging as gaps fill in.
+"""Session windows: per key, events at most the gap apart form one window, merging as gaps fill in.
 
 An event at ts is a proto-session [ts, ts + gap). It merges with every open session of its key that
 it overlaps or touches (closed intervals meet: s1 <= e2 and s2 <= e1, as in Flink and Kafka Streams,
@@ -7,10 +7,17 @@ and is closed once the watermark reaches its end. An event whose proto-session i
 late unless it merges with an open session; closed sessions are never reopened. (Such a bridging
 event may stretch an open session back over time that an already emitted session covered.)
 
-`expire` pops a heap of session ends. Sessions only grow, so a heap entry is lazily refreshed: when
-popped with an outdated end it is pushed again under the current one, and entries of sessions merged
-away are skipped. Each live session has exactly one entry; nothing is scanned while nothing can close.
-`drop` never shrinks a session: it replaces it with new ones (and new entries), so this holds.
+A session spans less than `max_duration_ms` (when set): an event joins a session only if the session
+with it still would, and its window ends at first ts + max_duration_ms at the latest; an event past
+that starts the next session. So a key that never pauses for a gap still gets its sessions closed,
+and its partition's offsets committed. Touching sessions merge only if the merged one would still be
+short enough; otherwise the event joins the earliest of them alone. (With this limit the sessions of
+out-of-order events depend on their order, which per partition is the log's.)
+
+`expire` pops a heap of session ends. A heap entry is lazily refreshed: popped with an outdated end it
+is pushed again under the current one, and entries of sessions merged away are skipped. A session
+whose end moves earlier (an early event shortens what its maximum allows) gets a fresh entry at once.
+Nothing is scanned while nothing can close.
 """
 
 import heapq
@@ -42,6 +49,7 @@ class SessionWindows(WatermarkFloor, Generic[S, E]):
         self.spec = spec
         self._keep_events = keep_events
         self._gap_ms = spec.gap_ms
+        self._max_ms = spec.max_duration_ms
         self._aggregator = aggregator
         self._sessions: dict[Any, list[OpenWindow[S]]] = {}  # per key, including closed-not-yet-expired
         # heap of (end when pushed, key order, seq, session): the next session to close is at [0]
@@ -58,7 +66,11 @@ class SessionWindows(WatermarkFloor, Generic[S, E]):
             s
             for s in sessions
             if s.window.end_ms > self._watermark_ms and s.window.start_ms <= proto_end_ms and ts_ms <= s.window.end_ms
+            and self._fits(s.first_ts_ms, s.last_ts_ms, ts_ms)
         ]
+        if len(touching) > 1 and not self._fits(min(s.first_ts_ms for s in touching),
+                                               max(s.last_ts_ms for s in touching), ts_ms):
+            touching = [min(touching, key=lambda s: s.window.start_ms)]
         if touching:
             session = self._merge(touching, sessions)
         elif proto_end_ms <= self._watermark_ms:
@@ -74,8 +86,23 @@ class SessionWindows(WatermarkFloor, Generic[S, E]):
         if ts_ms < session.first_ts_ms or ts_ms > session.last_ts_ms:
             session.first_ts_ms = min(session.first_ts_ms, ts_ms)
             session.last_ts_ms = max(session.last_ts_ms, ts_ms)
-            session.window = Window(session.first_ts_ms, session.last_ts_ms + self._gap_ms)
+            self._reshape(session)
         return Added(late=False, windows=(session.window,))
+
+    def _fits(self, first_ms: int, last_ms: int, ts_ms: int) -> bool:
+        """Whether a session spanning [first, last] would still span less than the maximum with ts in it."""
+        return self._max_ms is None or max(last_ms, ts_ms) - min(first_ms, ts_ms) < self._max_ms
+
+    def _bounds(self, first_ms: int, last_ms: int) -> Window:
+        end_ms = last_ms + self._gap_ms
+        return Window(first_ms, end_ms if self._max_ms is None else min(end_ms, first_ms + self._max_ms))
+
+    def _reshape(self, session: OpenWindow[S]) -> None:
+        """Bounds from its events; an end moved earlier gets a heap entry of its own (the old one goes stale)."""
+        before = session.window.end_ms
+        session.window = self._bounds(session.first_ts_ms, session.last_ts_ms)
+        if session.window.end_ms < before:
+            heapq.heappush(self._ends, (session.window.end_ms, key_order(session.key), next(self._seq), session))
 
     def expire(self, watermark_ms: int | None) -> list[OpenWindow[S]]:
         self._advance(watermark_ms)
@@ -116,14 +143,15 @@ class SessionWindows(WatermarkFloor, Generic[S, E]):
                 for run in self._runs(sorted(kept, key=lambda m: m[0])):
                     rebuilt = self._start(key, run[0][0])
                     refold(rebuilt, self._aggregator, run)
-                    rebuilt.window = Window(rebuilt.first_ts_ms, rebuilt.last_ts_ms + self._gap_ms)
+                    self._reshape(rebuilt)
         return taken
 
     def _runs(self, members: list[Member]) -> list[list[Member]]:
-        """Members in event-time order, cut where two are more than a gap apart."""
+        """Members in event-time order, cut where two are more than a gap apart or a run reaches the maximum."""
         runs: list[list[Member]] = []
         for member in members:
-            if runs and member[0] <= runs[-1][-1][0] + self._gap_ms:
+            run = runs[-1] if runs else None
+            if run and member[0] <= run[-1][0] + self._gap_ms and self._fits(run[0][0], member[0], member[0]):
                 runs[-1].append(member)
             else:
                 runs.append([member])
@@ -131,7 +159,7 @@ class SessionWindows(WatermarkFloor, Generic[S, E]):
 
     def _start(self, key: Any, ts_ms: int) -> OpenWindow[S]:
         """A new session holding no events yet; `add` folds the first one in."""
-        window = Window(ts_ms, ts_ms + self._gap_ms)
+        window = self._bounds(ts_ms, ts_ms)
         session = OpenWindow(key, window, self._aggregator.create(), 0, ts_ms, ts_ms)
         self._sessions.setdefault(key, []).append(session)
         heapq.heappush(self._ends, (window.end_ms, key_order(key), next(self._seq), session))
@@ -154,7 +182,7 @@ class SessionWindows(WatermarkFloor, Generic[S, E]):
         survivor.count = sum(s.count for s in touching)
         survivor.first_ts_ms = min(s.first_ts_ms for s in touching)
         survivor.last_ts_ms = max(s.last_ts_ms for s in touching)
-        survivor.window = Window(survivor.first_ts_ms, survivor.last_ts_ms + self._gap_ms)
+        self._reshape(survivor)
         self._forget(touching[0].key, sessions, others)
         return survivor
 

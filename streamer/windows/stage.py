@@ -1,16 +1,19 @@
 """A route's windows inside the running service: feeds the engine, closes windows, emits results.
 
-Per event: the watermark observes it, the engine places it in its windows (or calls it late), and
-each window it joined holds its offset (one part per window in the OffsetTracker). When the
-watermark passes a window's end the window closes: its labels are awaited, `summarize` windows get
-one LLM request through the same micro-batcher as per-event work, and the result is written to the
-window topic and Redis; only then are the held offsets released.
+Per event: the engine places it in its windows under the watermark its partition's earlier events
+set (or calls it late), and each window it joined holds its offset (one part per window in the
+OffsetTracker); the partition's watermark after it is noted with its offset, for the commit to
+carry. When the watermark passes a window's end the window closes: its labels are awaited,
+`summarize` windows get one LLM request through the model pool, and the result is written to the
+window topic and Redis; only then are the held offsets released. A session's result is written only
+once every event it holds is below the commit point (`in_order`), so a replay never rebuilds part
+of it under another id.
 
 Per-key windows are partitioned: one engine per input partition, closed by that partition's own
 watermark (Kafka Streams keeps window state per task the same way). A window then never mixes
 partitions, a partition that moves between instances takes its windows along whole (the next owner
-rebuilds them from the replay, judged by the replay's own event time, so nothing turns late), and a
-key's windows do not wait for other partitions. A key produced to several partitions gets a window
+rebuilds them from the replay, under the watermark the commit carried, so nothing turns late that
+was not), and a key's windows do not wait for other partitions. A key produced to several partitions gets a window
 per partition (the partition is part of the window id); keyed production makes it one.
 `per_key: false` windows span partitions: one engine, closed by the route's watermark.
 
@@ -25,7 +28,7 @@ import asyncio
 import hashlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Collection, Coroutine, Hashable
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any
 
 from streamer.clock import Clock, SystemClock
@@ -33,45 +36,49 @@ from streamer.config import Route
 from streamer.contracts import TextStats, WindowBounds, WindowResult
 from streamer.engine.build import Pool
 from streamer.engine.worker import GenRequest
-from streamer.kafka.offsets import TP, OffsetTracker
+from streamer.kafka.offsets import TP, OffsetTracker, Ref
+from streamer.outcomes import Sealer
 from streamer.state.redis import RedisState
+from streamer.state.retry import retrying
 from streamer.tasks.prompts import summarize_messages
 from streamer.windows.assign import WindowSpec
 from streamer.windows.content import Content, ContentAggregator, WindowItem
 from streamer.windows.engine import OpenWindow, WindowEngine, drop_from
 from streamer.windows.watermark import Watermarks
-from streamer.writer import Outcome, Ref, Writer, retrying
+from streamer.writer import Writer
 
 log = logging.getLogger(__name__)
 
 
 def window_id(route: str, key: str | None, kind: str, start_ms: int, end_ms: int, partition: int | None) -> str:
     """Stable across restarts and rebalances, so a replayed window is recognised (Redis) and
-    deduplicated (topic key); `partition` is the input partition of a partitioned window."""
-    raw = f"{route}\x1f{key}\x1f{kind}\x1f{start_ms}\x1f{end_ms}\x1f{partition}".encode()
+    deduplicated (topic key); `partition` is the input partition of a partitioned window. A key is
+    tagged apart from no key, so the key "None" and no key are two windows."""
+    tagged = "-" if key is None else f"k{key}"
+    raw = f"{route}\x1f{tagged}\x1f{kind}\x1f{start_ms}\x1f{end_ms}\x1f{partition}".encode()
     return hashlib.blake2b(raw, digest_size=12).hexdigest()
 
 
 class WindowStage:
     def __init__(self, route: Route, pool: Pool, writer: Writer, tracker: OffsetTracker,
-                 state: RedisState, on_mixed: Callable[[str], None] = lambda route: None,
+                 state: RedisState, sealer: Sealer, on_mixed: Callable[[str], None] = lambda route: None,
                  clock: Clock | None = None) -> None:
         """`on_mixed(route)` hears of every final window holding events of several partitions (metrics)."""
         assert route.window is not None
+        self._sealer = sealer
         self._on_mixed = on_mixed
         self._clock = clock or SystemClock()
         self.route, self.window = route, route.window
         self._pool, self._writer, self._tracker, self._state = pool, writer, tracker, state
         w = route.window
         spec = WindowSpec(kind=w.kind, size_ms=w.size_ms or 0, slide_ms=w.slide_ms or w.size_ms or 0,
-                          gap_ms=w.gap_ms or 0)
+                          gap_ms=w.gap_ms or 0, max_duration_ms=w.max_duration_ms)
         self._spec = spec
         self._aggregator = ContentAggregator(keep_texts=w.task == "summarize", keep_keys=not w.per_key,
                                              keep_stats=w.task == "stats")
         self._engines: dict[TP | None, WindowEngine[Content, WindowItem]] = {}  # per partition; None: all
-        self._marks: dict[Hashable, int | None] = {}  # each engine's watermark (by TP, or None), read by `refresh`
         self.watermarks = Watermarks(w.allowed_lateness_ms, w.idle_timeout_ms)
-        self.late: defaultdict[str | None, int] = defaultdict(int)
+        self.late = 0  # late events of the route this process has seen
         self._dirty: defaultdict[str | None, int] = defaultdict(int)
         self._last_update_s = self._clock.monotonic_s()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -89,17 +96,18 @@ class WindowStage:
         return self._failure
 
     def refresh(self, now_ms: int, paused: bool = False, unreachable: Collection[TP] = ()) -> None:
-        """Read the watermark once per poll batch: a lower bound while the batch is added, so it can
-        only make fewer events late, never more. While the consumer is `paused` no partition idles,
-        nor does one it cannot fetch (`unreachable`: its leader is away)."""
-        if paused:
-            self.watermarks.hold(now_ms)
-        elif unreachable:
-            self.watermarks.hold(now_ms, unreachable)
-        if self.window.per_key:
-            self._marks = self.watermarks.partition_marks(now_ms)
-        else:
-            self._marks = {None: self.watermarks.current(now_ms)}
+        """Until the next refresh, which partitions are not fetched: all while the consumer is `paused`
+        (or not polled), else those it cannot fetch (`unreachable`: their leader is away, or their
+        position is still being read). Their idle time stands still meanwhile."""
+        self.watermarks.hold(now_ms, None if paused else unreachable)
+
+    def assign(self, tps: Collection[TP]) -> None:
+        """Partitions now feed this route; none of them is idle before Kafka has served it."""
+        self.watermarks.assign(tps, served=False)
+
+    def restore(self, tp: TP, mark_ms: int | None) -> None:
+        """The watermark the partition's last commit carried: a replay judges every event as the first run did."""
+        self.watermarks.restore(tp, mark_ms)
 
     def revoke(self, tps: Collection[TP]) -> None:
         """Partitions went to another member or were lost: forget their watermarks and take their
@@ -107,7 +115,7 @@ class WindowStage:
         gone = set(tps)
 
         def lost(ref: Ref) -> bool:
-            return ref[0] in gone
+            return ref.tp in gone
 
         self.watermarks.revoke(gone)
         if self.window.per_key:
@@ -120,19 +128,22 @@ class WindowStage:
                      self.route.name, taken)
 
     def add(self, item: WindowItem, ref: Ref, now_ms: int) -> bool:
-        """Place one event; False when it is late (all its windows closed already)."""
-        tp, offset = ref
-        self.watermarks.observe(tp, item.ts_ms, now_ms)
+        """Place one event under the watermark its partition's earlier events set (per record, so
+        batching changes nothing); False when it is late (all its windows closed already)."""
+        tp = ref.tp
+        route_ms = None if self.window.per_key else self.watermarks.current(now_ms)
+        mark_ms = self.watermarks.observe(tp, item.ts_ms, now_ms)
+        self._tracker.note(ref, mark_ms, self.watermarks.mark(tp))
         key = item.key if self.window.per_key else None
         group = tp if self.window.per_key else None
         engine = self._engines.get(group)
         if engine is None:  # a partition's engine never needs its events back: it goes whole
             engine = self._engines[group] = WindowEngine(self._spec, self._aggregator, keep_events=group is None)
-        added = engine.add(key, item.ts_ms, item, ref, self._marks.get(group))
+        added = engine.add(key, item.ts_ms, item, ref, mark_ms if self.window.per_key else route_ms)
         if added.late:
-            self.late[key] += 1
+            self.late += 1
             return False
-        self._tracker.hold(tp, offset, len(added.windows))
+        self._tracker.hold(ref, len(added.windows))
         if self.window.task == "summarize":
             for open_window in engine.peek(key):
                 self._maybe_fold(open_window.state)
@@ -144,8 +155,11 @@ class WindowStage:
 
     def tick(self, now_ms: int) -> None:
         """Close what the watermark passed; in update mode, emit provisional results on schedule."""
-        self.refresh(now_ms)
-        closed = [window for group, engine in self._engines.items() for window in engine.expire(self._marks.get(group))]
+        partition_marks = self.watermarks.partition_marks(now_ms)
+        for tp, mark_ms in partition_marks.items():  # an idle partition's moved: commits past its events carry it
+            self._tracker.advance(tp, mark_ms)  # type: ignore[arg-type]
+        marks = partition_marks if self.window.per_key else {None: self.watermarks.current(now_ms)}
+        closed = [window for group, engine in self._engines.items() for window in engine.expire(marks.get(group))]
         if closed:
             self._closing.update(closed)
             self._spawn(self._close_all(closed))
@@ -186,7 +200,7 @@ class WindowStage:
             self._dirty.pop(key, None)
             for open_window in (w for engine in self._engines.values() for w in engine.peek(key)):
                 result = self._result(open_window, final=False, summary=None)
-                self._writer.add(Outcome(self.window.output, result.id.encode(), result, (), self.route.name))
+                self._writer.add(self._sealer.seal(self.window.output, result.id.encode(), result, (), self.route.name))
         self._last_update_s = self._clock.monotonic_s()
 
     async def _close_all(self, closed: list[OpenWindow[Content]]) -> None:
@@ -205,8 +219,8 @@ class WindowStage:
         fresh = [window for window, final in zip(closed, finals, strict=True) if not final]
         for window, final in zip(closed, finals, strict=True):
             if final:  # emitted before a crash; the replay rebuilt it: only release its offsets
-                for tp, offset in window.refs:
-                    self._tracker.done(tp, offset)
+                for ref in window.refs:
+                    self._tracker.done(ref)
         summaries: list[str | None] = [None] * len(fresh)
         if self.window.task == "summarize":
             summaries = await asyncio.gather(*(self._summarize(self._budgeted(w.state.chronological_texts()))
@@ -217,13 +231,13 @@ class WindowStage:
             if not self.window.per_key:
                 self._check_partitions(window)
             result = self._result(window, final=True, summary=summary)
-            self._writer.add(Outcome(self.window.output, result.id.encode(), result, tuple(window.refs),
-                                     self.route.name))
+            self._writer.add(self._sealer.seal(self.window.output, result.id.encode(), result, tuple(window.refs),
+                                               self.route.name, in_order=self.window.kind == "session"))
 
     def _check_partitions(self, window: OpenWindow[Content]) -> None:
         """Count (and warn once of) a window across keys fed by several partitions: a rebalance moving
         one of them can split it into partial results with one id on two instances."""
-        partitions = {tp for tp, _ in window.refs}
+        partitions = {ref.tp for ref in window.refs}
         if len(partitions) < 2:
             return
         self._on_mixed(self.route.name)
@@ -244,7 +258,7 @@ class WindowStage:
         return kept[::-1]
 
     def _id(self, window: OpenWindow[Content]) -> str:
-        partition = window.refs[0][0][1] if self.window.per_key else None  # partitioned: one partition's events
+        partition = window.refs[0].tp[1] if self.window.per_key else None  # partitioned: one partition's events
         return window_id(self.route.name, window.key, self.window.kind, window.window.start_ms, window.window.end_ms,
                          partition)
 
@@ -254,7 +268,7 @@ class WindowStage:
             id=self._id(window), route=self.route.name, key=window.key,
             window=WindowBounds(kind=self.window.kind, start=window.window.start_ms, end=window.window.end_ms),
             count=window.count, first_ts=window.first_ts_ms, last_ts=window.last_ts_ms,
-            late=self.late[window.key],
+            late=self.late,
             summary=summary, labels=dict(content.labels) if self.route.task == "classify" else None,
             stats=_stats(content) if self.window.task == "stats" else None,
             model=self._pool.worker.name if summary is not None else None,

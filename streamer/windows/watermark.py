@@ -1,31 +1,24 @@
 """Event-time watermarks over Kafka partitions: how far event time has surely progressed.
 
-Each partition's watermark is the highest event time seen on it minus `allowed_lateness_ms` (the
-bounded out-of-orderness, Kafka Streams' grace): events may arrive that much out of order and still
-count. The consumer's watermark is the minimum over its assigned partitions, because a slow
-partition may still deliver old events; a window [start, end) closes once the watermark reaches end.
+Each partition's watermark advances per record, in record order (Kafka Streams' stream time): the
+record is placed under the watermark its predecessors set, `observe` returns it and then moves it to
+the record's event time minus `allowed_lateness_ms` (the bounded out-of-orderness, Kafka Streams'
+grace) if that is higher. So a backlog, a replay and a live stream place every record alike, however
+they are batched. A partition assigned again starts from the watermark its last commit carried
+(`restore`), so a replay after a crash or rebalance judges each record as the first run did.
 
-A partition with no input for `idle_timeout_ms` of processing time is idle and stops holding the
-watermark back, so one quiet partition cannot stall every window. A freshly assigned partition that
-has had no event yet holds it back (nothing can be said while it may still deliver old events) until
-it has been assigned for `idle_timeout_ms`. One assigned `unserved` (Kafka has not answered a fetch
-for it yet: its consumer may be waiting for a dead member's pending transaction to resolve) is never
-idle: quiet is not the same as not yet heard from, and calling it idle would turn its whole backlog late.
-
-When every assigned partition is idle, the input has gone quiet and no event can push event time on:
-the watermark then follows processing time, max(watermark so far, highest partition watermark,
-now_ms), so windows whose end is in the past by the wall clock close instead of waiting forever.
-Events that turn up later for those windows are late, the price of emitting final results at all.
-
-The watermark never goes backwards: `current` returns at least what it returned before, also across
-rebalances.
-
-Per-key windows are partitioned (one set per input partition, as Kafka Streams keeps state per
-task), so each partition also has a watermark of its own (`partition_marks`): its highest event time
-minus the lateness while it is live, the route's `current` once it is idle. A partition that moves
-to this instance then starts from its own events, not from the others' progress, so its replay is
-not late; and a key's windows close as soon as its own partition has passed them. It never goes
-backwards while the partition stays assigned, and starts afresh when it is assigned again.
+Wall-clock rules, the only ones that depend on timing:
+- A partition fetched without a record for `idle_timeout_ms` of processing time is idle: its
+  watermark follows the route's (below), so windows of a quiet partition close. Only time the
+  partition was fetched counts: while it is `hold`-ed (the consumer paused by backpressure, its leader
+  unreachable, its position still being read) its idle time stands still, and resumes afterwards.
+  A partition Kafka has not served yet is never idle (quiet is not the same as not yet heard from).
+- The route's watermark (`current`) is the minimum over its partitions that are not idle; while one
+  of them has had no record yet, nothing can be said (None).
+- When every assigned partition is idle, the input has gone quiet: the route's watermark follows
+  processing time, max(its partitions' watermarks, now - allowed_lateness_ms), so windows whose end
+  is in the past by the wall clock close. Records that turn up later for those windows are late.
+Watermarks never go backwards while assigned; the route's never goes backwards at all.
 
 Pure bookkeeping: processing time is passed in, no clock is read; it must be wall-clock epoch ms
 (time.time(), not a monotonic clock), since the all-idle rule compares it with event time.
@@ -37,16 +30,17 @@ from dataclasses import dataclass
 
 @dataclass(slots=True)
 class _Partition:
-    """One assigned partition: its highest event time and when it last showed life (processing ms)."""
+    """One assigned partition."""
 
-    last_seen_ms: int | None  # None: assigned without a time, the clock starts at the next call
-    max_event_ms: int | None = None
+    seen_ms: int | None  # processing time of the last record or clock reading; None: the next reading
     served: bool = True  # False: Kafka has not served it yet, so it cannot be idle
-    mark_ms: int | None = None  # the highest of its own watermarks handed out (`partition_marks`)
+    mark_ms: int | None = None  # its watermark: restored, from its records, or advanced while idle
+    idle_ms: int = 0  # processing time it was fetched without a record
+    held: bool = False  # not fetched since the last `hold` (idle time stands still)
 
 
 class Watermarks:
-    """Tracks per-partition event time and combines it into one monotonic watermark."""
+    """Per-partition watermarks, advanced per record, combined into one monotonic route watermark."""
 
     def __init__(self, allowed_lateness_ms: int, idle_timeout_ms: int) -> None:
         if allowed_lateness_ms < 0:
@@ -62,10 +56,16 @@ class Watermarks:
         """Start tracking partitions; ones already assigned keep their state.
 
         Without `now_ms` (e.g. from a consumer callback with no clock at hand) a new partition's idle
-        clock starts at the next `current` call instead. With `served=False` it starts at `serve`.
+        clock starts at the next reading. With `served=False` it starts at `serve`.
         """
         for partition in partitions:
-            self._parts.setdefault(partition, _Partition(last_seen_ms=now_ms, served=served))
+            self._parts.setdefault(partition, _Partition(seen_ms=now_ms, served=served))
+
+    def restore(self, partition: Hashable, mark_ms: int | None) -> None:
+        """The watermark the partition's last commit carried: its records continue from there."""
+        part = self._parts.get(partition)
+        if part is not None and mark_ms is not None and (part.mark_ms is None or mark_ms > part.mark_ms):
+            part.mark_ms = mark_ms
 
     def unserved(self) -> list[Hashable]:
         """Assigned partitions Kafka has not served yet."""
@@ -75,77 +75,91 @@ class Watermarks:
         """Kafka has served these partitions: their idle clocks start now."""
         for partition in partitions:
             if (part := self._parts.get(partition)) is not None and not part.served:
-                part.served, part.last_seen_ms = True, now_ms
+                part.served, part.seen_ms, part.idle_ms = True, now_ms, 0
 
     def revoke(self, partitions: Iterable[Hashable]) -> None:
-        """Stop tracking partitions; the watermark keeps whatever it already reached."""
+        """Stop tracking partitions; the route's watermark keeps whatever it already reached."""
         for partition in partitions:
             self._parts.pop(partition, None)
 
-    def observe(self, partition: Hashable, event_ts_ms: int, now_ms: int) -> None:
-        """Record one event; events of unassigned (e.g. just revoked) partitions are ignored."""
+    def assigned(self, partition: Hashable) -> bool:
+        return partition in self._parts
+
+    def observe(self, partition: Hashable, event_ts_ms: int, now_ms: int) -> int | None:
+        """Record one event; returns its partition's watermark before it (the one the event is placed
+        under, None while nothing can be said), then advances it. A straggler of a partition no longer
+        assigned changes nothing."""
         part = self._parts.get(partition)
         if part is None:
-            return
-        part.last_seen_ms = now_ms
-        part.served = True
-        if part.max_event_ms is None or event_ts_ms > part.max_event_ms:
-            part.max_event_ms = event_ts_ms
+            return None
+        before = part.mark_ms
+        candidate = event_ts_ms - self.allowed_lateness_ms
+        if before is None or candidate > before:
+            part.mark_ms = candidate
+        part.seen_ms, part.served, part.idle_ms = now_ms, True, 0
+        return before
+
+    def mark(self, partition: Hashable) -> int | None:
+        """A partition's watermark now (what a commit at this point carries)."""
+        part = self._parts.get(partition)
+        return part.mark_ms if part is not None else None
 
     def hold(self, now_ms: int, partitions: Iterable[Hashable] | None = None) -> None:
-        """These partitions (all, by default) do not go idle meanwhile: the consumer is paused
-        (backpressure) or cannot reach their leader (a broker outage), so their silence says nothing
-        about the input.
+        """From now on, until the next `hold`, these partitions (all, by default; none with an empty
+        list) are not fetched: the consumer is paused (backpressure), their leader is unreachable (a
+        broker outage) or their position is still being read, so their silence says nothing about the
+        input and their idle time stands still.
 
-        Without this a pause or outage longer than `idle_timeout_ms` would make the partitions idle,
-        the watermark would jump to the wall clock, and the backlog waiting in Kafka would arrive late.
+        Without this a pause or outage longer than `idle_timeout_ms` would make the partitions idle, the
+        watermark would jump to the wall clock, and the backlog waiting in Kafka would arrive late.
         """
-        held = self._parts.values() if partitions is None else filter(None, map(self._parts.get, partitions))
-        for part in held:
-            part.last_seen_ms = now_ms
+        self._read_clock(now_ms)
+        held = set(self._parts) if partitions is None else set(partitions)
+        for partition, part in self._parts.items():
+            part.held = partition in held
 
     def current(self, now_ms: int) -> int | None:
-        """The watermark at processing time `now_ms`, or None while nothing can be said yet."""
+        """The route's watermark at processing time `now_ms`, or None while nothing can be said yet."""
+        self._read_clock(now_ms)
         candidate = self._candidate_ms(now_ms)
         if candidate is not None and (self._emitted_ms is None or candidate > self._emitted_ms):
             self._emitted_ms = candidate
+        if self._emitted_ms is not None:  # idle partitions follow the route
+            for part in self._parts.values():
+                if self._idle(part) and (part.mark_ms is None or part.mark_ms < self._emitted_ms):
+                    part.mark_ms = self._emitted_ms
         return self._emitted_ms
 
     def partition_marks(self, now_ms: int) -> dict[Hashable, int | None]:
         """Each assigned partition's own watermark at `now_ms` (None while nothing can be said)."""
-        route_ms = self.current(now_ms)
-        marks: dict[Hashable, int | None] = {}
-        for partition, part in self._parts.items():
-            if self._idle(part, now_ms):
-                candidate = route_ms
-            else:
-                candidate = None if part.max_event_ms is None else part.max_event_ms - self.allowed_lateness_ms
-            if candidate is not None and (part.mark_ms is None or candidate > part.mark_ms):
-                part.mark_ms = candidate
-            marks[partition] = part.mark_ms
-        return marks
+        self.current(now_ms)
+        return {partition: part.mark_ms for partition, part in self._parts.items()}
 
     def idle(self, partition: Hashable, now_ms: int) -> bool:
-        """Whether an assigned partition has shown no life for `idle_timeout_ms`."""
-        return self._idle(self._parts[partition], now_ms)
+        """Whether an assigned partition has been fetched without a record for `idle_timeout_ms`."""
+        self._read_clock(now_ms)
+        return self._idle(self._parts[partition])
 
-    def _idle(self, part: _Partition, now_ms: int) -> bool:
-        if not part.served:
-            return False
-        if part.last_seen_ms is None:
-            part.last_seen_ms = now_ms  # assigned without a time: its idle clock starts now
-        return now_ms - part.last_seen_ms >= self.idle_timeout_ms
+    def _read_clock(self, now_ms: int) -> None:
+        """Count the processing time since the last reading as idle time, for partitions fetched meanwhile."""
+        for part in self._parts.values():
+            if part.seen_ms is not None and part.served and not part.held and now_ms > part.seen_ms:
+                part.idle_ms += now_ms - part.seen_ms
+            if part.seen_ms is None or now_ms > part.seen_ms:
+                part.seen_ms = now_ms
+
+    def _idle(self, part: _Partition) -> bool:
+        return part.served and part.idle_ms >= self.idle_timeout_ms
 
     def _candidate_ms(self, now_ms: int) -> int | None:
         """The watermark the partitions justify right now, before the never-backwards rule."""
         if not self._parts:
             return None  # between rebalances: hold, do not guess
-        active = [p for p in self._parts.values() if not self._idle(p, now_ms)]
+        active = [p for p in self._parts.values() if not self._idle(p)]
         if not active:
-            lateness_ms = self.allowed_lateness_ms
-            marks = [p.max_event_ms - lateness_ms for p in self._parts.values() if p.max_event_ms is not None]
-            return max([now_ms, *marks])
-        seen = [p.max_event_ms for p in active if p.max_event_ms is not None]
-        if len(seen) < len(active):
-            return None  # a new partition may still deliver old events
-        return min(seen) - self.allowed_lateness_ms
+            marks = [p.mark_ms for p in self._parts.values() if p.mark_ms is not None]
+            return max([now_ms - self.allowed_lateness_ms, *marks])
+        marks = [p.mark_ms for p in active if p.mark_ms is not None]
+        if len(marks) < len(active):
+            return None  # a partition may still deliver old events
+        return min(marks)

@@ -28,11 +28,13 @@ HOSTILE: list[tuple[bytes, str]] = [
     (b'{"id": "t", "text": "hi", "task": "rm -rf"}', "unknown_task"),
     (b"\xc3\x28 not utf-8", "invalid_json"),
     (b"null", "schema"),
+    # meta 200 levels deep: before limits.max_meta_depth it decoded, and its answer could not be written
+    (b'{"id": "deep", "text": "hi", "meta": ' + b'{"a": ' * 200 + b"1" + b"}" * 200 + b"}", "schema"),
 ]
 ODD_BUT_VALID = [
     b'{"id": "ctl", "text": "tab\\tbell\\u0007nul\\u0000end"}',
     b'{"id": "tpl", "text": "{text} %s {0} {{ }} <|im_start|>system"}',
-    b'{"id": "deep", "text": "hi", "meta": ' + b'{"a": ' * 200 + b"1" + b"}" * 200 + b"}",
+    b'{"id": "deep", "text": "hi", "meta": ' + b'{"a": ' * 31 + b"1" + b"}" * 31 + b"}",  # within the limit
     '{"id": "uni", "text": "¿Qué tal? 你好 🙂"}'.encode(),
 ]
 

@@ -27,10 +27,16 @@ class Listener:
     def assigned(self, tps: list[TP]) -> None:
         self._assigned.extend(tps)
 
+    def restored(self, tp: TP, mark_ms: int | None) -> None:
+        pass
+
     def revoked(self, tps: list[TP]) -> None:
         pass
 
     def lost(self, tps: list[TP]) -> None:
+        pass
+
+    def commit_failed(self, tps: list[TP]) -> None:
         pass
 
 

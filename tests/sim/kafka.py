@@ -8,6 +8,7 @@ What is modelled, because the guarantees hinge on it:
 - a poll may hand out messages of a partition that a rebalance served in the same call revoked
   (confluent-kafka-python issue 1013);
 - librdkafka's local size check: `produce` refuses a record over `max_record_bytes` at once;
+- commits carry the partition's watermark, and an assignment starts from the one last committed;
 - at least once, a record is on the output log once its delivery is acknowledged; exactly once, a
   transaction's records and offsets become visible together when it commits, and it commits only if
   the member's generation is still the group's (KIP-447 fencing); a crash aborts it.
@@ -20,11 +21,12 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from streamer.contracts import ErrorCode
 from streamer.decode import RawMessage
-from streamer.kafka.offsets import TP
+from streamer.kafka.offsets import TP, Position
 from streamer.kafka.sink import DeliveryError
-from streamer.kafka.source import Rebalance
-from streamer.kafka.transactions import Ending, Record
+from streamer.kafka.source import Listener
+from streamer.kafka.transactions import Ending, Record, Transacted
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,11 @@ class Cluster:
     max_poll_interval_s: float
     log: list[list[Stored]] = field(init=False)
     committed: dict[TP, int] = field(default_factory=dict)
-    metadata: dict[TP, str] = field(default_factory=dict)
+    marks: dict[TP, int | None] = field(default_factory=dict)  # the watermark each commit carried
     out: list[Written] = field(default_factory=list)  # acknowledged / committed records, in order
     generation: int = 0
     up: bool = True  # the broker answers produce and transaction calls
+    committed_hook: Callable[[], None] = lambda: None  # checks the guarantees the moment offsets commit
 
     def __post_init__(self) -> None:
         self.log = [[] for _ in range(self.partitions)]
@@ -71,9 +74,12 @@ class Cluster:
     def end(self, tp: TP) -> int:
         return len(self.log[tp[1]])
 
-    def commit(self, offsets: dict[TP, int]) -> None:
-        for tp, offset in offsets.items():
-            self.committed[tp] = max(offset, self.committed.get(tp, 0))
+    def commit(self, positions: dict[TP, Position]) -> None:
+        """Like Kafka: the last commit wins (the pipeline never commits backwards; the invariants check)."""
+        for tp, position in positions.items():
+            self.committed[tp] = position.offset
+            self.marks[tp] = position.mark_ms
+        self.committed_hook()
 
     def fits(self, key: bytes | None, value: bytes) -> bool:
         return len(value) + len(key or b"") <= self.max_record_bytes
@@ -88,9 +94,9 @@ class SimSource:
     """One member's consumer: every partition of the input topic is assigned to it (a group of one),
     except while the simulation has revoked or lost some."""
 
-    def __init__(self, cluster: Cluster, rebalance: Rebalance, now_s: Callable[[], float]) -> None:
+    def __init__(self, cluster: Cluster, listener: Listener, now_s: Callable[[], float]) -> None:
         self._cluster = cluster
-        self._rebalance = rebalance
+        self._listener = listener
         self._now_s = now_s
         self.paused = False
         self.assigned: set[TP] = set()
@@ -148,7 +154,9 @@ class SimSource:
             for tp in fresh:
                 self.assigned.add(tp)
                 self.position[tp] = self._cluster.committed.get(tp, 0)
-            self._rebalance.assigned(fresh)
+            self._listener.assigned(fresh)
+            for tp in fresh:
+                self._listener.restored(tp, self._cluster.marks.get(tp))
             return
         gone = [tp for tp in tps if tp in self.assigned]
         if not gone:
@@ -157,9 +165,9 @@ class SimSource:
         self.generation = self._cluster.generation
         self.assigned -= set(gone)
         if kind == "revoke":
-            self._rebalance.revoked(gone)
+            self._listener.revoked(gone)
         else:
-            self._rebalance.lost(gone)
+            self._listener.lost(gone)
 
     def pause(self) -> None:
         self.paused = True
@@ -167,10 +175,14 @@ class SimSource:
     def resume(self) -> None:
         self.paused = False
 
-    def commit(self, offsets: dict[TP, int], *, sync: bool = False) -> None:
+    def commit(self, positions: dict[TP, Position], *, sync: bool = False) -> None:
+        """Like the group coordinator: a commit of partitions the member does not own, or while it is out
+        of the group, fails (and is reported, as an asynchronous commit's failure is)."""
+        owned = {tp: p for tp, p in positions.items() if tp in self.assigned}
         if self.commits_fail or self.kicked():
-            return  # the commit fails (logged): the next one supersedes it
-        self._cluster.commit({tp: o for tp, o in offsets.items() if tp in self.assigned})
+            self._listener.commit_failed(list(positions))
+            return
+        self._cluster.commit(owned)
 
     def group_metadata(self) -> object:
         return Membership(-1 if self.kicked() else self.generation)
@@ -178,10 +190,13 @@ class SimSource:
     def reachable(self, timeout_s: float = 1.0) -> bool:
         return self._cluster.up
 
+    def in_group(self) -> bool:
+        return not self.kicked()
+
     def lag(self) -> dict[TP, int]:
         return {tp: self._cluster.end(tp) - self.position[tp] for tp in self.assigned}
 
-    def unreachable(self) -> frozenset[TP]:
+    def stalled(self) -> frozenset[TP]:
         return frozenset()
 
     def served(self, tps: list[TP]) -> list[TP]:
@@ -200,10 +215,11 @@ class SimSink:
         self.pending: list[tuple[Written, asyncio.Future[None]]] = []
 
     def send(self, topic: str, key: bytes | None, value: bytes) -> asyncio.Future[None]:
-        if not self._cluster.fits(key, value):
-            raise DeliveryError(f"{topic}: Unable to produce message: Broker: Message size too large")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.pending.append((Written(topic, key, value), future))
+        if not self._cluster.fits(key, value):  # librdkafka's local check, at produce()
+            future.set_exception(DeliveryError(f"{topic}: Broker: Message size too large", ErrorCode.TOO_LARGE))
+        else:
+            self.pending.append((Written(topic, key, value), future))
         return future
 
     def deliver(self, count: int) -> None:
@@ -232,19 +248,22 @@ class SimProducer:
 
     def __init__(self, cluster: Cluster) -> None:
         self._cluster = cluster
-        self.open: tuple[list[Record], dict[TP, int], object, asyncio.Future[Ending]] | None = None
+        self.open: tuple[list[Record], dict[TP, Position], object, asyncio.Future[Ending]] | None = None
 
     async def start(self) -> None:
         return None
 
-    async def transact(self, records: list[Record], offsets: dict[TP, int], group_metadata: object) -> Ending:
-        if not all(self._cluster.fits(key, value) for _, key, value in records):
+    async def transact(self, records: list[Record], positions: dict[TP, Position],
+                       group_metadata: object) -> Transacted:
+        refused = {i: ErrorCode.TOO_LARGE for i, (_, key, value) in enumerate(records)
+                   if not self._cluster.fits(key, value)}
+        if refused:
             await asyncio.sleep(0.01)  # produce() refused a record: the transaction is aborted
-            return Ending.ABORTED
+            return Transacted(Ending.ABORTED, refused)
         ending: asyncio.Future[Ending] = asyncio.get_running_loop().create_future()
-        self.open = (records, offsets, group_metadata, ending)
+        self.open = (records, positions, group_metadata, ending)
         try:
-            return await ending
+            return Transacted(await ending)
         finally:
             self.open = None
 
@@ -252,13 +271,13 @@ class SimProducer:
         """The coordinator's answer: committed if the broker is up and the member is still current."""
         if self.open is None or self.open[3].done():
             return
-        records, offsets, membership, ending = self.open
+        records, positions, membership, ending = self.open
         current = isinstance(membership, Membership) and membership.generation == self._cluster.generation
         if not (self._cluster.up and current):
             ending.set_result(Ending.ABORTED)
             return
         self._cluster.out.extend(Written(topic, key, value) for topic, key, value in records)
-        self._cluster.commit(offsets)
+        self._cluster.commit(positions)
         ending.set_result(Ending.COMMITTED)
 
     def poll(self) -> None:

@@ -53,6 +53,21 @@ def expect(route: str, window: WindowSettings, events: list[Event]) -> Expected:
     return expected
 
 
+def tumbling(route: str, window: WindowSettings, events: list[Event], late: set[tuple[int, int]]) -> Expected:
+    """Wall-clock mode: which events are late depends on timing, so `late` is what the pipeline said;
+    every other valid event belongs to exactly its tumbling window, and nothing else does."""
+    expected = Expected(late=late & {(e.partition, e.offset) for e in events})
+    size_ms = window.size_ms or 0
+    for event in events:
+        if (event.partition, event.offset) in expected.late:
+            continue
+        start_ms = event.ts_ms // size_ms * size_ms
+        wid = window_id(route, event.key, "tumbling", start_ms, start_ms + size_ms, event.partition)
+        expected.windows.setdefault(wid, []).append(event)
+        expected.membership[(event.partition, event.offset)] = [wid]
+    return expected
+
+
 def _marks(window: WindowSettings, stream: list[Event]) -> list[int | None]:
     marks: list[int | None] = []
     high: int | None = None
@@ -78,18 +93,27 @@ def _grid(window: WindowSettings, stream: list[Event], expected: Expected) -> di
 
 
 def _sessions(window: WindowSettings, stream: list[Event], expected: Expected) -> dict[tuple, list[Event]]:
-    gap_ms = window.gap_ms or 0
+    """Sessions merge touching proto-sessions [ts, ts + gap) while they stay shorter than the maximum;
+    past it an event joins the earliest session it touches alone, or starts the next one."""
+    gap_ms, max_ms = window.gap_ms or 0, window.max_duration_ms
     live: list[tuple[str | None, list[Event]]] = []
+
+    def span(events: list[Event], ts_ms: int) -> int:
+        times = [e.ts_ms for e in events] + [ts_ms]
+        return max(times) - min(times)
 
     def bounds(session: tuple[str | None, list[Event]]) -> tuple[int, int]:
         times = [e.ts_ms for e in session[1]]
-        return min(times), max(times) + gap_ms
+        return min(times), min(max(times) + gap_ms, min(times) + max_ms)
 
     for event, mark in zip(stream, _marks(window, stream), strict=True):
         wm = -(2**63) if mark is None else mark
-        touching = [s for s in live if s[0] == event.key and bounds(s)[1] > wm
-                    and bounds(s)[0] <= event.ts_ms + gap_ms and event.ts_ms <= bounds(s)[1]]
-        if not touching and event.ts_ms + gap_ms <= wm:
+        ts = event.ts_ms
+        touching = [s for s in live if s[0] == event.key and bounds(s)[1] > wm and bounds(s)[0] <= ts + gap_ms
+                    and ts <= bounds(s)[1] and span(s[1], ts) < max_ms]
+        if len(touching) > 1 and span([e for s in touching for e in s[1]], ts) >= max_ms:
+            touching = [min(touching, key=lambda s: bounds(s)[0])]
+        if not touching and ts + gap_ms <= wm:
             expected.late.add((event.partition, event.offset))
             continue
         live = [s for s in live if all(s is not t for t in touching)]

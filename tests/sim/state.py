@@ -50,7 +50,8 @@ class SimState:
         src = record.source
         if fenced and src.offset < self.fence.get(f"{src.topic}:{src.partition}", 0):
             return False
-        guard = f"a:{record.id}" if isinstance(record, Answer) else f"d:{src.topic}:{src.partition}:{src.offset}"
+        late = not isinstance(record, Answer) and record.error.value == "late"
+        guard = f"{'l' if late else 'e'}:{src.topic}:{src.partition}:{src.offset}"
         if guard in self.seen:
             return False
         self.seen.add(guard)

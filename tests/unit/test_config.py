@@ -61,3 +61,14 @@ def test_unreadable_or_malformed_files_are_config_errors(tmp_path):
         load_settings(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_settings(write(tmp_path, "kafka: [unclosed\n"))
+
+
+def test_a_sliding_window_putting_an_event_in_more_than_a_thousand_windows_is_refused() -> None:
+    """Review finding 27: size 1 day with slide 1 ms put each event in 86.4 M windows."""
+    from streamer.config import Settings
+
+    route = {"name": "r", "input": "in", "task": "none"}
+    Settings(routes=[{**route, "window": {"kind": "sliding", "size_ms": 60_000, "slide_ms": 60, "output": "w"}}])
+    with pytest.raises(ValueError, match="size_ms / slide_ms"):
+        Settings(routes=[{**route, "window": {"kind": "sliding", "size_ms": 86_400_000, "slide_ms": 1,
+                                               "output": "w"}}])

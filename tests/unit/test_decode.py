@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from streamer.config import LimitsSettings
 from streamer.contracts import DeadLetter, ErrorCode, InputEvent, Source
 from streamer.decode import RawMessage, decode
 
@@ -17,7 +18,7 @@ TASKS = frozenset({"answer", "translate"})
 def run(value: bytes | None, key: bytes | None = b"k", ts_ms: int = 1_700_000_000_000, max_chars: int = 100):
     raw = RawMessage(value=value, key=key, timestamp_ms=ts_ms, topic=SOURCE.topic, partition=SOURCE.partition,
                      offset=SOURCE.offset)
-    return decode(raw, default_task="answer", known_tasks=TASKS, max_chars=max_chars)
+    return decode(raw, default_task="answer", known_tasks=TASKS, limits=LimitsSettings(max_chars=max_chars))
 
 
 def code_of(value: bytes | None, **kwargs) -> ErrorCode:
@@ -99,3 +100,28 @@ def test_arbitrary_bytes_never_raise(value):
 )
 def test_arbitrary_json_objects_never_raise(doc):
     assert isinstance(run(json.dumps(doc).encode()), InputEvent | DeadLetter)
+
+
+def deep(levels: int) -> bytes:
+    return b'{"id": "d", "text": "x", "meta": {"x": ' + b"[" * (levels - 1) + b"]" * (levels - 1) + b"}}"
+
+
+def test_meta_nested_past_the_limit_is_a_schema_dead_letter_not_a_poison_pill():
+    """Review finding 1: a 656-byte event with `meta` 300 levels deep decoded, then killed the writer on
+    every restart (its answer could not be serialized)."""
+    assert isinstance(run(deep(32)), InputEvent)
+    letter = run(deep(33))
+    assert isinstance(letter, DeadLetter) and letter.error is ErrorCode.SCHEMA and "meta" in letter.detail
+    assert code_of(deep(300)) is ErrorCode.SCHEMA
+
+
+def test_meta_larger_than_the_limit_is_a_schema_dead_letter():
+    big = b'{"id": "m", "text": "x", "meta": {"blob": "' + b"b" * 20_000 + b'"}}'
+    letter = run(big)
+    assert isinstance(letter, DeadLetter) and letter.error is ErrorCode.SCHEMA and "bytes" in letter.detail
+
+
+@pytest.mark.parametrize("ts", [18446744073709551615, 253402300800000, 10**30])
+def test_event_time_past_the_year_9999_is_a_schema_dead_letter(ts: int):
+    """Review finding 4: `ts` near 2^64 decoded, and a window end past 2^64 killed the writer (orjson)."""
+    assert code_of(b'{"id": "t", "text": "x", "ts": %d}' % ts) is ErrorCode.SCHEMA

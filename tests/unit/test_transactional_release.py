@@ -15,30 +15,37 @@ from hypothesis import strategies as st
 
 from streamer.contracts import DeadLetter, ErrorCode, Source
 from streamer.kafka import transactions
-from streamer.kafka.offsets import OffsetTracker
+from streamer.kafka.offsets import OffsetTracker, Position, Ref
 from streamer.kafka.transactions import Ending, TransactionalProducer
-from streamer.writer import Outcome, TransactionalWriter, below, covered
+from streamer.outcomes import Outcome, Sealer
+from streamer.writer import TransactionalWriter, release_plan
 
 TP_A = ("in", 0)
 TP_B = ("in", 1)
+SEALER = Sealer(1_000_000, "dlq")
 
 
-def outcome(*refs: tuple[tuple[str, int], int]) -> Outcome:
+def ref(tp: tuple[str, int], offset: int) -> Ref:
+    return Ref(tp, offset, 0)
+
+
+def outcome(*refs: Ref) -> Outcome:
     letter = DeadLetter(error=ErrorCode.INVALID_JSON, detail="x", payload="x", payload_encoding="utf-8",
                         source=Source(topic="in", partition=0, offset=0), ts=0)
-    return Outcome("dlq", None, letter, tuple(refs), "r")
+    return SEALER.seal("dlq", None, letter, tuple(refs), "r")
 
 
 def test_an_outcome_waits_until_every_event_it_finishes_is_below_the_commit_point():
-    first, spanning, later = outcome((TP_A, 3)), outcome((TP_A, 4), (TP_B, 9)), outcome((TP_A, 7))
-    ready, held = covered([first, spanning, later], {TP_A: 5, TP_B: 9})
-    assert ready == [first]
-    assert held == [spanning, later]
+    first, spanning, later = outcome(ref(TP_A, 3)), outcome(ref(TP_A, 4), ref(TP_B, 9)), outcome(ref(TP_A, 7))
+    plan = release_plan([first, spanning, later], {TP_A: 5, TP_B: 9})
+    assert plan.ready == [first]
+    assert plan.held == [spanning, later]
 
 
 def test_outcomes_of_untracked_partitions_are_held_and_ones_without_events_go_at_once():
-    provisional, revoked = outcome(), outcome((TP_B, 0))
-    assert covered([provisional, revoked], {TP_A: 10}) == ([provisional], [revoked])
+    provisional, revoked = outcome(), outcome(ref(TP_B, 0))
+    plan = release_plan([provisional, revoked], {TP_A: 10})
+    assert (plan.ready, plan.held) == ([provisional], [revoked])
 
 
 @given(st.lists(st.booleans(), min_size=1, max_size=60), st.randoms(use_true_random=False))
@@ -46,40 +53,87 @@ def test_committed_offsets_cover_exactly_the_released_outcomes(finished_flags, r
     """Events finish in any order; after each step, released outcomes are exactly the finished events
     below the partition's commit point, and the commit point never passes an unreleased one."""
     tracker = OffsetTracker()
-    for offset in range(len(finished_flags)):
-        tracker.track(TP_A, offset)
-    order = [o for o, finished in enumerate(finished_flags) if finished]
+    refs = [tracker.track(TP_A, offset) for offset in range(len(finished_flags))]
+    order = [r for r, finished in zip(refs, finished_flags, strict=True) if finished]
     rng.shuffle(order)
     pending: list[Outcome] = []
     released: list[int] = []
-    for offset in order:
-        tracker.done(TP_A, offset)
-        pending.append(outcome((TP_A, offset)))
-        ready, pending = covered(pending, tracker.commit_points())
-        released += [o.releases[0][1] for o in ready]
+    for done in order:
+        tracker.done(done)
+        pending.append(outcome(done))
+        plan = release_plan(pending, tracker.commit_points())
+        pending = plan.held
+        released += [o.releases[0].offset for o in plan.ready]
         point = tracker.commit_points()[TP_A]
-        assert sorted(released) == [o for o in sorted(order) if o < point]
-        assert all(o.releases[0][1] >= point for o in pending)
+        assert sorted(released) == [r.offset for r in sorted(order, key=lambda r: r.offset) if r.offset < point]
+        assert all(o.releases[0].offset >= point for o in pending)
 
 
 def test_offsets_never_pass_an_event_of_an_outcome_still_held():
     """A window holding events of two partitions waits for one of them; the other's commit point has
     passed its events already, but committing there would lose the window on a crash."""
-    spanning = outcome((TP_A, 4), (TP_B, 9))
-    assert below({TP_A: 8, TP_B: 9}, [spanning]) == {TP_A: 4, TP_B: 9}
-    assert below({TP_A: 3}, [spanning]) == {TP_A: 3}, "never raised, and no partition added"
+    spanning = outcome(ref(TP_A, 4), ref(TP_B, 9))
+    assert release_plan([spanning], {TP_A: 8, TP_B: 9}).limits == {TP_A: 4, TP_B: 9}
+    assert release_plan([spanning], {TP_A: 3}).limits == {TP_A: 3}, "never raised, and no partition added"
+
+
+def test_a_ready_outcome_is_never_committed_with_offsets_lowered_below_its_own_events():
+    """Review finding 5: a window waits at 5 while answers 3 and 4 are ready; the limit it sets lowers A's
+    offset to 3, below the answers' events, so they must wait too (before, they were committed with offset
+    3, and a crash or revoke replayed and committed them again)."""
+    window = outcome(ref(TP_A, 3), ref(TP_A, 5), ref(TP_B, 9))  # waits for B
+    answer3, answer4 = outcome(ref(TP_A, 3)), outcome(ref(TP_A, 4))
+    plan = release_plan([window, answer3, answer4], {TP_A: 6, TP_B: 9})
+    assert plan.ready == [] and plan.limits[TP_A] == 3
+
+
+@given(st.lists(st.lists(st.tuples(st.sampled_from([TP_A, TP_B]), st.integers(0, 12)), max_size=3), max_size=12),
+       st.integers(0, 13), st.integers(0, 13))
+def test_every_ready_outcome_lies_below_the_offsets_committed_with_it(events, point_a, point_b):
+    """The combined invariant: whatever is released, every event it finishes is below the offset
+    committed in the same transaction, and no held outcome has an event below it."""
+    outcomes = [outcome(*(ref(tp, o) for tp, o in refs)) for refs in events]
+    plan = release_plan(outcomes, {TP_A: point_a, TP_B: point_b})
+    tracker = OffsetTracker()
+    for tp, point in ((TP_A, point_a), (TP_B, point_b)):
+        for offset in range(point + 1):
+            r = tracker.track(tp, offset)
+            if offset < point:
+                tracker.done(r)
+    positions = tracker.positions(plan.limits)
+    committed = {tp: p.offset for tp, p in positions.items()}
+    for ready in plan.ready:
+        assert all(r.offset < committed.get(r.tp, 0) for r in ready.releases)
+    for held in plan.held:
+        assert all(r.offset >= committed.get(r.tp, 0) for r in held.releases if r.tp in committed)
 
 
 def test_a_revoke_drops_outcomes_of_revoked_partitions_but_keeps_one_spanning_an_owned_partition():
     """Its owned events were finished when it was added: dropped, they would commit without a result."""
-    writer = TransactionalWriter(None, None, OffsetTracker(), 1.0, object)  # type: ignore[arg-type]
-    revoked, spanning = outcome((TP_B, 1)), outcome((TP_A, 4), (TP_B, 9))
-    owned, provisional = outcome((TP_A, 5)), outcome()
+    tracker = OffsetTracker()
+    for tp, offsets in ((TP_A, range(6)), (TP_B, range(10))):
+        for offset in offsets:
+            tracker.track(tp, offset)
+    writer = TransactionalWriter(None, None, tracker, SEALER, 1.0, object)  # type: ignore[arg-type]
+    revoked, spanning = outcome(ref(TP_B, 1)), outcome(ref(TP_A, 4), ref(TP_B, 9))
+    owned, provisional = outcome(ref(TP_A, 5)), outcome()
     for added in (revoked, spanning, owned, provisional):
         writer.add(added)
     writer.forget([TP_B])
-    assert [o.releases for o in writer._buffer] == [((TP_A, 4),), ((TP_A, 5),), ()]
+    assert [o.releases for o in writer._buffer] == [(ref(TP_A, 4),), (ref(TP_A, 5),), ()]
     assert writer._buffer[0].record is spanning.record
+
+
+def test_an_outcome_of_an_earlier_assignment_is_dropped_and_finishes_nothing():
+    """Review finding 7, exactly once: the partition was lost and assigned back; an answer of the old
+    incarnation must not be committed (the replay makes it again) nor finish a part of the new one."""
+    tracker = OffsetTracker()
+    old = tracker.track(TP_A, 3)
+    tracker.forget([TP_A])
+    new = tracker.track(TP_A, 3)
+    writer = TransactionalWriter(None, None, tracker, SEALER, 1.0, object)  # type: ignore[arg-type]
+    writer.add(outcome(old))
+    assert writer._buffer == [] and tracker.in_flight(TP_A) == 1 and tracker.live(new)
 
 
 class FakeProducer:
@@ -106,8 +160,11 @@ class FakeProducer:
     def begin_transaction(self) -> None:
         self.calls.append("begin_transaction")
 
-    def produce(self, topic: str, value: bytes, key: bytes | None) -> None:
+    def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: Any = None) -> None:
         self.calls.append("produce")
+
+    def poll(self, timeout: float) -> int:
+        return 0
 
     def send_offsets_to_transaction(self, positions: Any, metadata: Any, timeout: float) -> None:
         self._play("send_offsets_to_transaction")
@@ -148,7 +205,7 @@ def short_calls(monkeypatch: pytest.MonkeyPatch) -> Any:
 def transact(producer: TransactionalProducer) -> Ending:
     async def run() -> Ending:
         await producer.start()
-        return await producer.transact([("out", None, b"x")], {("in", 0): 5}, object())
+        return (await producer.transact([("out", None, b"x")], {("in", 0): Position(5)}, object())).ending
 
     return asyncio.run(run())
 

@@ -71,16 +71,18 @@ def test_assign_without_a_time_starts_the_idle_clock_at_the_next_call() -> None:
     assert wm.current(now_ms=10_000 + IDLE_MS) == 10_000 + IDLE_MS, "both idle now: processing time rules"
 
 
-def test_when_every_partition_is_idle_the_watermark_follows_processing_time() -> None:
+def test_when_every_partition_is_idle_the_watermark_follows_processing_time_minus_the_lateness() -> None:
+    """Review finding 11: the all-idle rule set the watermark to `now`, discarding the configured
+    lateness after any quiet spell; it is `now - allowed_lateness_ms`."""
     wm = marks(lateness_ms=100)
     wm.assign([P0, P1], now_ms=0)
     wm.observe(P0, 2_000, now_ms=0)
     wm.observe(P1, 1_000, now_ms=0)
     assert wm.current(now_ms=500) == 900
     assert wm.current(now_ms=IDLE_MS) == 1_900, "all idle: the highest partition watermark, here above the clock"
-    assert wm.current(now_ms=60_000) == 60_000, "windows ending in the past by the wall clock now close"
+    assert wm.current(now_ms=60_000) == 59_900, "windows ending in the past by the wall clock now close"
     wm.observe(P0, 3_000, now_ms=60_001)
-    assert wm.current(now_ms=60_001) == 60_000
+    assert wm.current(now_ms=60_001) == 59_900
 
 
 def test_while_the_consumer_is_paused_no_partition_goes_idle() -> None:
@@ -232,3 +234,40 @@ def test_a_partitions_own_watermark_never_goes_backwards_while_it_stays_assigned
         for part, mark in current.items():
             assert last.get(part) is None or (mark is not None and mark >= last[part])
         last = {part: mark for part, mark in current.items() if mark is not None}
+
+
+def test_a_pause_stops_the_idle_clock_without_resetting_it() -> None:
+    """Review finding 10: under load the consumer pauses and resumes several times a second, and every
+    pause reset every partition's idle clock, so a quiet partition never went idle and its windows (or,
+    with windows across keys, the whole route's) never closed. Now paused time does not count, and the
+    time a quiet partition was fetched adds up across pauses."""
+    wm = marks()
+    wm.assign([P0, P1], now_ms=0)
+    wm.observe(P0, 5_000, now_ms=0)
+    wm.observe(P1, 100, now_ms=0)
+    now_ms = 0
+    while now_ms < 3 * IDLE_MS:  # busy P0; pauses of 100 ms every 100 ms
+        wm.hold(now_ms)
+        now_ms += 100
+        wm.hold(now_ms, [])
+        now_ms += 100
+        wm.observe(P0, 5_000 + now_ms, now_ms)
+    assert wm.idle(P1, now_ms), "P1 was fetched, silent, for half of 3 s"
+    assert wm.current(now_ms) == 5_000 + now_ms
+
+
+def test_a_partitions_watermark_moves_per_record_and_the_record_gets_the_one_before_it() -> None:
+    wm = marks(lateness_ms=10)
+    wm.assign([P0], now_ms=0)
+    assert wm.observe(P0, 1_000, now_ms=0) is None
+    assert wm.observe(P0, 400, now_ms=0) == 990, "placed under its predecessors' watermark"
+    assert wm.observe(P0, 2_000, now_ms=0) == 990
+    assert wm.mark(P0) == 1_990
+
+
+def test_a_restored_partition_continues_from_the_watermark_its_commit_carried() -> None:
+    wm = marks()
+    wm.assign([P0], now_ms=0, served=False)
+    wm.restore(P0, 7_000)
+    assert wm.observe(P0, 6_000, now_ms=1) == 7_000, "a replayed event is judged as the first time"
+    assert wm.mark(P0) == 7_000

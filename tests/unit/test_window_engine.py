@@ -353,3 +353,38 @@ def test_an_engine_that_does_not_keep_events_cannot_drop_some_but_can_be_emptied
         engine.drop(lambda ref: ref[0] == "p0")
     [closing] = engine.expire(10)
     assert drop_from(closing, ListAggregator(), lambda ref: ref[0] == "p0") == 1 and closing.count == 0
+
+
+def test_a_key_that_never_pauses_gets_sessions_no_longer_than_the_maximum() -> None:
+    """Review finding 18: a session on a key with no gap (a heartbeat) never closed, and held its
+    partition's offsets uncommitted for ever. With a maximum it closes, and the next session starts."""
+    engine: WindowEngine[int, int] = WindowEngine(WindowSpec.session(10, max_duration_ms=100), CountAggregator())
+    for ts_ms in range(0, 250, 5):
+        engine.add("k", ts_ms, 0, ts_ms, ts_ms - 1)
+    closed = engine.expire(250)
+    assert [(w.window, w.count) for w in closed] == [(Window(0, 100), 20), (Window(100, 200), 20)]
+    assert [(w.window, w.count) for w in engine.peek("k")] == [(Window(200, 255), 10)]
+
+
+def test_an_early_event_shortens_what_a_capped_session_may_reach_and_it_closes_on_time() -> None:
+    engine: WindowEngine[int, int] = WindowEngine(WindowSpec.session(50, max_duration_ms=100), CountAggregator())
+    engine.add("k", 100, 0, "a", None)
+    assert engine.add("k", 140, 0, "b", None).windows == (Window(100, 190),)
+    assert engine.add("k", 60, 0, "c", None).windows == (Window(60, 160),), "capped at 60 + 100"
+    assert engine.expire(159) == []
+    assert [w.count for w in engine.expire(160)] == [3], "closed at its shortened end, not at 190"
+
+
+def test_touching_sessions_merge_only_while_the_merged_one_stays_short_enough() -> None:
+    engine: WindowEngine[int, int] = WindowEngine(WindowSpec.session(10, max_duration_ms=40), CountAggregator())
+    engine.add("k", 0, 0, "a", None)
+    engine.add("k", 20, 0, "b", None)
+    engine.add("k", 40, 0, "c", None)  # three sessions: [0, 10), [20, 30), [40, 50)
+    assert engine.add("k", 10, 0, "d", None).windows == (Window(0, 30),), "bridges the first two: span 20"
+    assert engine.add("k", 30, 0, "e", None).windows == (Window(0, 40),), "the bridge to 40 would span 40: not merged"
+    assert sorted((w.window, w.count) for w in engine.peek("k")) == [(Window(0, 40), 4), (Window(40, 50), 1)]
+
+
+def test_a_session_may_not_be_shorter_than_its_gap() -> None:
+    with pytest.raises(ValueError, match="max_duration_ms"):
+        WindowSpec.session(100, max_duration_ms=50)

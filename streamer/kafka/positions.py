@@ -1,0 +1,36 @@
+"""Commit positions as Kafka sees them: the offset, and the partition's watermark in the commit metadata.
+
+The watermark travels with the offset (as Kafka Streams keeps its partition time in commit metadata),
+so the next owner of a partition, this process after a restart included, places the replayed events
+under the watermark the first run placed them under. Metadata of other writers is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from confluent_kafka import TopicPartition
+
+from streamer.kafka.offsets import TP, Position
+
+_PREFIX = "streamer:wm="
+
+
+def topic_partitions(positions: Mapping[TP, Position]) -> list[TopicPartition]:
+    return [_topic_partition(topic, partition, position) for (topic, partition), position in positions.items()]
+
+
+def _topic_partition(topic: str, partition: int, position: Position) -> TopicPartition:
+    if position.mark_ms is None:
+        return TopicPartition(topic, partition, position.offset)
+    return TopicPartition(topic, partition, position.offset, metadata=f"{_PREFIX}{position.mark_ms}")
+
+
+def mark_of(metadata: str | None) -> int | None:
+    """The watermark a commit carried, or None (no metadata, or someone else's)."""
+    if not metadata or not metadata.startswith(_PREFIX):
+        return None
+    try:
+        return int(metadata.removeprefix(_PREFIX))
+    except ValueError:
+        return None

@@ -1,0 +1,120 @@
+"""The writers on stand-in sinks and Redis (the simulation's), on virtual time: a record refused for what
+it is becomes its dead letter instead of being produced for ever; an exactly-once cycle never holds the
+consumer unpolled for longer than its budget; an at-least-once session result waits for the commit
+point, so a replay can never rebuild part of it under another id."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from streamer.contracts import DeadLetter, ErrorCode, Source, WindowBounds, WindowResult
+from streamer.kafka.offsets import OffsetTracker, Position
+from streamer.outcomes import Outcome, Sealer
+from streamer.writer import CYCLE_BUDGET_S, TransactionalWriter, Writer
+from tests.sim.kafka import Cluster, Membership, SimProducer, SimSink
+from tests.sim.loop import VirtualLoop
+from tests.sim.state import SimState
+
+TP = ("in", 0)
+SEALER = Sealer(1_000_000, "dlq")
+
+
+@pytest.fixture
+def loop() -> Iterator[VirtualLoop]:
+    loop = VirtualLoop()
+    asyncio.set_event_loop(loop)
+    yield loop
+    for task in asyncio.all_tasks(loop):
+        task.cancel()
+    loop.settle()
+    loop.close()
+    asyncio.set_event_loop(None)
+
+
+def letter(offset: int) -> DeadLetter:
+    return DeadLetter(error=ErrorCode.SCHEMA, detail="d", payload="x", payload_encoding="utf-8",
+                      source=Source(topic=TP[0], partition=TP[1], offset=offset), ts=0)
+
+
+def session(key: str, start_ms: int) -> WindowResult:
+    return WindowResult(id=f"s-{key}", route="r", key=key, window=WindowBounds(kind="session", start=start_ms,
+                        end=start_ms + 10), count=1, first_ts=start_ms, last_ts=start_ms, late=0, final=True,
+                        emitted_at=0)
+
+
+def test_a_record_the_broker_refuses_for_its_size_is_replaced_by_its_dead_letter(loop: VirtualLoop) -> None:
+    """Review finding 2, at least once: the writer produced a refused record again every 5 s for ever, and
+    every partition and route waited behind it."""
+    cluster = Cluster(TP[0], 1, max_record_bytes=2_000, max_poll_interval_s=300)
+    sink, tracker = SimSink(cluster), OffsetTracker()
+    ref = tracker.track(TP, 0)
+    writer = Writer(sink, SimState(), tracker, SEALER)
+    big = DeadLetter(error=ErrorCode.SCHEMA, detail="d", payload="p" * 5_000, payload_encoding="utf-8",
+                     source=Source(topic=TP[0], partition=0, offset=0), ts=0)
+    writer.add(SEALER.seal("dlq", None, big, (ref,), "r"))  # fits the writer's limit, not this broker's
+    loop.create_task(writer.run())
+    loop.settle()
+    sink.deliver(10)
+    loop.settle()
+    (written,) = cluster.out
+    assert b'"payload":""' in written.value and b'"payload_truncated":true' in written.value
+    assert tracker.commit_points() == {TP: 1}
+
+
+def test_an_exactly_once_cycle_gives_up_on_an_absent_redis_within_its_budget(loop: VirtualLoop) -> None:
+    """Review finding 6: a cycle retried Redis for ever without polling the consumer; past
+    max.poll.interval.ms the member left the group and every later transaction failed, for ever."""
+    cluster, state, tracker = Cluster(TP[0], 1, 1_000_000, 300), SimState(), OffsetTracker()
+    state.up = False
+    producer = SimProducer(cluster)
+    writer = TransactionalWriter(producer, state, tracker, SEALER, 0.1, lambda: Membership(cluster.generation))
+    writer.add(SEALER.seal("dlq", None, letter(0), (tracker.track(TP, 0),), "r"))
+    loop.create_task(writer.run())
+    busy_s, longest_s, pauses = 0.0, 0.0, 0
+    for _ in range(2_000):  # 100 s, sampled every 50 ms
+        loop.advance(0.05)
+        busy_s = busy_s + 0.05 if writer.busy else 0.0
+        pauses += not writer.busy
+        longest_s = max(longest_s, busy_s)
+    assert CYCLE_BUDGET_S - 6 <= longest_s <= CYCLE_BUDGET_S + 0.5 and pauses, "the consumer is polled between tries"
+    assert writer.outage and writer.held + writer.backlog == 1, "kept for the next cycle"
+    state.up = True
+    loop.advance(1)
+    producer.end()
+    loop.advance(0.5)
+    assert cluster.committed == {TP: 1} and len(cluster.out) == 1
+
+
+def test_at_least_once_a_session_is_written_only_once_every_event_before_its_own_is(loop: VirtualLoop) -> None:
+    """Review finding 9: key A's session (offsets 0, 2) was written while key B's session (offset 1) was
+    open; a crash then replayed from offset 1 and rebuilt A from offset 2 alone, under another id: a
+    partial duplicate no consumer could recognise. Now A waits, and commits stay below it."""
+    cluster = Cluster(TP[0], 1, 1_000_000, 300)
+    sink, tracker = SimSink(cluster), OffsetTracker()
+    refs = [tracker.track(TP, offset) for offset in range(3)]
+    writer = Writer(sink, SimState(), tracker, SEALER)
+    loop.create_task(writer.run())
+    writer.add(SEALER.seal("w", b"A", session("A", 0), (refs[0], refs[2]), "r", in_order=True))
+    loop.advance(0.2)
+    sink.deliver(10)
+    loop.advance(0.2)
+    assert cluster.out == [] and writer.limits() == {TP: 0}
+    assert tracker.positions(writer.limits()) == {TP: Position(0)}, "no commit passes A's first event"
+    writer.add(SEALER.seal("w", b"B", session("B", 5), (refs[1],), "r", in_order=True))
+    loop.advance(0.2)
+    sink.deliver(10)
+    loop.advance(0.2)
+    assert sorted(o.key for o in cluster.out) == [b"A", b"B"] and writer.limits() == {}
+    assert tracker.positions(writer.limits()) == {TP: Position(3)}
+
+
+def test_an_outcome_held_in_order_of_a_revoked_partition_is_dropped(loop: VirtualLoop) -> None:
+    tracker = OffsetTracker()
+    writer = Writer(SimSink(Cluster(TP[0], 1, 1_000_000, 300)), SimState(), tracker, SEALER)
+    outcome: Outcome = SEALER.seal("w", b"A", session("A", 0), (tracker.track(TP, 0),), "r", in_order=True)
+    writer.add(outcome)
+    writer.forget([TP])
+    assert writer.held == 0 and writer.limits() == {}
