@@ -42,7 +42,7 @@ from streamer.observe.metrics import Metrics, resident_bytes
 from streamer.outcomes import Sealer
 from streamer.state.redis import RedisState
 from streamer.windows.stage import WindowStage
-from streamer.writer import TransactionalWriter, Writer
+from streamer.writer import CYCLE_BUDGET_S, TransactionalWriter, Writer
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,13 @@ def record_limit(settings: Settings) -> int:
     return min(limit, int(client)) if client is not None else limit
 
 
+def cycle_budget(settings: Settings) -> float:
+    """How long an exactly-once write cycle may keep the consumer unpolled: well within its
+    max.poll.interval.ms, or the member would leave its group."""
+    max_poll_s = int(settings.kafka.client.get("max.poll.interval.ms", 300_000)) / 1000
+    return min(CYCLE_BUDGET_S, max_poll_s / 3)
+
+
 def _topics_out(settings: Settings) -> list[str]:
     topics = {settings.kafka.dead_letter_topic}
     for route in settings.routes:
@@ -129,7 +136,7 @@ class Pipeline(Listener):
         if self._exactly_once:
             self._writer = TransactionalWriter(edges.sink, self._state, self._tracker, sealer,  # type: ignore[arg-type]
                                                settings.kafka.commit_interval_ms / 1000, self._group_metadata,
-                                               on_window=self.metrics.window_emitted)
+                                               on_window=self.metrics.window_emitted, budget_s=cycle_budget(settings))
         else:
             self._writer = Writer(edges.sink, self._state, self._tracker, sealer,  # type: ignore[arg-type]
                                   on_window=self.metrics.window_emitted)

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 CYCLE_BUDGET_S = 30.0
 """Longest a transactional write cycle waits for Redis before it gives up until the next one: the
-consumer is not polled during a cycle, and must be well within max.poll.interval.ms (300 s)."""
+consumer is not polled during a cycle, and must be well within max.poll.interval.ms (300 s by
+default; the pipeline lowers the budget to a third of a lower one)."""
 
 
 class Outputs(Protocol):
@@ -227,15 +228,16 @@ class TransactionalWriter:
     waits until the commit points pass all its events, so a committed record always has its offsets
     committed with it, and a replay never repeats it.
 
-    A cycle is bounded: Redis is waited for at most `CYCLE_BUDGET_S`, and a transaction is tried once;
+    A cycle is bounded: Redis is waited for at most `budget_s`, and a transaction is tried once;
     then the cycle ends with its outcomes kept, so the consumer is polled (membership, rebalances) and
     the next cycle tries again. An outcome of a partition revoked meanwhile is dropped: its next owner
     replays it (Redis, fenced, skips what this one applied)."""
 
     def __init__(self, producer: TransactionSink, state: State, tracker: OffsetTracker, sealer: Sealer,
                  interval_s: float, group_metadata: Callable[[], object],
-                 on_window: Callable[[str], None] | None = None) -> None:
+                 on_window: Callable[[str], None] | None = None, budget_s: float = CYCLE_BUDGET_S) -> None:
         self._producer = producer
+        self._budget_s = budget_s
         self._state = state
         self._tracker = tracker
         self._sealer = sealer
@@ -244,6 +246,7 @@ class TransactionalWriter:
         self._on_window = on_window
         self._buffer: list[Outcome] = []
         self._held: list[Outcome] = []  # finished, but some of their events are not below the commit point
+        self._unwritten: list[Outcome] = []  # ready, but the last cycle could not write them
         self._writing = 0
         self._lock = asyncio.Lock()
         self.written = 0
@@ -252,8 +255,9 @@ class TransactionalWriter:
 
     @property
     def backlog(self) -> int:
-        """Outcomes waiting for Redis or Kafka; held ones wait for other events, not for the outputs."""
-        return len(self._buffer) + self._writing
+        """Outcomes waiting for Redis or Kafka (held ones wait for other events, not for the outputs): what
+        pauses the input while Redis or Kafka is away."""
+        return len(self._buffer) + self._writing + len(self._unwritten)
 
     @property
     def held(self) -> int:
@@ -281,6 +285,7 @@ class TransactionalWriter:
         events) is kept for those: dropping it would let their offsets commit without a result."""
         gone = set(tps)
         self._buffer, self._held = _without(self._buffer, gone), _without(self._held, gone)
+        self._unwritten = _without(self._unwritten, gone)
 
     def limits(self) -> dict[TP, int]:
         """Commits happen inside the transactions: nothing for the consumer to hold back."""
@@ -298,26 +303,23 @@ class TransactionalWriter:
 
     async def _cycle(self) -> None:
         async with self._lock:
-            self._held += self._buffer
-            self._buffer = []
-            plan = release_plan(self._held, self._tracker.commit_points())
+            plan = release_plan(self._unwritten + self._held + self._buffer, self._tracker.commit_points())
             positions = self._tracker.positions(plan.limits)
-            self._held = plan.held
+            self._buffer, self._held, self._unwritten = [], plan.held, []
             if not plan.ready and not positions:
                 return
             self._writing = len(plan.ready)
             try:
-                ready = await self._commit(plan.ready, positions)
+                self._unwritten = await self._commit(plan.ready, positions)  # not committed: tried again next
             finally:
                 self._writing = 0
-            self._held = ready + self._held  # not committed: the next cycle tries again
 
     async def _commit(self, ready: list[Outcome], positions: dict[TP, Position]) -> list[Outcome]:
         """One try: Redis (fenced), then one transaction. Returns what is left to commit."""
         fence = {tp: position.offset for tp, position in positions.items()}
         try:
             await retrying("redis write", lambda: self._state.write(_written(ready), fence=fence),
-                           give_up_s=CYCLE_BUDGET_S)
+                           give_up_s=self._budget_s)
         except StateUnavailable:
             self.outage = True
             return ready  # the consumer is polled before the next try; the write is idempotent
