@@ -1,9 +1,12 @@
 """What every fault scenario shares: the stream it sends, the service config, and the exactness check.
 
-The stream is plumbing only: route task `none` stands in for the LLM (no model call per event), and a
-tumbling count window per key turns each valid event into exactly one contribution to one window
-result, or, when an outage made the watermark pass its window first, into one `late` dead letter.
-Every 25th message is not JSON and must land on the dead-letter topic as `invalid_json`.
+Two route shapes. `count`: route task `none` (no model call per event) and a tumbling count window per
+key, which turns each valid event into exactly one contribution to one window result or, when an
+outage made the watermark pass its window first, into one `late` dead letter. `reviews` (the shape of
+examples/streamer.yaml's `reviews` route): the same window on a route that also classifies every
+event with a model (a tiny random Llama on CPU, tests/tiny.py), so each valid event also has exactly
+one answer, and each window counts its events' labels; model requests are in flight whenever a fault
+lands. Every 25th message is not JSON and must land on the dead-letter topic as `invalid_json`.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from streamer.state.server import free_port, redis_binary
 from tests.integration.services import KAFKA_SH, committed_offsets, counters, end_offsets, unique_name
+from tests.tiny import save_tiny_llama
 
 WINDOW_MS = 2000
 KEYS = 8
+LABELS = ("good", "bad")
 STARTED: list[subprocess.Popen] = []
 """Service processes of the running test; tests/faults/conftest.py kills any left when it ends."""
 
@@ -104,6 +109,8 @@ class Service:
     # short, so a killed member's partitions move after 6 s rather than 45 s
     session_timeout_ms: int = 6000
     max_queue: int = 64  # outcomes waiting for Kafka and Redis before consumption pauses
+    shape: str = "count"  # or "reviews": classify every event on a tiny model, and count windows
+    max_poll_interval_ms: int | None = None  # librdkafka's default (300 s) unless set
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -122,24 +129,38 @@ class Service:
         return f"dlq-{self.tag}"
 
     @property
+    def answers(self) -> str:
+        return f"ans-{self.tag}"
+
+    @property
     def group(self) -> str:
         return f"g-{self.tag}"
 
     def config(self, instance: str) -> Path:
         path = self.tmp / f"{instance}.yaml"
-        path.write_text(yaml.safe_dump({
+        client: dict[str, int] = {"session.timeout.ms": self.session_timeout_ms, "heartbeat.interval.ms": 1000}
+        if self.max_poll_interval_ms is not None:
+            client["max.poll.interval.ms"] = self.max_poll_interval_ms
+        window = {"kind": "tumbling", "size_ms": WINDOW_MS, "idle_timeout_ms": 2000, "output": self.output}
+        route: dict[str, Any] = {"name": "w", "input": self.input, "task": "none", "window": window}
+        settings: dict[str, Any] = {
             "kafka": {"bootstrap_servers": self.bootstrap, "group_id": self.group,
-                      "dead_letter_topic": self.dead_letters, "commit_interval_ms": 200,
-                      "client": {"session.timeout.ms": self.session_timeout_ms, "heartbeat.interval.ms": 1000}},
+                      "dead_letter_topic": self.dead_letters, "commit_interval_ms": 200, "client": client},
             "redis": {"url": self.redis_url, "prefix": self.tag},
             "observe": {"http_host": "127.0.0.1", "http_port": self.http_port},
             "batching": {"max_queue": self.max_queue},
             "processing": {"guarantee": self.guarantee, "transactional_id": f"{self.tag}-{instance}",
                            "transaction_timeout_ms": self.transaction_timeout_ms},
-            "routes": [{"name": "w", "input": self.input, "task": "none",
-                        "window": {"kind": "tumbling", "size_ms": WINDOW_MS, "idle_timeout_ms": 2000,
-                                   "output": self.output}}],
-        }))
+            "routes": [route],
+        }
+        if self.shape == "reviews":
+            route |= {"task": "classify", "labels": list(LABELS), "output": self.answers}
+            model = self.tmp / "tiny"
+            if not model.exists():
+                save_tiny_llama(model)
+            settings["model"] = {"path": str(model), "device": "cpu", "dtype": "float32"}
+            settings["engine"] = {"kind": "continuous", "workers": 1, "kv_cache_gib": 0.02}
+        path.write_text(yaml.safe_dump(settings))
         return path
 
     def start(self, instance: str = "a") -> subprocess.Popen:
@@ -264,6 +285,10 @@ def check(service: Service, stream: Stream) -> Outcome:
     extra = sum((counted - expected).values())
 
     assert (losses, extra) == (0, 0), f"lost {losses}, counted twice {extra}"
+    if service.shape == "reviews":
+        duplicates += check_answers(service, stream, exactly_once)
+        for result in finals:
+            assert sum(result["labels"].values()) == result["count"], f"window {result['id']}: labels {result}"
     assert duplicates == 0 or not exactly_once, f"{duplicates} duplicates read with read_committed"
     assert Counter(d["error"] for d in letters) == Counter({"invalid_json": stream.invalid, "late": len(late)})
     assert len({d["id"] for d in late}) == len(late)
@@ -274,6 +299,20 @@ def check(service: Service, stream: Stream) -> Outcome:
     assert state.get("windows", 0) == len(finals)
     assert service.finished()
     return Outcome(stream.events, sum(counted.values()), duplicates, losses, len(finals), len(late))
+
+
+def check_answers(service: Service, stream: Stream, exactly_once: bool) -> int:
+    """Every valid event answered (exactly once with read_committed), with one of the labels; returns
+    how many answers were repeated (at least once: a replayed event, same id)."""
+    answers = [orjson.loads(v) for v in read_topic(service.bootstrap, service.answers, committed=exactly_once)]
+    by_source = {(a["source"]["partition"], a["source"]["offset"]): a for a in answers}
+    valid = stream.events - stream.invalid
+    assert len(by_source) == valid, f"{len(by_source)} events answered of {valid}"
+    assert {a["output"] for a in answers} <= set(LABELS)
+    repeated = len(answers) - len(by_source)
+    assert repeated == 0 or not exactly_once, f"{repeated} answers read twice with read_committed"
+    assert service.counters().get("answers", 0) == valid
+    return repeated
 
 
 def report(name: str, outcome: Outcome, recovery_s: float) -> None:

@@ -1,6 +1,7 @@
 """SIGKILL of `streamer run` mid-window and mid-transaction, then a restart: nothing lost, nothing doubled.
 
-Plumbing only: route task `none` stands in for the LLM (see tests/faults/scenario.py).
+On both route shapes of tests/faults/scenario.py: windows only, and windows on a route that classifies
+every event with a model (requests in flight when the kill lands).
 """
 
 from __future__ import annotations
@@ -51,11 +52,12 @@ def wait_for_window_write(redis_url: str, prefix: str, timeout_s: float) -> None
         client.close()
 
 
-def test_sigkill_mid_window_and_mid_transaction_then_restart(kafka_bootstrap, redis_url, tmp_path):
+@pytest.mark.parametrize("shape", ["count", "reviews"])
+def test_sigkill_mid_window_and_mid_transaction_then_restart(kafka_bootstrap, redis_url, tmp_path, shape):
     """Input arrives in slices while the service is killed and restarted: first mid-window (windows
     of every key open), then at the moment its transaction's first record shows on the output topic;
     the kill counts as mid-transaction only when records were left above the last stable offset."""
-    service, stream = Service(tmp_path, kafka_bootstrap, redis_url), Stream()
+    service, stream = Service(tmp_path, kafka_bootstrap, redis_url, shape=shape), Stream()
     create_topic(kafka_bootstrap, service.input, partitions=3)
     slices = iter(range(0, stream.events, 300))
 
@@ -92,4 +94,4 @@ def test_sigkill_mid_window_and_mid_transaction_then_restart(kafka_bootstrap, re
     assert stop(last) == 0
     outcome = check(service, stream)
     assert hits, "no kill landed between the Redis write and the Kafka commit"
-    report(f"sigkill mid-window + mid-transaction ({', '.join(hits)})", outcome, recovery_s)
+    report(f"sigkill mid-window + mid-transaction, {shape} ({', '.join(hits)})", outcome, recovery_s)

@@ -1,7 +1,8 @@
 """Two instances in one consumer group on 6 partitions; one is SIGKILLed and the other takes its
 partitions over; a third joins mid-stream (cooperative rebalance): nothing lost, nothing doubled.
 
-Plumbing only: route task `none` stands in for the LLM (see tests/faults/scenario.py).
+On both route shapes of tests/faults/scenario.py: windows only, and windows on a route that classifies
+every event with a model.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from tests.integration.services import create_topic
 pytestmark = pytest.mark.integration
 
 
-def test_kill_one_of_two_then_a_third_joins_mid_stream(kafka_bootstrap, redis_url, tmp_path):
-    service, stream = Service(tmp_path, kafka_bootstrap, redis_url), Stream()
+@pytest.mark.parametrize("shape", ["count", "reviews"])
+def test_kill_one_of_two_then_a_third_joins_mid_stream(kafka_bootstrap, redis_url, tmp_path, shape):
+    service, stream = Service(tmp_path, kafka_bootstrap, redis_url, shape=shape), Stream()
     create_topic(kafka_bootstrap, service.input, partitions=6)
     produce(kafka_bootstrap, service.input, stream, 0, 800, rate_per_s=None)
     a, b = service.start("a"), service.start("b")
@@ -34,4 +36,4 @@ def test_kill_one_of_two_then_a_third_joins_mid_stream(kafka_bootstrap, redis_ur
     service.wait(service.finished, 180, "offsets at the end")
     assert stop(b) == 0 and stop(c) == 0
     assert service.log.read_text().count("assigned") >= 3  # a, b, then b again (takeover) and c
-    report("2 instances, one SIGKILLed, a third joins (exactly once)", check(service, stream), takeover_s)
+    report(f"2 instances, one SIGKILLed, a third joins (exactly once, {shape})", check(service, stream), takeover_s)
