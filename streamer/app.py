@@ -186,7 +186,7 @@ class Pipeline(Listener):
 
     def probes(self) -> dict[str, Callable[[], object]]:
         """Readiness checks for /readyz: the model can serve, Kafka and Redis answer."""
-        return {"model": lambda: getattr(self._pool, "alive", True), "kafka": self._kafka_ready,
+        return {"model": lambda: self._pool.alive, "kafka": self._kafka_ready,
                 "redis": self._state.ping}
 
     async def _kafka_ready(self) -> bool:
