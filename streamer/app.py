@@ -252,9 +252,11 @@ class Pipeline(Listener):
         polling = not self._writer.busy
         messages = source.poll(0 if source.paused else min(room, _MAX_POLL)) if polling else []
         now_ms = self._clock.now_ms()
-        stalled = source.stalled()
-        for stage in self.stages.values():
-            stage.refresh(now_ms, paused=source.paused or not polling, unreachable=stalled)
+        if self.stages:
+            stalled = source.stalled()
+            waiting = [tp for tp, behind in source.lag().items() if behind > 0]
+            for stage in self.stages.values():
+                stage.refresh(now_ms, paused=source.paused or not polling, unreachable=stalled, waiting=waiting)
         for message in messages:
             self._accept(message, now_ms)
         self._consumed += len(messages)

@@ -159,7 +159,9 @@ class KafkaSource:
 
     def lag(self) -> dict[TP, int]:
         """Messages behind the log end per assigned partition, from the client's cached watermarks
-        (before the first fetch of a partition: from its log start; 0 while nothing is known)."""
+        (before the first fetch of a partition: from its log start; 0 while nothing is known). The
+        position steps over transaction markers and aborted records (librdkafka 2.16, measured), so a
+        caught-up partition of a transactional topic shows 0, as the window stages rely on."""
         lags: dict[TP, int] = {}
         for position in self._consumer.position(self._consumer.assignment()):
             low, high = self._consumer.get_watermark_offsets(position, cached=True)

@@ -95,11 +95,14 @@ class WindowStage:
         """The error that stopped emitting windows, if any: the pipeline stops on it rather than stall."""
         return self._failure
 
-    def refresh(self, now_ms: int, paused: bool = False, unreachable: Collection[TP] = ()) -> None:
+    def refresh(self, now_ms: int, paused: bool = False, unreachable: Collection[TP] = (),
+                waiting: Collection[TP] = ()) -> None:
         """Until the next refresh, which partitions are not fetched: all while the consumer is `paused`
         (or not polled), else those it cannot fetch (`unreachable`: their leader is away, or their
-        position is still being read). Their idle time stands still meanwhile."""
+        position is still being read). Their idle time stands still meanwhile. Partitions with records
+        `waiting` in Kafka, not handed out yet, are not quiet: their idle time starts again."""
         self.watermarks.hold(now_ms, None if paused else unreachable)
+        self.watermarks.waiting(waiting)
 
     def assign(self, tps: Collection[TP]) -> None:
         """Partitions now feed this route; none of them is idle before Kafka has served it."""

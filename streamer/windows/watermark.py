@@ -12,7 +12,9 @@ Wall-clock rules, the only ones that depend on timing:
   watermark follows the route's (below), so windows of a quiet partition close. Only time the
   partition was fetched counts: while it is `hold`-ed (the consumer paused by backpressure, its leader
   unreachable, its position still being read) its idle time stands still, and resumes afterwards.
-  A partition Kafka has not served yet is never idle (quiet is not the same as not yet heard from).
+  A partition Kafka has not served yet is never idle (quiet is not the same as not yet heard from),
+  nor is one whose records are known to wait (`waiting`): a throttled consumer hands out one
+  partition's fetched backlog before another's, and a stalled process finds records on its return.
 - The route's watermark (`current`) is the minimum over its partitions that are not idle; while one
   of them has had no record yet, nothing can be said (None).
 - When every assigned partition is idle, the input has gone quiet: the route's watermark follows
@@ -117,6 +119,14 @@ class Watermarks:
         held = set(self._parts) if partitions is None else set(partitions)
         for partition, part in self._parts.items():
             part.held = partition in held
+
+    def waiting(self, partitions: Iterable[Hashable]) -> None:
+        """Kafka holds records of these partitions that were not handed out yet: they are not quiet,
+        whatever the time since their last record, so their idle time starts again (as a record would
+        restart it). Without this their waiting records would be judged against the route's watermark."""
+        for partition in partitions:
+            if (part := self._parts.get(partition)) is not None:
+                part.idle_ms = 0
 
     def current(self, now_ms: int) -> int | None:
         """The route's watermark at processing time `now_ms`, or None while nothing can be said yet."""

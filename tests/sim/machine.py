@@ -106,8 +106,9 @@ class Instance:
             self.source = SimSource(cluster, rebalance, loop.time)
             return self.source
 
+        self.clock = SimClock(loop)
         edges = Edges(pool=self.pool, state=state, sink=self.sink, open_source=open_source,  # type: ignore[arg-type]
-                      clock=SimClock(loop))
+                      clock=self.clock)
         self.pipeline = Pipeline(settings, edges, Metrics())
         loop.run_until_complete(self.pipeline.start())
         loop.settle()
@@ -116,6 +117,19 @@ class Instance:
         assert self.source is not None
         self.source.batch_limit = batch
         self.loop.call(self.pipeline.turn)
+        self.no_partition_with_input_waiting_is_idle()
+
+    def no_partition_with_input_waiting_is_idle(self) -> None:
+        """Idle means quiet: a partition whose records wait in Kafka (not handed out yet, e.g. while a
+        throttled consumer hands out another partition's backlog first) is not idle, whatever the time
+        since its last record, or its waiting records would turn late."""
+        if self.source is None:
+            return
+        waiting = {tp for tp, behind in self.source.lag().items() if behind > 0}
+        now_ms = self.clock.now_ms()
+        for stage in self.pipeline.stages.values():
+            idle = [tp for tp in waiting if stage.watermarks.assigned(tp) and stage.watermarks.idle(tp, now_ms)]
+            assert not idle, f"partitions {idle} are idle though their input waits in Kafka"
 
     def crash(self) -> None:
         for task in asyncio.all_tasks(self.loop):

@@ -107,6 +107,31 @@ def test_a_partition_whose_leader_is_unreachable_does_not_go_idle_while_reachabl
     assert wm.current(5 * IDLE_MS) == 1_000, "the cut-off partition still holds event time back"
 
 
+def test_a_partition_whose_records_wait_in_kafka_is_not_idle_however_long_since_its_last_record() -> None:
+    """A throttled consumer hands out P0's fetched backlog first; P1's records wait meanwhile (seen on a
+    real broker: 57 events of a classify + window route turned late after Redis came back)."""
+    wm = marks()
+    wm.assign([P0, P1], now_ms=0)
+    wm.observe(P0, 2_000, now_ms=0)
+    wm.observe(P1, 1_000, now_ms=0)
+    for now_ms in range(0, 5 * IDLE_MS, IDLE_MS // 2):
+        wm.hold(now_ms, [])
+        wm.waiting([P1])
+        wm.observe(P0, 2_000 + now_ms, now_ms=now_ms)
+    assert not wm.idle(P1, now_ms=5 * IDLE_MS - IDLE_MS // 2)
+    assert wm.current(5 * IDLE_MS - IDLE_MS // 2) == 1_000, "P1's waiting backlog still holds event time back"
+
+
+def test_a_process_stalled_past_the_idle_timeout_finds_its_partitions_not_idle_when_records_wait() -> None:
+    wm = marks()
+    wm.assign([P0], now_ms=0)
+    wm.observe(P0, 1_000, now_ms=0)
+    wm.hold(30_000, [])  # the first reading after a 30 s stall counts it all as idle time
+    wm.waiting([P0])  # but records came in meanwhile
+    assert not wm.idle(P0, now_ms=30_000)
+    assert wm.current(30_000) == 1_000
+
+
 def test_a_partition_kafka_has_not_served_yet_is_never_idle_and_its_clock_starts_when_served() -> None:
     wm = marks()
     wm.assign([P0], now_ms=0)
