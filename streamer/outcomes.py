@@ -68,12 +68,14 @@ class Sealer:
         try:
             payload = self._check(serialize(record), kafka_key)
         except Unwritable as exc:
-            return self.replacement(record, exc.code, str(exc), releases, route)
+            return self.replacement(record, exc.code, str(exc), releases, route, in_order=in_order)
         return Outcome(topic, kafka_key, record, payload, releases, route, in_order)
 
     def replacement(self, record: Record, code: ErrorCode, detail: str, releases: tuple[Ref, ...],
-                    route: str) -> Outcome:
-        """The dead letter standing for a record that cannot be written (here, or refused by the broker)."""
+                    route: str, *, in_order: bool = False) -> Outcome:
+        """The dead letter standing for a record that cannot be written (here, or refused by the broker);
+        it finishes the same events under the same ordering rule. One standing for a window result has no
+        `source` (no event of its own)."""
         if isinstance(record, DeadLetter):  # a dead letter refused: keep it, cut to its bare facts
             letter = replace_letter(record, payload="", payload_truncated=True)
         else:
@@ -81,15 +83,15 @@ class Sealer:
                                 payload_encoding="utf-8", source=getattr(record, "source", None),
                                 ts=_emitted_ms(record))
         key = record.key.encode() if not isinstance(record, DeadLetter) and record.key is not None else None
-        return self._dead_letter(self.dead_letter_topic, key, letter, releases, route)
+        return self._dead_letter(self.dead_letter_topic, key, letter, releases, route, in_order=in_order)
 
     def _dead_letter(self, topic: str, kafka_key: bytes | None, letter: DeadLetter, releases: tuple[Ref, ...],
-                     route: str) -> Outcome:
+                     route: str, *, in_order: bool = False) -> Outcome:
         key = kafka_key[:MAX_KEY_BYTES] if kafka_key is not None else None
         letter = replace_letter(letter, detail=letter.detail[:MAX_DETAIL_CHARS],
                                 id=letter.id[:MAX_ID_CHARS] if letter.id is not None else None)
         letter, payload = fit(letter, self.max_record_bytes - RECORD_OVERHEAD_BYTES - len(key or b""))
-        return Outcome(topic, key, letter, payload, releases, route)
+        return Outcome(topic, key, letter, payload, releases, route, in_order)
 
     def _check(self, payload: bytes, kafka_key: bytes | None) -> bytes:
         size = len(payload) + len(kafka_key or b"") + RECORD_OVERHEAD_BYTES

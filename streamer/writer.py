@@ -201,7 +201,7 @@ class Writer:
                 if exc.refused is not None and replaced < 2:
                     log.warning("%s; writing a %s dead letter in its place", exc, exc.refused.value)
                     outcome = self._sealer.replacement(outcome.record, exc.refused, str(exc), outcome.releases,
-                                                       outcome.route)
+                                                       outcome.route, in_order=outcome.in_order)
                     replaced += 1
                 else:
                     pause = backoff_s(attempt)
@@ -334,7 +334,7 @@ class TransactionalWriter:
             outcome = ready[index]
             log.warning("%s refused a record (%s); writing a dead letter in its place", outcome.topic, code.value)
             ready[index] = self._sealer.replacement(outcome.record, code, f"{outcome.topic}: refused ({code.value})",
-                                                    outcome.releases, outcome.route)
+                                                    outcome.releases, outcome.route, in_order=outcome.in_order)
         return ready
 
 

@@ -72,6 +72,11 @@ class Keys:
         """Claimed by the first write of an event's late record (an outcome beside its answer)."""
         return f"{self.prefix}:seen:l:{topic}:{partition}:{offset}"
 
+    def result_guard(self, id: str) -> str:
+        """Claimed by the first write of the dead letter that stands for a window result the broker
+        refused (it has no event of its own): by the result's id, which a replay rebuilds alike."""
+        return f"{self.prefix}:seen:r:{id}"
+
     def window(self, id: str) -> str:
         return f"{self.prefix}:window:{id}"
 

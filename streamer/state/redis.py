@@ -70,6 +70,17 @@ redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'error', ARGV[5], 'dead
 return 1
 """
 
+# The dead letter standing for a window result that could not be written: no event of its own, so it is
+# claimed by the result's id and counted as a dead letter only. KEYS: guard, counters, dead-letters stream;
+# ARGV: ttl, doc, code, maxlen.
+_RESULT_LETTER = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+redis.call('HINCRBY', KEYS[2], 'dead_letters', 1)
+redis.call('HINCRBY', KEYS[2], 'dead_letters:' .. ARGV[3], 1)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'error', ARGV[3], 'dead_letter', ARGV[2])
+return 1
+"""
+
 # A final result is written once per window id; provisional ones only until the final one.
 # KEYS: window hash, (route, key) index, route's latest hash, its update order, counters.
 # ARGV: ttl, doc, final, route, encoded key, window end, id, emitted_at, index max, latest max, channel.
@@ -133,6 +144,7 @@ class RedisState:
         self._answer = self._client.register_script(_ANSWER)
         self._dead_letter = self._client.register_script(_DEAD_LETTER)
         self._window = self._client.register_script(_WINDOW)
+        self._result_letter = self._client.register_script(_RESULT_LETTER)
         self._fence = self._client.register_script(_FENCE)
 
     async def ping(self) -> None:
@@ -171,6 +183,10 @@ class RedisState:
                 s.answer_ttl_s, outcome.payload, "1" if record.final else "0", outcome.route, field,
                 record.window.end, record.id, record.emitted_at, s.window_index_max, s.latest_keys_max, k.channel]
         src = record.source
+        if src is None:  # a dead letter standing for a window result: no event to claim or count
+            assert isinstance(record, DeadLetter)
+            return self._result_letter, [k.result_guard(record.id or ""), k.counters, k.dead_letters], [
+                s.answer_ttl_s, outcome.payload, record.error.value, s.stream_maxlen]
         claim = [f"{src.topic}:{src.partition}" if fenced else "", src.offset, s.answer_ttl_s]
         per_key = "" if outcome.key is None else k.per_key(outcome.key)
         if isinstance(record, Answer):

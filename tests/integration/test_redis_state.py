@@ -129,6 +129,22 @@ async def test_two_distinct_events_with_the_same_id_both_count(bounded, client) 
     assert client.get(keys.answer("same")) is not None
 
 
+@pytest.mark.parametrize("fenced", [False, True], ids=["at-least-once", "exactly-once"])
+async def test_the_dead_letter_of_a_refused_window_result_counts_once_as_a_dead_letter_and_no_event(
+        bounded, fenced) -> None:
+    """Adversarial review, finding 1: a window result the broker refused became a dead letter without a
+    source, and writing it to Redis raised (AttributeError), killing the writer on every replay."""
+    state, keys = bounded
+    record = DeadLetter(error=ErrorCode.TOO_LARGE, detail="windows: refused", id="w-k-1", payload="{}",
+                        payload_encoding="utf-8", source=None, ts=T0)
+    letter = Written(record, record.model_dump_json().encode(), "k", "qa")
+    fence = {("in", 0): 3} if fenced else None
+    assert await state.write([letter], fence) == 1
+    assert await state.write([letter], fence) == 0  # its replay
+    counters = await state.counters()
+    assert (counters.get("events", 0), counters["dead_letters"], counters["dead_letters:too_large"]) == (0, 1, 1)
+
+
 async def test_an_event_counts_once_whether_its_outcome_is_an_answer_or_a_dead_letter(bounded) -> None:
     """At least once, a replay may answer an event that a model error dead-lettered before (or the other
     way round): Redis keeps the first; the event's late record is an outcome of its own."""

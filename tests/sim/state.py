@@ -48,6 +48,13 @@ class SimState:
         if isinstance(record, WindowResult):
             return self._window(record, outcome.payload)
         src = record.source
+        if src is None:  # the dead letter of a window result: guarded by the result's id, no event
+            guard = f"r:{record.id}"
+            if guard in self.seen:
+                return False
+            self.seen.add(guard)
+            self.counters.update({"dead_letters": 1, f"dead_letters:{record.error.value}": 1})
+            return True
         if fenced and src.offset < self.fence.get(f"{src.topic}:{src.partition}", 0):
             return False
         late = not isinstance(record, Answer) and record.error.value == "late"

@@ -64,6 +64,38 @@ def test_a_record_the_broker_refuses_for_its_size_is_replaced_by_its_dead_letter
     assert tracker.commit_points() == {TP: 1}
 
 
+@pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
+def test_a_window_result_the_broker_refuses_becomes_a_dead_letter_and_the_writer_goes_on(
+        loop: VirtualLoop, exactly_once: bool) -> None:
+    """Adversarial review, finding 1: the dead letter standing for a refused window result has no source
+    event; writing it killed the writer, on every restart. Now it is written, finishes the window's
+    events, and keeps the result's ordering rule (a session's stays in order)."""
+    cluster = Cluster(TP[0], 1, max_record_bytes=2_000, max_poll_interval_s=300)
+    tracker, state = OffsetTracker(), SimState()
+    refs = tuple(tracker.track(TP, offset) for offset in range(3))
+    result = session("k", 0).model_copy(update={"summary": "s" * 5_000})
+    outcome = SEALER.seal("windows", b"s-k", result, refs, "r", in_order=True)
+    assert SEALER.replacement(result, ErrorCode.TOO_LARGE, "refused", refs, "r", in_order=True).in_order
+    if exactly_once:
+        producer = SimProducer(cluster)
+        writer: Writer | TransactionalWriter = TransactionalWriter(
+            producer, state, tracker, SEALER, 0.05, lambda: Membership(cluster.generation))
+    else:
+        sink = SimSink(cluster)
+        writer = Writer(sink, state, tracker, SEALER)
+    writer.add(outcome)
+    task = loop.create_task(writer.run())
+    for _ in range(20):
+        loop.settle()
+        producer.end() if exactly_once else sink.deliver(10)
+        loop.advance(0.1)
+    assert not task.done(), task.exception() if task.done() else None
+    (written,) = cluster.out
+    assert written.topic == "dlq" and b'"error":"too_large"' in written.value
+    assert state.counters["dead_letters:too_large"] == 1 and state.counters["events"] == 0
+    assert tracker.commit_points() == {TP: 3}
+
+
 def test_an_exactly_once_cycle_gives_up_on_an_absent_redis_within_its_budget(loop: VirtualLoop) -> None:
     """Review finding 6: a cycle retried Redis for ever without polling the consumer; past
     max.poll.interval.ms the member left the group and every later transaction failed, for ever."""
