@@ -67,13 +67,23 @@ class EventHandler:
                                                    self._clock.monotonic_s()))
 
     def _ahead(self, event: InputEvent, raw: RawMessage, now_ms: int) -> str | None:
-        """Why the event's time is too far in the future to be believed, or None. Judged against the
-        record's timestamp (or processing time, if that is earlier), so a replay judges it alike."""
+        """Why the event's time is too far in the future to be believed, or None.
+
+        Its `ts` is judged against its record's timestamp, which the replay of the record carries too, so
+        a replay judges it alike (against processing time, a record judged `future` could be accepted on a
+        later replay and move the watermark past events already counted). The record's own timestamp is
+        judged against processing time: a broker keeps it within `message.timestamp.after.max.ms` of its
+        clock (1 h by default since Kafka 4.0), so only a broker that allows more lets that judgment
+        depend on when it is made."""
         skew_ms = self._settings.limits.max_event_skew_ms
-        ahead_ms = _event_ms(event, raw) - min(_record_ms(raw), now_ms)
-        if ahead_ms <= skew_ms:
-            return None
-        return f"event time {_event_ms(event, raw)} is {ahead_ms} ms ahead; the limit is {skew_ms} (max_event_skew_ms)"
+        event_ms, record_ms = _event_ms(event, raw), _record_ms(raw)
+        if record_ms - now_ms > skew_ms:
+            return (f"the record's timestamp {record_ms} is {record_ms - now_ms} ms ahead of processing time; "
+                    f"the limit is {skew_ms} (max_event_skew_ms)")
+        if event_ms - record_ms > skew_ms:
+            return (f"event time {event_ms} is {event_ms - record_ms} ms ahead of its record's timestamp; "
+                    f"the limit is {skew_ms} (max_event_skew_ms)")
+        return None
 
     def _windows(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, now_ms: int) -> LabelSlot | None:
         """Place the event in its route's windows; a late event gets a record on the late topic, a part of

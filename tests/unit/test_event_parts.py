@@ -48,11 +48,13 @@ class Handler:
         for stage in stages.values():
             stage.assign([TP])
 
-    def accept(self, offset: int, ts_ms: int, now_ms: int = NOW_MS, **fields: Any) -> None:
+    def accept(self, offset: int, ts_ms: int, now_ms: int = NOW_MS, record_ms: int | None = None,
+               **fields: Any) -> None:
         value = orjson.dumps({"id": f"e{offset}", "text": "hello", "key": "k", "ts": ts_ms, **fields})
+        stamp = now_ms if record_ms is None else record_ms
 
         async def accept() -> None:
-            self.handler.accept(RawMessage(value, b"k", now_ms, TP[0], TP[1], offset), now_ms)
+            self.handler.accept(RawMessage(value, b"k", stamp, TP[0], TP[1], offset), now_ms)
 
         self.loop.run_until_complete(accept())
 
@@ -135,3 +137,29 @@ def test_a_producer_cannot_jump_the_queue_with_its_own_deadline_unless_the_route
     event = InputEvent.model_validate({"id": "a", "text": "t", "params": {"deadline_ms": 1}})
     assert _deadline_ms(event, untrusted) == 2_000
     assert _deadline_ms(event, trusted) == 1
+
+
+def test_an_event_is_judged_future_alike_when_its_record_is_replayed_later():
+    """Adversarial review, finding 2: `ts` was judged against processing time where the record's own
+    timestamp was ahead of it, so an event judged `future` could be accepted by a replay minutes later,
+    move the watermark an hour ahead and turn events already counted in windows late. Its `ts` is now
+    judged against the record's timestamp (which a Kafka >= 4.0 broker keeps within an hour of its clock)."""
+    hour_ms = 3_600_000
+    record_ms = NOW_MS + 50 * 60_000  # a producer clock 50 minutes fast: within what the broker accepts
+    for ts_ms, expected in ((record_ms + hour_ms + 1, [ErrorCode.FUTURE]), (NOW_MS + hour_ms + 60_000, [])):
+        codes = []
+        for now_ms in (NOW_MS, NOW_MS + 2 * 60_000):  # the first run, and a replay two minutes later
+            h = Handler(task="none", window=window())
+            h.accept(0, ts_ms=ts_ms, now_ms=now_ms, record_ms=record_ms)
+            h.settle()
+            codes.append([o.record.error for o in h.writer.added if isinstance(o.record, DeadLetter)])
+        assert codes == [expected, expected]
+
+
+def test_a_record_whose_own_timestamp_is_beyond_the_skew_is_future():
+    """A broker that lets a producer's clock run ahead (message.timestamp.after.max.ms raised): the record's
+    timestamp, the event time when `ts` is absent, is judged against processing time."""
+    h = Handler(task="none", window=window())
+    h.accept(0, ts_ms=NOW_MS + 2 * 3_600_000, record_ms=NOW_MS + 2 * 3_600_000)
+    h.settle()
+    assert [o.record.error for o in h.writer.added] == [ErrorCode.FUTURE]
