@@ -273,7 +273,24 @@ class Settings(BaseSettings):
         names = [r.name for r in self.routes]
         if len(set(names)) != len(names):
             raise ValueError("route names must be unique")
+        self._no_output_feeds_an_input(set(inputs))
         return self
+
+    def _no_output_feeds_an_input(self, inputs: set[str]) -> None:
+        """A dead letter read back as input is invalid input, whose dead letter is read back again: one bad
+        record would loop for ever, growing with each round of escaping. A route's own results read back
+        are invalid input too."""
+        if self.kafka.dead_letter_topic in inputs:
+            raise ValueError(f"kafka.dead_letter_topic {self.kafka.dead_letter_topic!r} is also a route's input: "
+                             "every dead letter would come back as input and make another, for ever")
+        for route in self.routes:
+            own = {"output": route.output}
+            if route.window is not None:
+                own |= {"window.output": route.window.output, "window.late_topic": route.window.late_topic}
+            for field, topic in own.items():
+                if topic is not None and (topic in inputs if field == "window.late_topic" else topic == route.input):
+                    raise ValueError(f"route {route.name}: {field} {topic!r} is also an input topic; "
+                                     "its records would come back as invalid input")
 
     @classmethod
     def settings_customise_sources(

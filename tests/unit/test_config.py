@@ -72,3 +72,28 @@ def test_a_sliding_window_putting_an_event_in_more_than_a_thousand_windows_is_re
     with pytest.raises(ValueError, match="size_ms / slide_ms"):
         Settings(routes=[{**route, "window": {"kind": "sliding", "size_ms": 86_400_000, "slide_ms": 1,
                                                "output": "w"}}])
+
+
+@pytest.mark.parametrize("overrides", [
+    {"kafka": {"dead_letter_topic": "in2"}},
+    {"route": {"output": "in"}},
+    {"window": {"output": "in"}},
+    {"window": {"late_topic": "in2"}},
+], ids=["dead letters", "answers", "window results", "late records"])
+def test_an_output_topic_that_is_also_an_input_is_refused(overrides) -> None:
+    """Adversarial review, finding 6: with the dead-letter topic among the inputs, one bad record made a
+    dead letter, read back as another bad record, for ever (246 bytes growing to 521 KB by round 40)."""
+    from streamer.config import Settings
+
+    route = {"name": "r", "input": "in", "task": "answer", "output": "answers", **overrides.get("route", {}),
+             "window": {"kind": "tumbling", "size_ms": 1000, "output": "w", **overrides.get("window", {})}}
+    other = {"name": "s", "input": "in2", "task": "answer", "output": "answers2"}
+    with pytest.raises(ValueError, match="input"):
+        Settings(kafka={"dead_letter_topic": "dlq", **overrides.get("kafka", {})}, routes=[route, other])
+
+
+def test_a_route_may_read_another_routes_answers() -> None:
+    from streamer.config import Settings
+
+    Settings(routes=[{"name": "a", "input": "in", "task": "answer", "output": "answers"},
+                     {"name": "b", "input": "answers", "task": "answer", "output": "answers-of-answers"}])
