@@ -83,6 +83,9 @@ class WindowStage:
         self._last_update_s = self._clock.monotonic_s()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing: set[OpenWindow[Content]] = set()  # handed over by the engine, not yet to the writer
+        # Provisional and final results reach the writer in the order they were made: a window's final
+        # result is never followed by a provisional one (asyncio.Lock wakes its waiters in order).
+        self._emitting = asyncio.Lock()
         self._failure: BaseException | None = None
         self._warned_mixed = False
 
@@ -199,17 +202,31 @@ class WindowStage:
         return generated.result.text if generated.result.error is None else None
 
     def _emit_updates(self, keys: list[str | None]) -> None:
+        results = []
         for key in keys:
             self._dirty.pop(key, None)
-            for open_window in (w for engine in self._engines.values() for w in engine.peek(key)):
-                result = self._result(open_window, final=False, summary=None)
-                self._writer.add(self._sealer.seal(self.window.output, result.id.encode(), result, (), self.route.name))
+            results += [self._result(w, final=False, summary=None) for engine in self._engines.values()
+                        for w in engine.peek(key)]
         self._last_update_s = self._clock.monotonic_s()
+        if results:
+            self._spawn(self._emit_provisional(results))
+
+    async def _emit_provisional(self, results: list[WindowResult]) -> None:
+        """Provisional results, except for windows whose final result was written before a crash (the
+        replay rebuilt them): on the topic it would follow the final one, and a reader keeping the latest
+        record per window id (or a compacted topic) would keep a partial count for ever."""
+        async with self._emitting:
+            finals = await retrying("redis read", lambda: self._state.windows_final([r.id for r in results]))
+            for result, final in zip(results, finals, strict=True):
+                if not final:
+                    self._writer.add(self._sealer.seal(self.window.output, result.id.encode(), result, (),
+                                                       self.route.name))
 
     async def _close_all(self, closed: list[OpenWindow[Content]]) -> None:
         """Emit the windows one tick closed, minus what a revoke takes out meanwhile."""
         try:
-            await self._emit_closed(closed)
+            async with self._emitting:
+                await self._emit_closed(closed)
         finally:
             self._closing.difference_update(closed)
 

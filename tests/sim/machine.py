@@ -440,6 +440,7 @@ class Simulation(RuleBasedStateMachine):
             assert not missing, f"event {event.offset} of partition {event.partition}: {missing}"
         if self.exactly_once:
             assert not out.duplicates()
+        assert not out.provisional_after_final(), "a provisional result came after its window's final one"
         window = self.route.window
         if window is not None and self.wall_clock:
             self._check_wall_clock_windows(out)
@@ -512,6 +513,18 @@ class Output:
 
     def final_windows(self) -> dict[str, dict[str, Any]]:
         return self._finals
+
+    def provisional_after_final(self) -> list[str]:
+        """Windows with a provisional result after their final one: a reader keeping the latest record per
+        window id (or a compacted topic) would keep the provisional count."""
+        final: set[str] = set()
+        stale = []
+        for doc in self.windows:
+            if doc["final"]:
+                final.add(doc["id"])
+            elif doc["id"] in final:
+                stale.append(doc["id"])
+        return stale
 
     def duplicates(self) -> list[str]:
         keys = [f"answer {_source(d)}" for d in self.answers]
