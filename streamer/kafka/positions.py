@@ -7,7 +7,7 @@ under the watermark the first run placed them under. Metadata of other writers i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from confluent_kafka import TopicPartition
 
@@ -34,3 +34,35 @@ def mark_of(metadata: str | None) -> int | None:
         return int(metadata.removeprefix(_PREFIX))
     except ValueError:
         return None
+
+
+class Restores:
+    """Partitions whose committed watermark is still being read, one ticket per assignment.
+
+    A partition lost and assigned again while the first read was under way gets a new ticket, so the
+    answer of the earlier read, which may predate the other owner's commits, cannot stand for the
+    one the replay starts from: only the read of the current assignment finishes it."""
+
+    def __init__(self) -> None:
+        self._tickets: dict[TP, int] = {}
+        self._issued = 0
+
+    def begin(self, tps: Iterable[TP]) -> int:
+        self._issued += 1
+        for tp in tps:
+            self._tickets[tp] = self._issued
+        return self._issued
+
+    def cancel(self, tps: Iterable[TP]) -> None:
+        for tp in tps:
+            self._tickets.pop(tp, None)
+
+    def finish(self, tp: TP, ticket: int) -> bool:
+        """Whether this answer finishes the partition's restore (False: revoked, or an earlier assignment's)."""
+        if self._tickets.get(tp) != ticket:
+            return False
+        del self._tickets[tp]
+        return True
+
+    def pending(self) -> frozenset[TP]:
+        return frozenset(self._tickets)

@@ -23,7 +23,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Kafka
 from streamer.decode import RawMessage
 from streamer.errors import StreamerError
 from streamer.kafka.offsets import TP, Position
-from streamer.kafka.positions import mark_of, topic_partitions
+from streamer.kafka.positions import Restores, mark_of, topic_partitions
 from streamer.kafka.reachability import STATS_INTERVAL_MS, unreachable
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,8 @@ class KafkaSource:
     def __init__(self, config: dict[str, Any], topics: Sequence[str], listener: Listener) -> None:
         self._listener = listener
         self._paused = False
-        self._restoring: set[TP] = set()  # assigned, paused until their committed watermark is read
-        self._restored: queue.SimpleQueue[tuple[TP, int | None]] = queue.SimpleQueue()
+        self._restoring = Restores()  # assigned, paused until their committed watermark is read
+        self._restored: queue.SimpleQueue[tuple[TP, int, int | None]] = queue.SimpleQueue()
         self._unreachable: frozenset[TP] = frozenset()
         self._group_state = "init"
         self._consumer = Consumer({"statistics.interval.ms": STATS_INTERVAL_MS, **config,
@@ -129,7 +129,7 @@ class KafkaSource:
     def resume(self) -> None:
         if self._paused:
             self._consumer.resume([tp for tp in self._consumer.assignment()
-                                   if (tp.topic, tp.partition) not in self._restoring])
+                                   if (tp.topic, tp.partition) not in self._restoring.pending()])
             self._paused = False
 
     def commit(self, positions: dict[TP, Position], *, sync: bool = False) -> None:
@@ -173,7 +173,7 @@ class KafkaSource:
         """Owned partitions not fetched now though their input may wait: their leader is unreachable
         (as of the client's last statistics) or their committed watermark is still being read. Their
         silence says nothing about the input."""
-        return self._unreachable | frozenset(self._restoring)
+        return self._unreachable | self._restoring.pending()
 
     def served(self, tps: list[TP]) -> list[TP]:
         """Of `tps`, the partitions Kafka has answered a fetch for (their end offset is known here)."""
@@ -199,12 +199,12 @@ class KafkaSource:
         consumer.incremental_assign(partitions)
         consumer.pause(partitions)  # until the watermark its last commit carried is read
         tps = _tps(partitions)
-        self._restoring.update(tps)
+        ticket = self._restoring.begin(tps)
         self._listener.assigned(tps)
-        threading.Thread(target=self._read_commits, args=(tps,), daemon=True, name="read-commits").start()
+        threading.Thread(target=self._read_commits, args=(tps, ticket), daemon=True, name="read-commits").start()
         log.info("assigned %s", _names(partitions))
 
-    def _read_commits(self, tps: list[TP]) -> None:
+    def _read_commits(self, tps: list[TP], ticket: int) -> None:
         """In a thread: the positions committed for `tps`, with their watermarks, retried until read."""
         while True:
             try:
@@ -215,16 +215,15 @@ class KafkaSource:
                 log.warning("reading committed positions of %s: %s; trying again", tps, exc.args[0].str())
                 continue
             for position in committed:
-                self._restored.put(((position.topic, position.partition), mark_of(position.metadata)))
+                self._restored.put(((position.topic, position.partition), ticket, mark_of(position.metadata)))
             return
 
     def _finish_restores(self) -> None:
         """On the loop's thread: hand each restored watermark to the listener and start fetching."""
         while not self._restored.empty():
-            tp, mark_ms = self._restored.get()
-            if tp not in self._restoring:
-                continue  # revoked meanwhile
-            self._restoring.discard(tp)
+            tp, ticket, mark_ms = self._restored.get()
+            if not self._restoring.finish(tp, ticket):
+                continue  # revoked meanwhile, or read for an earlier assignment of it
             self._listener.restored(tp, mark_ms)
             if not self._paused:
                 self._consumer.resume([TopicPartition(*tp)])
@@ -240,7 +239,7 @@ class KafkaSource:
         log.warning("lost %s (another member owns them now)", _names(partitions))
 
     def _disown(self, partitions: list[TopicPartition]) -> None:
-        self._restoring.difference_update(_tps(partitions))
+        self._restoring.cancel(_tps(partitions))
 
 
 def _raw(message: Message) -> RawMessage:

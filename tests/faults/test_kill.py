@@ -95,3 +95,4 @@ def test_sigkill_mid_window_and_mid_transaction_then_restart(kafka_bootstrap, re
     outcome = check(service, stream)
     assert hits, "no kill landed between the Redis write and the Kafka commit"
     report(f"sigkill mid-window + mid-transaction, {shape} ({', '.join(hits)})", outcome, recovery_s)
+    assert outcome.late == 0, "a replay judged events otherwise than the first run (or a backlog turned late)"

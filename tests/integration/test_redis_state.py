@@ -134,7 +134,7 @@ async def test_the_dead_letter_of_a_refused_window_result_counts_once_as_a_dead_
         bounded, fenced) -> None:
     """Adversarial review, finding 1: a window result the broker refused became a dead letter without a
     source, and writing it to Redis raised (AttributeError), killing the writer on every replay."""
-    state, keys = bounded
+    state, _ = bounded
     record = DeadLetter(error=ErrorCode.TOO_LARGE, detail="windows: refused", id="w-k-1", payload="{}",
                         payload_encoding="utf-8", source=None, ts=T0)
     letter = Written(record, record.model_dump_json().encode(), "k", "qa")
