@@ -52,6 +52,8 @@ class Content:
     text_tokens: int = 0
     summary: str | None = None  # folded summary of texts no longer held
     folding: bool = False
+    merged_into: Content | None = None  # the session that absorbed this one (its fold's answer goes there)
+    folds_elsewhere: int = 0  # folds under way in contents merged into this one
     labels: Counter[str] = field(default_factory=Counter)
     slots: list[LabelSlot] = field(default_factory=list)  # labels still on their way
     on_resolved: Callable[[], None] | None = None
@@ -72,7 +74,21 @@ class Content:
         return chunk
 
     def fold_done(self, summary: str) -> None:
-        self.summary, self.folding = summary, False
+        """The fold's answer; a session merged away meanwhile hands it to the one that absorbed it."""
+        self.folding = False
+        if self.merged_into is None:
+            self.summary = summary
+            return
+        survivor = self.merged_into
+        while survivor.merged_into is not None:
+            survivor = survivor.merged_into
+        survivor.texts.append((0, summary, 0))
+        survivor.folds_elsewhere -= 1
+
+    @property
+    def settled_folds(self) -> bool:
+        """No fold of this window's texts is under way (its own, or one of a session it absorbed)."""
+        return not self.folding and not self.folds_elsewhere
 
     def chronological_texts(self) -> list[str]:
         return ([self.summary] if self.summary else []) + [text for _, text, _ in sorted(self.texts)]
@@ -127,4 +143,6 @@ class ContentAggregator:
         for slot in other.slots:
             slot.contents[:] = [into if c is other else c for c in slot.contents]
         into.slots += other.slots
+        other.merged_into = into
+        into.folds_elsewhere += other.folds_elsewhere + other.folding
         return into

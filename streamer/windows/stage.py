@@ -302,7 +302,7 @@ async def _settled(content: Content) -> None:
         resolved = asyncio.get_running_loop().create_future()
         content.on_resolved = lambda: resolved.done() or resolved.set_result(None)
         await resolved
-    while content.folding:
+    while not content.settled_folds:
         await asyncio.sleep(0.01)
 
 

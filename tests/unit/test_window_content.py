@@ -47,3 +47,19 @@ def test_texts_past_the_budget_are_folded_and_the_summary_leads_the_next_fold():
     content.fold_done("summary so far")
     TEXTS.add(content, item("message 3", 20))
     assert content.chronological_texts() == ["summary so far", "message 3"]
+
+
+def test_a_session_merged_away_while_its_texts_fold_hands_the_summary_to_the_survivor():
+    """Adversarial review, finding 8: the fold's answer landed in the discarded session, and the survivor
+    did not wait for it: the texts taken for folding were missing from the final summary."""
+    into, other, third = TEXTS.create(), TEXTS.create(), TEXTS.create()
+    TEXTS.add(into, item("early", 1))
+    for n in range(3):
+        TEXTS.add(other, item(f"later {n}", 10 + n))
+    assert other.take_for_fold() == ["later 0", "later 1", "later 2"]
+    TEXTS.merge(into, other)
+    TEXTS.merge(third, into)  # and the survivor is absorbed in turn
+    assert not third.settled_folds, "the final summary must wait for the fold"
+    other.fold_done("summary of later 0-2")
+    assert third.settled_folds
+    assert third.chronological_texts() == ["summary of later 0-2", "early"]
