@@ -155,6 +155,35 @@ def test_a_page_opened_once_with_its_token_goes_live_and_one_without_is_refused(
     asyncio.run(scenario())
 
 
+def test_the_dead_letter_of_a_refused_window_result_is_listed_without_breaking_the_page(redis_url, chromium):
+    """Second adversarial review, finding 3: a dead letter with no source event (a window result the
+    broker refused) made the page throw on every frame, freezing its dead-letter and late panels."""
+    prefix = unique_name("dash-sourceless")
+
+    async def scenario() -> None:
+        errors: list[str] = []
+        state = RedisState(RedisSettings(prefix=prefix), redis_url)
+        letter = DeadLetter(error=ErrorCode.TOO_LARGE, detail="windows: refused", id="w-1", payload="{}",
+                            payload_encoding="utf-8", source=None, ts=T0)
+        async with dashboard(redis_url, prefix) as base, async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            try:
+                page = await browser.new_page()
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                await page.goto(base)
+                await page.wait_for_selector("body[data-live='true']", timeout=15_000)
+                await state.write([written(letter, "k")])
+                await page.wait_for_selector("#dead-letters li[data-error='too_large']", timeout=15_000)
+                await state.write([written(answer(8), "k")])  # and the page keeps following
+                await page.wait_for_selector("#answers li[data-id='q8']", timeout=15_000)
+            finally:
+                await browser.close()
+                await state.aclose()
+        assert not errors, errors
+
+    asyncio.run(scenario())
+
+
 def pipeline_settings(bootstrap: str, redis_url: str, tag: str) -> Settings:
     return Settings(
         kafka={"bootstrap_servers": bootstrap, "group_id": f"g-{tag}", "dead_letter_topic": f"dlq-{tag}"},

@@ -241,7 +241,8 @@ function renderProblems() {
   document.getElementById("dead-letters").replaceChildren(...state.deadLetters.map(({ stream_id, error, dead_letter: d }) =>
     el("li", { "data-stream-id": stream_id, "data-error": error },
       el("span", { class: "code" }, error), el("span", { class: "id" }, d.id ?? "(no id)"),
-      el("span", { class: "muted" }, `${d.source.topic}[${d.source.partition}]@${d.source.offset}`),
+      el("span", { class: "muted" }, d.source ? `${d.source.topic}[${d.source.partition}]@${d.source.offset}`
+                                                : "a window result"),
       el("span", { class: "detail" }, d.detail))));
   const routes = Object.entries(state.late).sort((a, b) => b[1] - a[1]);
   const maxLate = Math.max(1, ...routes.map(([, n]) => n));
