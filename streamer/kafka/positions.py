@@ -66,3 +66,24 @@ class Restores:
 
     def pending(self) -> frozenset[TP]:
         return frozenset(self._tickets)
+
+
+UNKNOWN = -1001
+"""librdkafka's OFFSET_INVALID: a position not known yet."""
+
+
+def lag_of(position: int, committed: int | None, low: int, high: int) -> int:
+    """Records of a partition not handed out yet, from the client's cached end offset (`high`, -1
+    before the first fetch: 0 then). librdkafka reports no position until a record of the current
+    assignment was handed out, so before that the partition starts at its committed offset (or, with
+    none, at the log start: `auto.offset.reset` is earliest). The log start alone would count every
+    record ever consumed of a quiet partition, after each restart or rebalance, as waiting."""
+    if high < 0:
+        return 0
+    if position >= 0:
+        start = position
+    elif committed is not None and committed >= 0:
+        start = committed
+    else:
+        start = max(low, 0)
+    return max(high - start, 0)

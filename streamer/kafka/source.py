@@ -23,7 +23,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Kafka
 from streamer.decode import RawMessage
 from streamer.errors import StreamerError
 from streamer.kafka.offsets import TP, Position
-from streamer.kafka.positions import Restores, mark_of, topic_partitions
+from streamer.kafka.positions import Restores, lag_of, mark_of, topic_partitions
 from streamer.kafka.reachability import STATS_INTERVAL_MS, unreachable
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ class KafkaSource:
         self._listener = listener
         self._paused = False
         self._restoring = Restores()  # assigned, paused until their committed watermark is read
-        self._restored: queue.SimpleQueue[tuple[TP, int, int | None]] = queue.SimpleQueue()
+        self._restored: queue.SimpleQueue[tuple[TP, int, int, int | None]] = queue.SimpleQueue()
+        self._committed: dict[TP, int] = {}  # where each assigned partition started (its committed offset)
         self._unreachable: frozenset[TP] = frozenset()
         self._group_state = "init"
         self._consumer = Consumer({"statistics.interval.ms": STATS_INTERVAL_MS, **config,
@@ -158,15 +159,15 @@ class KafkaSource:
         return self._group_state == "up"
 
     def lag(self) -> dict[TP, int]:
-        """Messages behind the log end per assigned partition, from the client's cached watermarks
-        (before the first fetch of a partition: from its log start; 0 while nothing is known). The
-        position steps over transaction markers and aborted records (librdkafka 2.16, measured), so a
-        caught-up partition of a transactional topic shows 0, as the window stages rely on."""
+        """Messages not handed out yet per assigned partition, from the client's cached watermarks
+        (`lag_of`). The position steps over transaction markers and aborted records (librdkafka 2.16,
+        measured), so a caught-up partition of a transactional topic shows 0, as the window stages
+        (and the stall check) rely on."""
         lags: dict[TP, int] = {}
         for position in self._consumer.position(self._consumer.assignment()):
             low, high = self._consumer.get_watermark_offsets(position, cached=True)
-            start = position.offset if position.offset >= 0 else max(low, 0)
-            lags[(position.topic, position.partition)] = max(high - start, 0) if high >= 0 else 0
+            tp = (position.topic, position.partition)
+            lags[tp] = lag_of(position.offset, self._committed.get(tp), low, high)
         return lags
 
     def stalled(self) -> frozenset[TP]:
@@ -215,15 +216,17 @@ class KafkaSource:
                 log.warning("reading committed positions of %s: %s; trying again", tps, exc.args[0].str())
                 continue
             for position in committed:
-                self._restored.put(((position.topic, position.partition), ticket, mark_of(position.metadata)))
+                self._restored.put(((position.topic, position.partition), ticket, position.offset,
+                                    mark_of(position.metadata)))
             return
 
     def _finish_restores(self) -> None:
         """On the loop's thread: hand each restored watermark to the listener and start fetching."""
         while not self._restored.empty():
-            tp, ticket, mark_ms = self._restored.get()
+            tp, ticket, committed, mark_ms = self._restored.get()
             if not self._restoring.finish(tp, ticket):
                 continue  # revoked meanwhile, or read for an earlier assignment of it
+            self._committed[tp] = committed
             self._listener.restored(tp, mark_ms)
             if not self._paused:
                 self._consumer.resume([TopicPartition(*tp)])
@@ -240,11 +243,15 @@ class KafkaSource:
 
     def _disown(self, partitions: list[TopicPartition]) -> None:
         self._restoring.cancel(_tps(partitions))
+        for tp in _tps(partitions):
+            self._committed.pop(tp, None)
 
 
 def _raw(message: Message) -> RawMessage:
     ts_type, ts_ms = message.timestamp()
-    return RawMessage(message.value(), message.key(), None if ts_type == TIMESTAMP_NOT_AVAILABLE else ts_ms,
+    # No timestamp, or a negative one (a producer may set -1 explicitly): processing time stands in.
+    known = ts_type != TIMESTAMP_NOT_AVAILABLE and ts_ms >= 0
+    return RawMessage(message.value(), message.key(), ts_ms if known else None,
                       message.topic(), message.partition(), message.offset())
 
 

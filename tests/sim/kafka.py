@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from streamer.contracts import ErrorCode
 from streamer.decode import RawMessage
 from streamer.kafka.offsets import TP, Position
+from streamer.kafka.positions import UNKNOWN, lag_of
 from streamer.kafka.sink import DeliveryError
 from streamer.kafka.source import Listener
 from streamer.kafka.transactions import Ending, Record, Transacted
@@ -101,6 +102,8 @@ class SimSource:
         self.paused = False
         self.assigned: set[TP] = set()
         self.position: dict[TP, int] = {}
+        self.started: dict[TP, int] = {}  # the committed offset each partition was assigned at
+        self.handed: set[TP] = set()  # partitions a record was handed out of since their assignment
         self.batch_limit = 500  # the simulation narrows this to vary poll batches
         self.generation = -1
         self.last_poll_s = now_s()
@@ -137,6 +140,7 @@ class SimSource:
                 stored = self._cluster.log[tp[1]][offset]
                 messages.append(RawMessage(stored.value, stored.key, stored.timestamp_ms, tp[0], tp[1], offset))
                 self.position[tp] = offset + 1
+                self.handed.add(tp)
         return messages
 
     def _serve_events(self) -> None:
@@ -154,6 +158,8 @@ class SimSource:
             for tp in fresh:
                 self.assigned.add(tp)
                 self.position[tp] = self._cluster.committed.get(tp, 0)
+                self.started[tp] = self.position[tp]
+                self.handed.discard(tp)
             self._listener.assigned(fresh)
             for tp in fresh:
                 self._listener.restored(tp, self._cluster.marks.get(tp))
@@ -194,7 +200,9 @@ class SimSource:
         return not self.kicked()
 
     def lag(self) -> dict[TP, int]:
-        return {tp: self._cluster.end(tp) - self.position[tp] for tp in self.assigned}
+        """As librdkafka tells it: no position until a record of this assignment was handed out."""
+        return {tp: lag_of(self.position[tp] if tp in self.handed else UNKNOWN, self.started.get(tp), 0,
+                           self._cluster.end(tp)) for tp in self.assigned}
 
     def stalled(self) -> frozenset[TP]:
         return frozenset()
