@@ -190,7 +190,8 @@ class Route(_Section):
     """One input topic, the per-event task run on its events, where answers go, and an optional window."""
 
     name: str
-    input: str
+    input: str = Field(pattern=r"^[A-Za-z0-9._-]{1,249}$",
+                       description="one Kafka topic name (a pattern such as `^events-.*` is not supported)")
     task: Literal["answer", "classify", "translate", "prompt", "none"] = "answer"
     output: str | None = Field(None, description="topic of per-event answers; needed unless task is `none`")
     max_new_tokens: int = Field(64, ge=1)

@@ -47,6 +47,8 @@ def test_environment_overrides_the_file(tmp_path, monkeypatch):
         ("routes: [{name: a, input: i, output: o, task: classify}]\n", "routes.0"),
         ("routes: [{name: a, input: i, output: o, task: prompt, template: 'no placeholder'}]\n", "routes.0"),
         ("routes: []\n", "routes"),
+        # librdkafka subscribes to a name starting with ^ as a pattern, whose records no route would own
+        ("routes: [{name: a, input: '^events-.*', output: o}]\n", "routes.0.input"),
         ("surprise: 1\n", "surprise"),
     ],
 )
