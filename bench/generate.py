@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from streamer.engine.worker import GenRequest, LLMWorker
+from streamer.engine.requests import GenRequest
+from streamer.engine.worker import LLMWorker
 from streamer.models.loader import load_model
 
 TOPICS = [

@@ -17,8 +17,8 @@ from typing import Literal
 from streamer.config import BatchingSettings, EngineSettings, ModelSettings
 from streamer.engine.build import build_pool
 from streamer.engine.continuous import ContinuousPool
-from streamer.engine.pool import Generated
-from streamer.engine.worker import GenRequest, GenResult, LLMWorker, ScoreRequest, ScoreResult
+from streamer.engine.requests import Generated, GenRequest, GenResult, ScoreRequest, ScoreResult
+from streamer.engine.worker import LLMWorker
 from streamer.errors import StreamerError
 from streamer.lifecycle import AsyncLifecycle
 from streamer.tasks.prompts import Messages, classify_messages, summarize_messages

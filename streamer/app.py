@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from streamer.clock import Clock, SystemClock
 from streamer.config import Settings
 from streamer.decode import RawMessage
-from streamer.engine.build import Pool, build_pool
-from streamer.engine.continuous import ContinuousPool
+from streamer.engine.backend import Backend
+from streamer.engine.build import build_pool
 from streamer.engine.worker import LLMWorker
 from streamer.events import EventHandler
 from streamer.kafka.admin import ensure_topics
@@ -59,7 +59,7 @@ async def _nothing() -> None:
 class Edges:
     """What a pipeline reads and writes through; everything between them is in memory."""
 
-    pool: Pool
+    pool: Backend
     state: RedisState
     sink: KafkaSink | TransactionalProducer
     open_source: Callable[[Listener], Source]  # subscribes to the routes' inputs
@@ -300,8 +300,8 @@ class Pipeline(Listener):
     def _report(self, source: Source, now_s: float) -> None:
         """Gauges sampled at the commit cadence: queue, lag, open windows, ledger; liveness."""
         self.metrics.queue(self._pool.depth, self._pool.inflight_tokens)
-        if isinstance(self._pool, ContinuousPool):
-            self.metrics.kv_cache(*self._pool.kv_usage())
+        if (kv := self._pool.kv_stats()) is not None:
+            self.metrics.kv_cache(kv.used_blocks, kv.total_blocks, kv.reused_tokens)
         lags = source.lag()
         for (topic, partition), lag in lags.items():
             self.metrics.lag(topic, partition, lag)

@@ -19,9 +19,8 @@ from streamer.clock import Clock, SystemClock
 from streamer.config import Route, Settings
 from streamer.contracts import Answer, DeadLetter, ErrorCode, InputEvent
 from streamer.decode import RawMessage, dead_letter, decode
-from streamer.engine.build import Pool
-from streamer.engine.pool import Generated
-from streamer.engine.worker import GenRequest, ScoreRequest, ScoreResult
+from streamer.engine.backend import Backend
+from streamer.engine.requests import Generated, GenRequest, ScoreRequest, ScoreResult
 from streamer.kafka.offsets import OffsetTracker, Ref
 from streamer.observe.metrics import Metrics
 from streamer.outcomes import Sealer
@@ -34,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class EventHandler:
-    def __init__(self, settings: Settings, pool: Pool, writer: Writer, tracker: OffsetTracker,
+    def __init__(self, settings: Settings, pool: Backend, writer: Writer, tracker: OffsetTracker,
                  stages: dict[str, WindowStage], metrics: Metrics, sealer: Sealer, clock: Clock | None = None) -> None:
         self._settings, self._pool, self._writer, self._tracker = settings, pool, writer, tracker
         self._metrics = metrics
@@ -92,7 +91,7 @@ class EventHandler:
         if stage is None:
             return None
         slot = LabelSlot() if event.task == "classify" else None
-        tokens = self._pool.worker.text_tokens(event.text) if stage.window.task != "count" else 0
+        tokens = self._pool.count_tokens(event.text) if stage.window.task != "count" else 0
         item = WindowItem(event.text, _event_ms(event, raw), event.key, tokens, slot)
         if stage.add(item, ref, now_ms):
             return slot
@@ -154,7 +153,7 @@ class EventHandler:
         else:
             text, tokens_out = finish(task, result.text, route), result.tokens_out
         return Answer(
-            id=event.id, key=event.key, task=task, output=text, model=self._pool.worker.name,
+            id=event.id, key=event.key, task=task, output=text, model=self._pool.model_name,
             tokens_in=result.tokens_in, tokens_out=tokens_out, queued_ms=round(generated.queued_ms, 3),
             latency_ms=round((self._clock.monotonic_s() - arrived_s) * 1000, 3), source=raw.source,
             ts_in=_event_ms(event, raw), ts_out=self._clock.now_ms(), meta=event.meta,

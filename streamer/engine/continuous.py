@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from streamer.batching.batcher import BatcherClosed, QueueFull
+from streamer.engine.backend import KVStats
 from streamer.engine.engine import Engine, Finished, TokenRequest, admit
-from streamer.engine.pool import Generated
-from streamer.engine.worker import GenResult, LLMWorker, Request, Result, ScoreRequest, ScoreResult, label_score
+from streamer.engine.requests import Generated, GenResult, Request, Result, ScoreRequest, ScoreResult, label_score
+from streamer.engine.worker import LLMWorker
 from streamer.lifecycle import AsyncLifecycle
 
 if TYPE_CHECKING:
@@ -89,6 +90,16 @@ class ContinuousPool(AsyncLifecycle):
     def kv_usage(self) -> tuple[int, int, int]:
         """(blocks used, blocks in all, prompt tokens reused from the prefix cache so far), for metrics."""
         return self.engine.kv_usage()
+
+    def kv_stats(self) -> KVStats:
+        return KVStats(*self.kv_usage())
+
+    @property
+    def model_name(self) -> str:
+        return self.worker.name
+
+    def count_tokens(self, text: str) -> int:
+        return self.worker.text_tokens(text)
 
     async def wait_for_room(self) -> None:
         while self.free_slots() <= 0:

@@ -13,19 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from streamer.batching.batcher import BatchRules, MicroBatcher
-from streamer.engine.worker import GenRequest, GenResult, LLMWorker, ScoreRequest, ScoreResult
+from streamer.engine.backend import KVStats
+from streamer.engine.requests import Generated, GenRequest, ScoreRequest
+from streamer.engine.worker import LLMWorker
 from streamer.lifecycle import AsyncLifecycle
-
-
-@dataclass(frozen=True)
-class Generated:
-    """A worker result (generated text or label scores, as the request asked) plus where its time went."""
-
-    result: GenResult | ScoreResult
-    queued_ms: float
-    model_ms: float
-    batch_size: int
-    first_token_ms: float | None = None  # from submit to the first generated token (continuous engine only)
 
 
 @dataclass(frozen=True)
@@ -63,6 +54,16 @@ class StaticPool(AsyncLifecycle):
         """Whether it serves (readiness): from start to aclose. Nothing fails it in between: a batch
         that raises fails only its own callers, and the micro-batcher goes on with the next."""
         return self._serving
+
+    @property
+    def model_name(self) -> str:
+        return self.worker.name
+
+    def count_tokens(self, text: str) -> int:
+        return self.worker.text_tokens(text)
+
+    def kv_stats(self) -> KVStats | None:
+        return None  # generate() keeps no cache between batches
 
     @property
     def depth(self) -> int:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from streamer.engine.requests import GenRequest, GenResult, Request, Result, ScoreRequest, ScoreResult, label_score
 from streamer.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -27,77 +27,6 @@ WARM_UP_MESSAGES = ({"role": "user", "content": "Hi"},)
 
 Req = TypeVar("Req")
 Res = TypeVar("Res")
-
-
-@dataclass(frozen=True)
-class GenRequest:
-    """One chat completion; the worker applies the chat template."""
-
-    messages: tuple[dict[str, str], ...]
-    max_new_tokens: int
-    temperature: float = 0.0  # 0 = greedy
-    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-
-
-@dataclass(frozen=True)
-class GenResult:
-    """The answer to one request.
-
-    tokens_out counts the generated tokens kept in `text`: at most the request's max_new_tokens,
-    ending before the first EOS; neither EOS nor padding is counted.
-    """
-
-    text: str
-    tokens_in: int
-    tokens_out: int
-    error: str | None = None  # set when this request failed even alone
-
-
-@dataclass(frozen=True)
-class ScoreRequest:
-    """Pick one of `labels` as the assistant's answer to a chat, by the model's log-likelihood."""
-
-    messages: tuple[dict[str, str], ...]
-    labels: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        if not self.labels or any(not label.strip() for label in self.labels):
-            raise ValueError(f"labels must be non-empty strings, got {self.labels!r}")
-        if len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"labels must be distinct, got {self.labels!r}")
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    """The best label and every label's score: log P(the answer is exactly that label), see `label_score`.
-
-    tokens_in counts the templated prompt once, like GenResult, though it is run once per label.
-    """
-
-    label: str
-    scores: dict[str, float]
-    tokens_in: int
-    error: str | None = None  # set when this request failed even alone
-
-
-Request = GenRequest | ScoreRequest
-Result = GenResult | ScoreResult
-
-
-def label_score(logprobs: Sequence[float]) -> float:
-    """Total log-prob of the label's tokens plus the end of the answer right after them.
-
-    The end term makes this the probability of answering exactly the label, so a label is not
-    rewarded for being the prefix of a longer answer. On the review set it beat the mean (which
-    inflates a label like "Neut|ral" whose later tokens are near-certain) and the first token.
-    """
-    return sum(logprobs)
 
 
 class _RowLimits(StoppingCriteria):

@@ -34,8 +34,8 @@ from typing import Any
 from streamer.clock import Clock, SystemClock
 from streamer.config import Route
 from streamer.contracts import TextStats, WindowBounds, WindowResult
-from streamer.engine.build import Pool
-from streamer.engine.worker import GenRequest
+from streamer.engine.backend import Backend
+from streamer.engine.requests import GenRequest
 from streamer.kafka.offsets import TP, OffsetTracker, Ref
 from streamer.outcomes import Sealer
 from streamer.state.redis import RedisState
@@ -60,7 +60,7 @@ def window_id(route: str, key: str | None, kind: str, start_ms: int, end_ms: int
 
 
 class WindowStage:
-    def __init__(self, route: Route, pool: Pool, writer: Writer, tracker: OffsetTracker,
+    def __init__(self, route: Route, pool: Backend, writer: Writer, tracker: OffsetTracker,
                  state: RedisState, sealer: Sealer, on_mixed: Callable[[str], None] = lambda route: None,
                  clock: Clock | None = None) -> None:
         """`on_mixed(route)` hears of every final window holding events of several partitions (metrics)."""
@@ -291,7 +291,7 @@ class WindowStage:
             late=self.late,
             summary=summary, labels=dict(content.labels) if self.route.task == "classify" else None,
             stats=_stats(content) if self.window.task == "stats" else None,
-            model=self._pool.worker.name if summary is not None else None,
+            model=self._pool.model_name if summary is not None else None,
             final=final, emitted_at=self._clock.now_ms(),
         )
 

@@ -9,7 +9,8 @@ from pathlib import Path  # noqa: E402
 
 from streamer.config import Route  # noqa: E402
 from streamer.contracts import InputEvent  # noqa: E402
-from streamer.engine.worker import LLMWorker, ScoreRequest, ScoreResult  # noqa: E402
+from streamer.engine.requests import ScoreRequest, ScoreResult  # noqa: E402
+from streamer.engine.worker import LLMWorker  # noqa: E402
 from streamer.tasks.prompts import build_messages  # noqa: E402
 
 LABELS = ("positive", "negative", "neutral")

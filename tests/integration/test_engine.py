@@ -10,7 +10,8 @@ import pytest
 from streamer.config import BatchingSettings, EngineSettings
 from streamer.engine.build import build_pool
 from streamer.engine.continuous import ContinuousPool
-from streamer.engine.worker import GenRequest, LLMWorker
+from streamer.engine.requests import GenRequest
+from streamer.engine.worker import LLMWorker
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from streamer.engine.worker import GenRequest, LLMWorker  # noqa: E402
+from streamer.engine.requests import GenRequest  # noqa: E402
+from streamer.engine.worker import LLMWorker  # noqa: E402
 from streamer.models.cache import MARKER  # noqa: E402
 from streamer.models.default import DEFAULT_MODEL_NAME  # noqa: E402
 from streamer.models.loader import LoadedModel, load_model  # noqa: E402

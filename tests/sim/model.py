@@ -10,8 +10,7 @@ import asyncio
 import hashlib
 from dataclasses import dataclass
 
-from streamer.engine.pool import Generated
-from streamer.engine.worker import GenRequest, GenResult, Request, ScoreRequest, ScoreResult
+from streamer.engine.requests import Generated, GenRequest, GenResult, Request, ScoreRequest, ScoreResult
 
 MODEL_NAME = "sim-model"
 
@@ -20,13 +19,6 @@ def label_of(text: str, labels: tuple[str, ...]) -> str:
     """The label the stand-in gives a text: the same every time."""
     digest = hashlib.blake2b(text.encode(), digest_size=2).digest()
     return labels[int.from_bytes(digest, "big") % len(labels)]
-
-
-class _Worker:
-    name = MODEL_NAME
-
-    def text_tokens(self, text: str) -> int:
-        return len(text) // 4 + 1
 
 
 @dataclass(eq=False)
@@ -39,12 +31,19 @@ class SimPool:
     """What the pipeline needs of a model pool: bounded submission, futures, room to wait for."""
 
     def __init__(self, max_queue: int) -> None:
-        self.worker = _Worker()
         self.max_queue = max_queue
         self.pending: list[_Pending] = []
         self.inflight_tokens = 0
         self.calls = 0
         self._room: asyncio.Event | None = None
+
+    model_name = MODEL_NAME
+
+    def count_tokens(self, text: str) -> int:
+        return len(text) // 4 + 1
+
+    def kv_stats(self) -> None:
+        return None
 
     @property
     def depth(self) -> int:

@@ -21,9 +21,9 @@ from streamer.engine.build import build_pool, worker_count
 from streamer.engine.continuous import ContinuousPool
 from streamer.engine.engine import Engine, EngineConfig, TokenRequest
 from streamer.engine.paged import Shape
-from streamer.engine.pool import Generated
 from streamer.engine.processes import ProcessEngines, child_specs
-from streamer.engine.worker import GenRequest, GenResult, LLMWorker
+from streamer.engine.requests import Generated, GenRequest, GenResult
+from streamer.engine.worker import LLMWorker
 from streamer.models.loader import load_model
 from streamer.runtime import load_worker
 from tests.tiny import save_tiny_llama

@@ -11,7 +11,8 @@ from streamer.engine.build import build_pool
 from streamer.engine.continuous import ContinuousPool
 from streamer.engine.engine import Engine, Finished, TokenRequest
 from streamer.engine.pool import StaticPool
-from streamer.engine.worker import GenRequest, LLMWorker
+from streamer.engine.requests import GenRequest
+from streamer.engine.worker import LLMWorker
 from streamer.models.loader import load_model
 from tests.tiny import save_tiny_llama
 

@@ -20,7 +20,8 @@ import torch
 
 from streamer.batching.batcher import BatchRules
 from streamer.engine.pool import StaticPool
-from streamer.engine.worker import GenRequest, GenResult, LLMWorker, ScoreRequest, ScoreResult, label_score
+from streamer.engine.requests import GenRequest, GenResult, ScoreRequest, ScoreResult, label_score
+from streamer.engine.worker import LLMWorker
 from streamer.models.loader import LoadedModel, load_model
 from tests.tiny import tiny_tokenizer
 from tests.unit.test_worker_tiny import MARKER

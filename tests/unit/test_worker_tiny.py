@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from streamer.engine.worker import GenRequest, GenResult, LLMWorker, trim_generated
+from streamer.engine.requests import GenRequest, GenResult
+from streamer.engine.worker import LLMWorker, trim_generated
 from streamer.models import cache, default
 from streamer.models.errors import ModelLoadError, ModelNotFoundError
 from streamer.models.loader import LoadedModel, load_model
