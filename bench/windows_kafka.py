@@ -189,7 +189,7 @@ async def _timed_run(pipeline: Pipeline, topic: str, last_offset: int,
                 now = time.perf_counter()
                 if "last" not in marks and part.last_tracked >= last_offset:
                     marks["last"] = now
-                if part.committed is not None and part.committed >= last_offset:
+                if part.committed is not None and part.committed.offset >= last_offset:
                     marks["committed"], marks["cpu_committed"] = now, time.process_time()
                     break
             await asyncio.sleep(0.002)
@@ -230,7 +230,7 @@ def run_streamer(bootstrap: str, redis_url: str, worker, data: Input, max_queue:
     results = [orjson.loads(r.value) for r in consume_all(bootstrap, f"win-{tag}", pipeline.windows_written, 60)]
     committed = committed_offsets(bootstrap, f"bench-{tag}", data.topic).get(0, 0)
     return StreamerFigures(consumed_s, e2e_s, cpu_s, len(results), sum(r["count"] for r in results),
-                           sum(stage.late.values()), committed)
+                           stage.late, committed)
 
 
 def _report_cprofile(profiler: cProfile.Profile, out: Path | None) -> None:
@@ -350,7 +350,7 @@ def main() -> None:
         del worker
         theirs = None if args.skip_faust else run_faust(bootstrap, data, args.faust_timeout)
 
-    engine = run_engine(CASES[0], data.engine_events, poll=500)
+    engine = run_engine(CASES[0], data.engine_events, poll=500, keep_events=False)  # per key: a partition's engine
     n, m = data.events, len(data.values)
     print()
     print(f"{'':<52} {'seconds':>8} {'events/s':>10} {'cpu busy':>9}")
