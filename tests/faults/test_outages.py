@@ -10,6 +10,7 @@ redis-server.
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 import urllib.request
 
@@ -40,6 +41,18 @@ def events_in(port: int) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+def started(service: Service, bootstrap: str, first: int) -> tuple[Stream, subprocess.Popen[bytes]]:
+    """A fresh stream's first `first` events on a 3-partition input, the service started on them and its
+    first windows written: the moment each outage begins."""
+    stream = Stream()
+    service.http_port = free_port()
+    create_topic(bootstrap, service.input, partitions=3)
+    produce(bootstrap, service.input, stream, 0, first, rate_per_s=None)
+    process = service.start()
+    service.wait(lambda: service.counters().get("windows", 0) >= 8, 120, "the first windows")
+    return stream, process
+
+
 @pytest.mark.parametrize("shape", ["count", "reviews"])
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_redis_stopped_for_20_s_pauses_consumption_then_catches_up(kafka_bootstrap, tmp_path, guarantee, shape):
@@ -52,12 +65,7 @@ def test_redis_stopped_for_20_s_pauses_consumption_then_catches_up(kafka_bootstr
     try:
         # A small bound, so the window results and dead letters of the outage reach it within seconds.
         service = Service(tmp_path, kafka_bootstrap, own_redis.url, guarantee, max_queue=32, shape=shape)
-        stream = Stream()
-        service.http_port = free_port()
-        create_topic(kafka_bootstrap, service.input, partitions=3)
-        produce(kafka_bootstrap, service.input, stream, 0, 600, rate_per_s=None)
-        process = service.start()
-        service.wait(lambda: service.counters().get("windows", 0) >= 8, 120, "the first windows")
+        stream, process = started(service, kafka_bootstrap, 600)
         own_redis.stop()
         with producing(kafka_bootstrap, service.input, stream, 600, rate_per_s=(stream.events - 600) / OUTAGE_S):
             time.sleep(OUTAGE_S - 6)
@@ -96,12 +104,7 @@ def test_kafka_broker_stopped_for_20_s_then_restarted(redis_url, tmp_path, guara
         # The transaction outlasts the outage: records and the commit wait for the broker.
         service = Service(tmp_path, bootstrap, redis_url, guarantee, transaction_timeout_ms=60_000,
                           session_timeout_ms=session_timeout_ms, shape=shape)
-        stream = Stream()
-        service.http_port = free_port()
-        create_topic(bootstrap, service.input, partitions=3)
-        produce(bootstrap, service.input, stream, 0, 1200, rate_per_s=None)
-        process = service.start()
-        service.wait(lambda: service.counters().get("windows", 0) >= 8, 120, "the first windows")
+        stream, process = started(service, bootstrap, 1200)
         broker.stop()
         time.sleep(OUTAGE_S)
         assert process.poll() is None, "the service died with the broker"
@@ -131,12 +134,7 @@ def test_exactly_once_redis_away_longer_than_max_poll_interval_ends_in_recovery(
     try:
         service = Service(tmp_path, kafka_bootstrap, own_redis.url, "exactly_once", max_queue=32, shape="reviews",
                           max_poll_interval_ms=MAX_POLL_S * 1000)
-        stream = Stream()
-        service.http_port = free_port()
-        create_topic(kafka_bootstrap, service.input, partitions=3)
-        produce(kafka_bootstrap, service.input, stream, 0, 600, rate_per_s=None)
-        process = service.start()
-        service.wait(lambda: service.counters().get("windows", 0) >= 8, 120, "the first windows")
+        stream, process = started(service, kafka_bootstrap, 600)
         own_redis.stop()
         outage_s = MAX_POLL_S + 10
         with producing(kafka_bootstrap, service.input, stream, 600, rate_per_s=(stream.events - 600) / outage_s):

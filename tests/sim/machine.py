@@ -131,6 +131,18 @@ class Instance:
             idle = [tp for tp in waiting if stage.watermarks.assigned(tp) and stage.watermarks.idle(tp, now_ms)]
             assert not idle, f"partitions {idle} are idle though their input waits in Kafka"
 
+    def healthy_step(self, then_s: float) -> None:
+        """Poll, answer every request, write every outcome (acknowledged or committed), then let `then_s` pass."""
+        self.turn(500)
+        while self.pool.pending:
+            self.pool.finish(0, ok=True)
+        self.loop.settle()
+        if isinstance(self.sink, SimSink):
+            self.sink.deliver(10**9)
+        else:
+            self.sink.end()
+        self.loop.advance(then_s)
+
     def crash(self) -> None:
         for task in asyncio.all_tasks(self.loop):
             task.cancel()
@@ -241,15 +253,7 @@ class Simulation(RuleBasedStateMachine):
         a commit interval pass and poll again (so faults meet a pipeline that moves)."""
         assert self.instance is not None
         for _ in range(2):
-            self.instance.turn(500)
-            while self.instance.pool.pending:
-                self.instance.pool.finish(0, ok=True)
-            self.loop.settle()
-            if isinstance(self.instance.sink, SimSink):
-                self.instance.sink.deliver(10**9)
-            else:
-                self.instance.sink.end()
-            self.loop.advance(0.15)
+            self.instance.healthy_step(0.15)
 
     @precondition(lambda self: self.instance is not None and self.instance.pool.pending)
     @rule(index=st.integers(0, 20), ok=st.sampled_from([True, True, True, False]))
@@ -393,15 +397,7 @@ class Simulation(RuleBasedStateMachine):
     def _heal_step(self) -> None:
         assert self.instance is not None and self.instance.source is not None
         self.instance.source.rebalance("assign", self.cluster.tps())  # every partition back (a no-op once owned)
-        self.instance.turn(500)
-        while self.instance.pool.pending:
-            self.instance.pool.finish(0, ok=True)
-        self.loop.settle()
-        if isinstance(self.instance.sink, SimSink):
-            self.instance.sink.deliver(10**9)
-        else:
-            self.instance.sink.end()
-        self.loop.advance(0.05)
+        self.instance.healthy_step(0.05)
 
     def _consumed(self) -> bool:
         """Every message handed out and every model request answered."""
