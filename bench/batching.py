@@ -21,10 +21,10 @@ import orjson
 import torch
 
 from bench.services import kafka_broker, redis_server
-from streamer.app import Pipeline, connect
 from streamer.config import Settings
 from streamer.engine.worker import LLMWorker
 from streamer.kafka.tools import produce_lines, read_topic
+from streamer.pipeline.app import Pipeline, connect
 from streamer.runtime import load_worker
 
 SUBJECTS = ["France", "Japan", "Brazil", "Kenya", "Canada", "India", "Norway", "Egypt"]

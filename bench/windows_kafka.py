@@ -55,8 +55,8 @@ from confluent_kafka import KafkaError, Message, Producer
 from bench.services import kafka_broker, redis_server
 from bench.windows import CASES, make_events
 from bench.windows import run as run_engine
-from streamer.app import Pipeline, connect
 from streamer.config import ModelSettings, Settings
+from streamer.pipeline.app import Pipeline, connect
 from streamer.runtime import load_worker
 from tests.integration.services import committed_offsets, consume_all, create_topic, end_offsets
 

@@ -24,8 +24,8 @@ from streamer.errors import ConfigError, StreamerError
 
 if TYPE_CHECKING:
     from streamer.api import LLMPool as APIPool
-    from streamer.app import Pipeline
     from streamer.engine.worker import LLMWorker
+    from streamer.pipeline.app import Pipeline
     from streamer.runtime import Endpoints
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Real-time LLM inference over Kafka.")
@@ -62,8 +62,8 @@ def _logging(level: str) -> None:
 @app.command()
 def run(config: ConfigOption = None, log_level: str = "info") -> None:
     """Run the service until SIGTERM/SIGINT, then drain in-flight work, commit and exit."""
-    from streamer.app import connect
     from streamer.observe.logs import new_run_id, setup_logging
+    from streamer.pipeline.app import connect
     from streamer.runtime import endpoints, load_worker
 
     try:

@@ -20,7 +20,6 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from streamer.app import Pipeline, connect
 from streamer.config import Route, Settings, WindowSettings
 from streamer.engine.worker import LLMWorker
 from streamer.errors import StreamerError
@@ -28,6 +27,7 @@ from streamer.kafka.client_config import base_config
 from streamer.kafka.tools import produce_lines, read_topic
 from streamer.observe import http
 from streamer.observe.dashboard.routes import add_dashboard
+from streamer.pipeline.app import Pipeline, connect
 from streamer.runtime import Endpoints, endpoints, load_worker
 
 

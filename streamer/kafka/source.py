@@ -20,11 +20,11 @@ from typing import Any, Protocol
 import orjson
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from streamer.decode import RawMessage
 from streamer.errors import StreamerError
 from streamer.kafka.offsets import TP, Position
 from streamer.kafka.positions import Restores, lag_of, mark_of, topic_partitions
 from streamer.kafka.reachability import STATS_INTERVAL_MS, unreachable
+from streamer.pipeline.parse import RawMessage
 
 log = logging.getLogger(__name__)
 

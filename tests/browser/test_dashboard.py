@@ -15,11 +15,11 @@ import redis
 from playwright.async_api import Page, async_playwright, expect
 from pydantic import SecretStr
 
-from streamer.app import connect
 from streamer.config import RedisSettings, Settings
 from streamer.contracts import Answer, DeadLetter, ErrorCode, Source, WindowBounds, WindowResult
 from streamer.observe.dashboard import run_dashboard
 from streamer.observe.dashboard.routes import CLIENT_NAME
+from streamer.pipeline.app import connect
 from streamer.state.redis import RedisState, Written
 from streamer.state.server import free_port
 from tests.integration.services import create_topic, produce_lines, unique_name

@@ -14,8 +14,8 @@ import orjson
 import pytest
 from confluent_kafka import KafkaException
 
-from streamer.app import connect
 from streamer.config import Settings
+from streamer.pipeline.app import connect
 from tests.integration.services import committed_offsets, consume_all, end_offsets, produce_lines, unique_name
 
 pytestmark = pytest.mark.integration

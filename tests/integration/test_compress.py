@@ -13,10 +13,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from streamer.app import connect
 from streamer.compress.manifest import Manifest
 from streamer.compress.report import cells
 from streamer.config import ModelSettings
+from streamer.pipeline.app import connect
 from streamer.runtime import load_worker
 from tests.integration.services import consume_all, produce_lines, unique_name
 from tests.integration.test_pipeline import question, run_until_written, settings_for

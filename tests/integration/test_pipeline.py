@@ -10,8 +10,8 @@ import orjson
 import pytest
 import redis
 
-from streamer.app import Pipeline, connect
 from streamer.config import Settings
+from streamer.pipeline.app import Pipeline, connect
 from tests.integration.services import committed_offsets, consume_all, end_offsets, produce_lines, unique_name
 
 pytestmark = pytest.mark.integration

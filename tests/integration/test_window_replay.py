@@ -22,8 +22,8 @@ import pytest
 import yaml
 from confluent_kafka import KafkaException
 
-from streamer.app import connect
 from streamer.config import Settings, WindowSettings
+from streamer.pipeline.app import connect
 from tests.integration.services import committed_offsets, consume_all, create_topic, produce_lines, unique_name
 from tests.sim.oracle import Event, expect
 

@@ -11,8 +11,8 @@ import pytest
 import redis
 import yaml
 
-from streamer.app import Pipeline, connect
 from streamer.config import Settings
+from streamer.pipeline.app import Pipeline, connect
 from tests.integration.services import (
     consume_all,
     counters,

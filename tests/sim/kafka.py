@@ -22,12 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from streamer.contracts import ErrorCode
-from streamer.decode import RawMessage
 from streamer.kafka.offsets import TP, Position
 from streamer.kafka.positions import UNKNOWN, lag_of
 from streamer.kafka.sink import DeliveryError
 from streamer.kafka.source import Listener
 from streamer.kafka.transactions import Ending, Record, Transacted
+from streamer.pipeline.parse import RawMessage
 
 
 @dataclass(frozen=True)

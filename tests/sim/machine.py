@@ -26,9 +26,9 @@ import orjson
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from streamer.app import Edges, Pipeline
 from streamer.config import Settings
 from streamer.observe.metrics import Metrics
+from streamer.pipeline.app import Edges, Pipeline
 from streamer.state.redis import StateUnavailable
 from tests.sim.kafka import Cluster, SimProducer, SimSink, SimSource, Stored
 from tests.sim.loop import Stalled, VirtualLoop

@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from streamer.config import WindowSettings
-from streamer.windows.stage import window_id
+from streamer.pipeline.window_stage import window_id
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ import orjson
 
 from streamer.config import Settings
 from streamer.contracts import Answer, DeadLetter, ErrorCode
-from streamer.decode import RawMessage
-from streamer.events import EventHandler
 from streamer.kafka.offsets import OffsetTracker
 from streamer.observe.metrics import Metrics
 from streamer.outcomes import Outcome, Sealer
-from streamer.windows.stage import WindowStage
+from streamer.pipeline.events import EventHandler
+from streamer.pipeline.parse import RawMessage
+from streamer.pipeline.window_stage import WindowStage
 from tests.sim.model import SimPool
 
 TP = ("in", 0)
@@ -127,7 +127,7 @@ def test_a_cancelled_model_request_still_ends_in_one_dead_letter_and_resolves_it
 
 def test_a_producer_cannot_jump_the_queue_with_its_own_deadline_unless_the_route_trusts_it():
     """Review finding 24: `params.deadline_ms: 1` put any producer's event first in admission order."""
-    from streamer.events import _deadline_ms
+    from streamer.pipeline.events import _deadline_ms
 
     untrusted = Settings(routes=[{"name": "r", "input": "in", "output": "o", "slo_ms": 2_000}]).routes[0]
     trusted = Settings(routes=[{"name": "r", "input": "in", "output": "o", "slo_ms": 2_000,

@@ -19,12 +19,12 @@ from hypothesis import strategies as st
 
 from streamer.config import Settings
 from streamer.contracts import Answer, DeadLetter, ErrorCode
-from streamer.decode import RawMessage
-from streamer.events import EventHandler
 from streamer.kafka.offsets import OffsetTracker
 from streamer.observe.metrics import Metrics
 from streamer.outcomes import RECORD_OVERHEAD_BYTES, Outcome, Sealer
-from streamer.windows.stage import WindowStage
+from streamer.pipeline.events import EventHandler
+from streamer.pipeline.parse import RawMessage
+from streamer.pipeline.window_stage import WindowStage
 from tests.sim.model import SimPool
 
 LIMIT = 16_384  # a small record limit, so the size rules bite on inputs hypothesis makes quickly

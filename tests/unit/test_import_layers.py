@@ -9,7 +9,7 @@ import sys
 
 
 def test_importing_event_handling_windows_and_the_writers_loads_no_model_library() -> None:
-    probe = ("import sys, streamer.events, streamer.windows.stage, streamer.writer; "
+    probe = ("import sys, streamer.pipeline.events, streamer.pipeline.window_stage, streamer.pipeline.writer; "
              "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"

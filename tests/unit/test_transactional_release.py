@@ -18,7 +18,7 @@ from streamer.kafka import transactions
 from streamer.kafka.offsets import OffsetTracker, Position, Ref
 from streamer.kafka.transactions import Ending, TransactionalProducer
 from streamer.outcomes import Outcome, Sealer
-from streamer.writer import TransactionalWriter, release_plan
+from streamer.pipeline.writer import TransactionalWriter, release_plan
 
 TP_A = ("in", 0)
 TP_B = ("in", 1)

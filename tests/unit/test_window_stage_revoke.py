@@ -12,8 +12,8 @@ from streamer.config import Route
 from streamer.contracts import WindowResult
 from streamer.kafka.offsets import OffsetTracker
 from streamer.outcomes import Outcome, Sealer
+from streamer.pipeline.window_stage import WindowStage
 from streamer.windows.content import WindowItem
-from streamer.windows.stage import WindowStage
 
 TOPIC = "in"
 SIZE_MS = 1000
@@ -173,7 +173,7 @@ async def test_a_partition_taken_over_mid_stream_replays_into_its_own_windows_no
 def test_a_window_of_no_key_and_one_of_the_key_none_have_two_ids() -> None:
     """Review finding 20: the id formatted the key with an f-string, so no key and the key "None" were one
     window, and Redis kept only the first's final result."""
-    from streamer.windows.stage import window_id
+    from streamer.pipeline.window_stage import window_id
 
     assert window_id("r", None, "tumbling", 0, 1000, 0) != window_id("r", "None", "tumbling", 0, 1000, 0)
     assert window_id("r", "", "tumbling", 0, 1000, 0) != window_id("r", None, "tumbling", 0, 1000, 0)

@@ -13,7 +13,7 @@ import pytest
 from streamer.contracts import DeadLetter, ErrorCode, Source, WindowBounds, WindowResult
 from streamer.kafka.offsets import OffsetTracker, Position
 from streamer.outcomes import Outcome, Sealer
-from streamer.writer import CYCLE_BUDGET_S, TransactionalWriter, Writer
+from streamer.pipeline.writer import CYCLE_BUDGET_S, TransactionalWriter, Writer
 from tests.sim.kafka import Cluster, Membership, SimProducer, SimSink
 from tests.sim.loop import VirtualLoop
 from tests.sim.state import SimState

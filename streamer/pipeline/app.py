@@ -26,11 +26,9 @@ from dataclasses import dataclass, field
 
 from streamer.clock import Clock, SystemClock
 from streamer.config import Settings
-from streamer.decode import RawMessage
 from streamer.engine.backend import Backend
 from streamer.engine.build import build_pool
 from streamer.engine.worker import LLMWorker
-from streamer.events import EventHandler
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.client_config import consumer_config, producer_config
 from streamer.kafka.offsets import TP, OffsetTracker
@@ -40,9 +38,11 @@ from streamer.kafka.transactions import CONSUMER_OVERRIDES, TransactionalProduce
 from streamer.observe.liveness import Liveness, Seen
 from streamer.observe.metrics import Metrics, resident_bytes
 from streamer.outcomes import Sealer
+from streamer.pipeline.events import EventHandler
+from streamer.pipeline.parse import RawMessage
+from streamer.pipeline.window_stage import WindowStage
+from streamer.pipeline.writer import CYCLE_BUDGET_S, TransactionalWriter, Writer
 from streamer.state.redis import RedisState
-from streamer.windows.stage import WindowStage
-from streamer.writer import CYCLE_BUDGET_S, TransactionalWriter, Writer
 
 log = logging.getLogger(__name__)
 

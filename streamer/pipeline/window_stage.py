@@ -38,6 +38,7 @@ from streamer.engine.backend import Backend
 from streamer.engine.requests import GenRequest
 from streamer.kafka.offsets import TP, OffsetTracker, Ref
 from streamer.outcomes import Sealer
+from streamer.pipeline.writer import Writer
 from streamer.state.redis import RedisState
 from streamer.state.retry import retrying
 from streamer.tasks.prompts import summarize_messages
@@ -45,7 +46,6 @@ from streamer.windows.assign import WindowSpec
 from streamer.windows.content import Content, ContentAggregator, WindowItem
 from streamer.windows.engine import OpenWindow, WindowEngine, drop_from
 from streamer.windows.watermark import Watermarks
-from streamer.writer import Writer
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from streamer.config import LimitsSettings
 from streamer.contracts import DeadLetter, ErrorCode, InputEvent, Source
-from streamer.decode import RawMessage, decode
+from streamer.pipeline.parse import RawMessage, decode
 
 SOURCE = Source(topic="questions", partition=1, offset=42)
 TASKS = frozenset({"answer", "translate"})

@@ -18,16 +18,16 @@ import logging
 from streamer.clock import Clock, SystemClock
 from streamer.config import Route, Settings
 from streamer.contracts import Answer, DeadLetter, ErrorCode, InputEvent
-from streamer.decode import RawMessage, dead_letter, decode
 from streamer.engine.backend import Backend
 from streamer.engine.requests import Generated, GenRequest, ScoreRequest, ScoreResult
 from streamer.kafka.offsets import OffsetTracker, Ref
 from streamer.observe.metrics import Metrics
 from streamer.outcomes import Sealer
+from streamer.pipeline.parse import RawMessage, dead_letter, decode
+from streamer.pipeline.window_stage import WindowStage
+from streamer.pipeline.writer import Writer
 from streamer.tasks.prompts import build_messages, finish, route_tasks
 from streamer.windows.content import LabelSlot, WindowItem
-from streamer.windows.stage import WindowStage
-from streamer.writer import Writer
 
 log = logging.getLogger(__name__)
 
