@@ -31,7 +31,7 @@ import torch
 from bench.generate import prompts
 from streamer import Completion, LLMPool
 from streamer.config import load_settings
-from streamer.runtime import load_worker
+from streamer.engine.load import load_worker
 from streamer.serve.openai import start_server
 
 SMALL = [{"role": "user", "content": "Say hi."}]
@@ -106,7 +106,7 @@ async def run(args: argparse.Namespace) -> None:
     settings = load_settings(None)
     worker = await asyncio.to_thread(load_worker, settings.model)
     texts = prompts(args.callers)
-    async with LLMPool(worker, settings.batching, settings.engine) as pool:
+    async with LLMPool.resident(worker, settings.batching, settings.engine) as pool:
         await pool.generate(texts[0], max_new_tokens=args.new_tokens)  # warm-up
         alone = await one_by_one(pool, texts, args.new_tokens)
         together = await concurrent(pool, texts, args.new_tokens)

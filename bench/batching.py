@@ -22,10 +22,11 @@ import torch
 
 from bench.services import kafka_broker, redis_server
 from streamer.config import Settings
+from streamer.engine.build import resident
+from streamer.engine.load import load_worker
 from streamer.engine.worker import LLMWorker
 from streamer.kafka.tools import produce_lines, read_topic
 from streamer.pipeline.app import Pipeline, connect
-from streamer.runtime import load_worker
 
 SUBJECTS = ["France", "Japan", "Brazil", "Kenya", "Canada", "India", "Norway", "Egypt"]
 TEMPLATES = [
@@ -91,7 +92,8 @@ def run_mode(
         routes=[{"name": "q", "input": f"questions-{tag}", "output": f"answers-{tag}"}],
     )
     produce_lines({"bootstrap.servers": bootstrap}, f"questions-{tag}", events)
-    elapsed_s = asyncio.run(_until_written(connect(settings, bootstrap, redis_url, worker), len(events)))
+    pipeline = connect(settings, bootstrap, redis_url, resident(worker, settings))
+    elapsed_s = asyncio.run(_until_written(pipeline, len(events)))
     answers = [
         orjson.loads(m.value())
         for m in read_topic(

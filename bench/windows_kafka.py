@@ -56,8 +56,9 @@ from bench.services import kafka_broker, redis_server
 from bench.windows import CASES, make_events
 from bench.windows import run as run_engine
 from streamer.config import ModelSettings, Settings
+from streamer.engine.build import resident
+from streamer.engine.load import load_worker
 from streamer.pipeline.app import Pipeline, connect
-from streamer.runtime import load_worker
 from tests.integration.services import committed_offsets, consume_all, create_topic, end_offsets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,7 +207,7 @@ def run_streamer(bootstrap: str, redis_url: str, worker, data: Input, max_queue:
                  profile: str | None, profile_out: Path | None) -> StreamerFigures:
     tag = uuid.uuid4().hex[:8]
     settings = streamer_settings(bootstrap, data.topic, tag, max_queue)
-    pipeline = connect(settings, bootstrap, redis_url, worker)
+    pipeline = connect(settings, bootstrap, redis_url, resident(worker, settings))
     flush_offset = len(data.values) - 1  # committed >= this: every counted event is done
     coro = _timed_run(pipeline, data.topic, flush_offset, timeout_s=120)
     if profile == "cprofile":

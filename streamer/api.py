@@ -1,10 +1,8 @@
 """The public Python API: `async with LLMPool.from_settings() as llm: await llm.generate("Hi")`.
 
-A thin facade over the engine's pool (`streamer.engine.pool.LLMPool`), which does the micro-batching:
-concurrent `generate`/`classify`/`summarize` calls on one facade share one engine pool, so they are
-batched together exactly like the Kafka pipeline's events. It keeps the engine's name because the
-issue asks for `from streamer import LLMPool` and, for a user, this *is* the pool; inside streamer the
-engine class stays importable as `streamer.engine.pool.LLMPool`.
+A thin facade over one `Backend` (streamer/engine/backend.py): the continuous engine, static
+micro-batches, or a remote OpenAI-compatible server. Concurrent `generate`/`classify`/`summarize` calls on
+one facade share that backend, so they are batched together exactly like the Kafka pipeline's events.
 """
 
 from __future__ import annotations
@@ -12,16 +10,17 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from streamer.config import BatchingSettings, EngineSettings, ModelSettings
-from streamer.engine.build import build_pool
-from streamer.engine.continuous import ContinuousPool
+from streamer.engine.backend import Backend
 from streamer.engine.requests import Generated, GenRequest, GenResult, ScoreRequest, ScoreResult
-from streamer.engine.worker import LLMWorker
 from streamer.errors import StreamerError
 from streamer.lifecycle import AsyncLifecycle
 from streamer.tasks.prompts import Messages, classify_messages, summarize_messages
+
+if TYPE_CHECKING:
+    from streamer.engine.worker import LLMWorker
 
 Prompt = str | Sequence[Mapping[str, str]]
 """A bare prompt (sent as one user message) or chat messages ({"role": ..., "content": ...})."""
@@ -67,35 +66,42 @@ class Classification:
 
 
 class LLMPool(AsyncLifecycle):
-    """One resident model behind the continuous-batching engine (or static micro-batches); `async with pool:`."""
+    """One model behind a backend (continuous engine, static micro-batches or a remote server); `async with pool:`."""
 
-    def __init__(self, worker: LLMWorker, batching: BatchingSettings | None = None,
-                 engine: EngineSettings | None = None, *,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
-        """Wrap an already loaded worker (tests and the server share one); `on_batch(size, model_s)` as the engine's."""
-        self.engine = build_pool(worker, batching or BatchingSettings(), engine or EngineSettings(), on_batch)
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
         self._started = False
+
+    @classmethod
+    def resident(cls, worker: LLMWorker, batching: BatchingSettings | None = None,
+                 engine: EngineSettings | None = None, *,
+                 on_batch: Callable[[int, float], None] | None = None) -> LLMPool:
+        """Over an already loaded worker (tests and the server share one); `on_batch(size, model_s)` as the engine's."""
+        from streamer.engine.build import build_pool  # torch: only for a model in this process
+
+        return cls(build_pool(worker, batching or BatchingSettings(), engine or EngineSettings(), on_batch))
 
     @classmethod
     def from_settings(cls, model: ModelSettings | None = None, batching: BatchingSettings | None = None,
                       engine: EngineSettings | None = None, *,
                       on_batch: Callable[[int, float], None] | None = None) -> LLMPool:
-        """Load and warm the model (blocking: seconds from the local cache; call it before serving)."""
-        from streamer.runtime import load_worker  # heavy (Kafka, Redis helpers): only when loading
+        """Load and warm the model, or connect to the server (blocking: call it before serving)."""
+        from streamer.engine.load import load_backend  # loads torch and the model: only when asked
 
-        return cls(load_worker(model or ModelSettings(), engine), batching, engine, on_batch=on_batch)
+        return cls(load_backend(model or ModelSettings(), batching or BatchingSettings(), engine or EngineSettings(),
+                                on_batch))
 
     @property
     def model(self) -> str:
-        return self.engine.worker.name
+        return self.backend.model_name
 
     async def start(self) -> None:
-        await self.engine.start()
+        await self.backend.start()
         self._started = True
 
     async def aclose(self) -> None:
-        """Finish every queued call, then release the worker thread."""
-        await self.engine.aclose()
+        """Finish every queued call, then release the backend."""
+        await self.backend.aclose()
 
     async def generate(self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                        deadline_ms: float | None = None) -> Completion:
@@ -105,28 +111,16 @@ class LLMPool(AsyncLifecycle):
 
     async def stream(self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                      deadline_ms: float | None = None) -> AsyncIterator[str | Completion]:
-        """`generate`, but the text arrives in pieces as the engine samples tokens, then the Completion.
+        """`generate`, but the text arrives in pieces as the backend produces it, then the Completion.
 
-        The static pool (models the engine cannot drive) yields the whole text in one piece.
+        A backend that cannot stream (static micro-batches) yields the whole text in one piece.
         """
         started_s = time.monotonic()
         request = GenRequest(to_messages(prompt), max_new_tokens=max_new_tokens, temperature=temperature)
         self._check_started()
-        if not isinstance(self.engine, ContinuousPool):
-            done = await self._complete(request, deadline_ms)
-            yield done.text
-            yield done
-            return
-        tokens: list[int] = []
-        sent = ""
-        async for item in self.engine.stream(request, deadline_ms):
-            if isinstance(item, int):
-                tokens.append(item)
-                # Stripped like the final text; a split multi-byte character waits for its other bytes.
-                text = self.engine.worker.decode(tokens)
-                if len(text) > len(sent) and text.startswith(sent) and not text.endswith("\ufffd"):
-                    yield text[len(sent) :]
-                    sent = text
+        async for item in self.backend.stream(request, deadline_ms):
+            if isinstance(item, str):
+                yield item
             else:
                 yield self._completion(request, item, started_s, deadline_ms)
 
@@ -171,7 +165,7 @@ class LLMPool(AsyncLifecycle):
 
     async def _run(self, request: GenRequest | ScoreRequest, deadline_ms: float | None = None) -> Generated:
         self._check_started()
-        done = await self.engine.generate(request, deadline_ms)
+        done = await self.backend.generate(request, deadline_ms)
         if done.result.error is not None:
             raise GenerationError(done.result.error)
         return done

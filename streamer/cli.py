@@ -24,7 +24,7 @@ from streamer.errors import ConfigError, StreamerError
 
 if TYPE_CHECKING:
     from streamer.api import LLMPool as APIPool
-    from streamer.engine.worker import LLMWorker
+    from streamer.engine.backend import BackendInfo
     from streamer.pipeline.app import Pipeline
     from streamer.runtime import Endpoints
 
@@ -62,21 +62,23 @@ def _logging(level: str) -> None:
 @app.command()
 def run(config: ConfigOption = None, log_level: str = "info") -> None:
     """Run the service until SIGTERM/SIGINT, then drain in-flight work, commit and exit."""
+    from streamer.engine.load import load_backend
     from streamer.observe.logs import new_run_id, setup_logging
+    from streamer.observe.metrics import Metrics
     from streamer.pipeline.app import connect
-    from streamer.runtime import endpoints, load_worker
+    from streamer.runtime import endpoints
 
     try:
         settings = _settings(config)
         setup_logging(log_level, json=settings.observe.json_logs, run_id=new_run_id())
         with endpoints(settings) as ends:
             _check_access(settings, ends)
+            metrics = Metrics()
             with console.status("Loading the model..."):
-                worker = load_worker(settings.model, settings.engine)
-            console.print(startup_summary(settings, ends, worker))
-            pipeline = connect(
-                settings, ends.bootstrap, ends.redis_url, worker, create_topics=not ends.embedded_kafka
-            )
+                backend = load_backend(settings.model, settings.batching, settings.engine, metrics.batch_done)
+            console.print(startup_summary(settings, ends, backend.info))
+            pipeline = connect(settings, ends.bootstrap, ends.redis_url, backend,
+                               create_topics=not ends.embedded_kafka, metrics=metrics)
             asyncio.run(_until_signal(pipeline, settings, ends.redis_url))
     except ConfigError as exc:
         raise _fail(exc, 2) from None
@@ -116,8 +118,9 @@ async def _until_signal(pipeline: Pipeline, settings: Settings, redis_url: str) 
             await http.stop(runner)
 
 
-def startup_summary(settings: Settings, ends: Endpoints, worker: LLMWorker) -> Table:
+def startup_summary(settings: Settings, ends: Endpoints, model: BackendInfo) -> Table:
     """One screen saying what this process is about to do, so a wrong setting shows before traffic does."""
+    from streamer.engine.backend import recipes
     from streamer.kafka.client_config import describe_security
 
     table = Table(title="streamer run", show_header=False, box=None, pad_edge=False)
@@ -129,7 +132,7 @@ def startup_summary(settings: Settings, ends: Endpoints, worker: LLMWorker) -> T
     rows = {
         "kafka": f"{kafka}, group {settings.kafka.group_id}, {describe_security(settings.kafka)}",
         "redis": f"{redis}, prefix {settings.redis.prefix}",
-        "model": f"{worker.name} on {worker.device} ({worker.loaded.dtype}), compression: none",
+        "model": f"{model.model} on {model.where}, compression: {recipes(model.manifest)}",
         "batching": f"max_batch {batching.max_batch}, max_wait_ms {batching.max_wait_ms:g}, "
         f"max_queue {batching.max_queue}",
         "guarantee": "exactly once (Kafka transactions, read_committed input, Redis fenced by offset)"
@@ -221,7 +224,7 @@ def serve(
     try:
         settings = _settings(config)
         with console.status("Loading the model..."):
-            pool = APIPool.from_settings(settings.model, settings.batching)
+            pool = APIPool.from_settings(settings.model, settings.batching, settings.engine)
         asyncio.run(_serve_until_signal(pool, host, port, settings.limits, api_key or None))
     except ConfigError as exc:
         raise _fail(exc, 2) from None

@@ -21,14 +21,16 @@ from rich.progress import Progress
 from rich.table import Table
 
 from streamer.config import Route, Settings, WindowSettings
-from streamer.engine.worker import LLMWorker
+from streamer.engine.backend import Backend
+from streamer.engine.load import load_backend
 from streamer.errors import StreamerError
 from streamer.kafka.client_config import base_config
 from streamer.kafka.tools import produce_lines, read_topic
 from streamer.observe import http
 from streamer.observe.dashboard.routes import add_dashboard
+from streamer.observe.metrics import Metrics
 from streamer.pipeline.app import Pipeline, connect
-from streamer.runtime import Endpoints, endpoints, load_worker
+from streamer.runtime import Endpoints, endpoints
 
 
 @dataclass(frozen=True)
@@ -55,19 +57,21 @@ def run_demo(settings: Settings, questions: Path, console: Console, *, stay: boo
         console.print(f"Kafka: [bold]{ends.bootstrap}[/]{' (embedded mock cluster)' * ends.embedded_kafka}  "
                       f"Redis: [bold]{ends.redis_url}[/]{' (embedded redis-server)' * ends.embedded_redis}")
         with console.status("Loading the model (the first run converts it into the local cache)..."):
-            worker = load_worker(settings.model, settings.engine)
+            metrics = Metrics()
+            backend = load_backend(settings.model, settings.batching, settings.engine, metrics.batch_done)
         kafka = base_config(settings.kafka, ends.bootstrap)
         produce_lines(kafka, route.input, lines, key_field="key")
-        console.print(f"Produced {len(lines)} questions to [bold]{route.input}[/]; answering with {worker.name}")
-        elapsed_s = asyncio.run(_answer_all(settings, ends, worker, len(lines), console, stay, timeout_s))
+        console.print(f"Produced {len(lines)} questions to [bold]{route.input}[/]; answering with {backend.model_name}")
+        elapsed_s = asyncio.run(_answer_all(settings, ends, backend, metrics, len(lines), console, stay, timeout_s))
         answers = [orjson.loads(m.value()) for m in read_topic(kafka, route.output or "", idle_timeout_s=5.0)]
         windows = [orjson.loads(m.value()) for m in read_topic(kafka, route.window.output, idle_timeout_s=2.0)]
     return DemoReport(answers, windows, elapsed_s)
 
 
-async def _answer_all(settings: Settings, ends: Endpoints, worker: LLMWorker, expected: int, console: Console,
-                      stay: bool, timeout_s: float) -> float:
-    pipeline = connect(settings, ends.bootstrap, ends.redis_url, worker, create_topics=not ends.embedded_kafka)
+async def _answer_all(settings: Settings, ends: Endpoints, backend: Backend, metrics: Metrics, expected: int,
+                      console: Console, stay: bool, timeout_s: float) -> float:
+    pipeline = connect(settings, ends.bootstrap, ends.redis_url, backend, create_topics=not ends.embedded_kafka,
+                       metrics=metrics)
     stop = asyncio.Event()
     runner = await _serve(pipeline, settings, ends, console)
     started_s = time.monotonic()

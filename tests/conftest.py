@@ -16,8 +16,8 @@ import redis
 from hypothesis import HealthCheck, settings
 
 from streamer.config import ModelSettings
+from streamer.engine.load import load_worker
 from streamer.engine.worker import LLMWorker
-from streamer.runtime import load_worker
 from streamer.state.server import RedisServer
 from tests.integration.services import kafka_service
 

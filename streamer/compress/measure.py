@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from streamer.compress.evalset import EvalSet
 from streamer.compress.manifest import Figures
-from streamer.observe.metrics import resident_bytes  # the figure a serving worker reports, too
+from streamer.models.memory import resident_bytes  # the figure a serving worker reports, too
 
 AGREEMENT_TOKENS = 32
 SPEED_TOKENS_B1 = 64

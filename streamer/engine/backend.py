@@ -6,10 +6,11 @@ no model library."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from streamer.engine.requests import Generated, Request
+from streamer.engine.requests import Generated, GenRequest, Request
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,21 @@ class KVStats:
     used_blocks: int
     total_blocks: int
     reused_tokens: int
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What serves the model, for the start-up summary and the model metrics."""
+
+    model: str
+    where: str  # "cpu (torch.float32)", or a remote server's base URL
+    manifest: Mapping[str, Any] | None = None  # a compressed artifact's manifest (what it is, what it measured)
+    resident_bytes: int = 0  # weights held in this process's memory; 0 for a remote server
+
+
+def recipes(manifest: Mapping[str, Any] | None) -> str:
+    """A compressed artifact's recipes as one name ("int8+prune"), or "none"."""
+    return "+".join(step["recipe"] for step in (manifest or {}).get("steps", [])) or "none"
 
 
 class Backend(Protocol):
@@ -39,6 +55,9 @@ class Backend(Protocol):
         """Requests queued or running."""
         ...
 
+    @property
+    def info(self) -> BackendInfo: ...
+
     def count_tokens(self, text: str) -> int: ...
 
     def free_slots(self) -> int:
@@ -50,6 +69,11 @@ class Backend(Protocol):
     def submit(self, request: Request, deadline_ms: float | None = None) -> asyncio.Future[Generated]: ...
 
     async def generate(self, request: Request, deadline_ms: float | None = None) -> Generated: ...
+
+    def stream(self, request: GenRequest, deadline_ms: float | None = None) -> AsyncIterator[str | Generated]:
+        """The answer's text in pieces as they are generated, then the finished result (a backend that cannot
+        stream yields the whole text once)."""
+        ...
 
     def kv_stats(self) -> KVStats | None:
         """The KV cache's use, or None where the backend keeps none of its own."""

@@ -11,7 +11,8 @@ import torch
 from transformers import PreTrainedModel
 
 from streamer.batching.batcher import BatchRules
-from streamer.config import BatchingSettings, EngineSettings
+from streamer.config import BatchingSettings, EngineSettings, Settings
+from streamer.engine.backend import Backend
 from streamer.engine.continuous import ContinuousPool
 from streamer.engine.engine import Engine, EngineConfig
 from streamer.engine.paged import Shape, supports
@@ -21,8 +22,6 @@ from streamer.errors import StreamerError
 
 log = logging.getLogger(__name__)
 
-Pool = ContinuousPool | StaticPool
-
 _CPU_KV_CAP = 2**30
 
 
@@ -31,7 +30,7 @@ class EngineUnsupported(StreamerError):
 
 
 def build_pool(worker: LLMWorker, batching: BatchingSettings, engine: EngineSettings,
-               on_batch: Callable[[int, float], None] | None = None) -> Pool:
+               on_batch: Callable[[int, float], None] | None = None) -> Backend:
     drivable = supports(worker.model)
     if engine.kind == "continuous" and not drivable:
         raise EngineUnsupported(
@@ -51,6 +50,11 @@ def build_pool(worker: LLMWorker, batching: BatchingSettings, engine: EngineSett
     log.info("engine: continuous batching, %d KV blocks of %d tokens", config.num_blocks, config.block_size)
     return ContinuousPool(Engine(worker.model, config, worker.eos_ids), worker, batching.max_queue,
                           engine.default_deadline_ms, on_batch)
+
+
+def resident(worker: LLMWorker, settings: Settings) -> Backend:
+    """The backend `settings` ask for over an already loaded worker (tests and benchmarks share one)."""
+    return build_pool(worker, settings.batching, settings.engine)
 
 
 def worker_count(engine: EngineSettings, device: torch.device, split: bool) -> int:

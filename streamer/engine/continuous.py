@@ -24,9 +24,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from streamer.batching.batcher import BatcherClosed, QueueFull
-from streamer.engine.backend import KVStats
+from streamer.engine.backend import BackendInfo, KVStats
 from streamer.engine.engine import Engine, Finished, TokenRequest, admit
-from streamer.engine.requests import Generated, GenResult, Request, Result, ScoreRequest, ScoreResult, label_score
+from streamer.engine.requests import (
+    Generated,
+    GenRequest,
+    GenResult,
+    Request,
+    Result,
+    ScoreRequest,
+    ScoreResult,
+    label_score,
+)
 from streamer.engine.worker import LLMWorker
 from streamer.lifecycle import AsyncLifecycle
 
@@ -98,6 +107,10 @@ class ContinuousPool(AsyncLifecycle):
     def model_name(self) -> str:
         return self.worker.name
 
+    @property
+    def info(self) -> BackendInfo:
+        return self.worker.info()
+
     def count_tokens(self, text: str) -> int:
         return self.worker.text_tokens(text)
 
@@ -132,13 +145,20 @@ class ContinuousPool(AsyncLifecycle):
         await self.wait_for_room()
         return await self.submit(request, deadline_ms)
 
-    async def stream(self, request: Request, deadline_ms: float | None = None) -> AsyncIterator[int | Generated]:
-        """Each generated token id as the engine samples it, then the finished result."""
+    async def stream(self, request: GenRequest, deadline_ms: float | None = None) -> AsyncIterator[str | Generated]:
+        """The text in pieces as the engine samples tokens, then the finished result."""
         await self.wait_for_room()
         call = self._submit(request, deadline_ms, stream=True)
         assert call.stream is not None
+        tokens: list[int] = []
+        sent = ""
         while (token := await call.stream.get()) is not None:
-            yield token
+            tokens.append(token)
+            # Stripped like the final text; a split multi-byte character waits for its other bytes.
+            text = self.worker.decode(tokens)
+            if len(text) > len(sent) and text.startswith(sent) and not text.endswith("\ufffd"):
+                yield text[len(sent) :]
+                sent = text
         yield await call.future
 
     def _submit(self, request: Request, deadline_ms: float | None, stream: bool) -> _Call:

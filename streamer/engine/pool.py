@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from streamer.batching.batcher import BatchRules, MicroBatcher
-from streamer.engine.backend import KVStats
-from streamer.engine.requests import Generated, GenRequest, ScoreRequest
+from streamer.engine.backend import BackendInfo, KVStats
+from streamer.engine.requests import Generated, GenRequest, GenResult, ScoreRequest
 from streamer.engine.worker import LLMWorker
 from streamer.lifecycle import AsyncLifecycle
 
@@ -59,6 +59,10 @@ class StaticPool(AsyncLifecycle):
     def model_name(self) -> str:
         return self.worker.name
 
+    @property
+    def info(self) -> BackendInfo:
+        return self.worker.info()
+
     def count_tokens(self, text: str) -> int:
         return self.worker.text_tokens(text)
 
@@ -92,6 +96,13 @@ class StaticPool(AsyncLifecycle):
         while self.free_slots() == 0:
             await self.wait_for_room()
         return await self.submit(request, deadline_ms)
+
+    async def stream(self, request: GenRequest, deadline_ms: float | None = None) -> AsyncIterator[str | Generated]:
+        """`generate` cannot hand out tokens as it goes: the whole text in one piece, then the result."""
+        done = await self.generate(request, deadline_ms)
+        if isinstance(done.result, GenResult) and done.result.error is None:
+            yield done.result.text
+        yield done
 
     async def _run_batch(self, batch: list[_Queued]) -> list[Generated]:
         started_s = time.monotonic()

@@ -18,8 +18,10 @@ from typing import Any, TypeVar
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from streamer.engine.backend import BackendInfo
 from streamer.engine.requests import GenRequest, GenResult, Request, Result, ScoreRequest, ScoreResult, label_score
 from streamer.models.loader import LoadedModel
+from streamer.models.memory import resident_bytes
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,10 @@ class LLMWorker:
             return self.prompt_tokens(request.messages) * len(request.labels)
         messages = request.messages if isinstance(request, GenRequest) else request
         return int(self._encode([messages])["attention_mask"].sum())
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(self.name, f"{self.device} ({self.loaded.dtype})", self.loaded.manifest,
+                           resident_bytes(self.model))
 
     def text_tokens(self, text: str) -> int:
         """Token count of a bare text (window token budgets and statistics)."""

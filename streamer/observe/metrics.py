@@ -11,10 +11,12 @@ import contextlib
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from streamer.engine.backend import recipes
 
 # From a single short answer to a long generation queued behind others.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -181,10 +183,9 @@ class Metrics:
 
     def model_loaded(self, name: str, manifest: Mapping[str, Any] | None) -> None:
         """The served model, and what a compressed artifact's manifest says it is and measured."""
-        steps = manifest["steps"] if manifest else []
         self._model.model.info({
             "name": name,
-            "recipe": "+".join(step["recipe"] for step in steps) or "none",
+            "recipe": recipes(manifest),
             "source": manifest["source"] if manifest else "",
             "source_sha256": manifest["source_sha256"] if manifest else "",
         })
@@ -229,22 +230,6 @@ class Metrics:
         """The text exposition of every series, with device memory sampled just now."""
         self.sample_device_memory()
         return generate_latest(self.registry)
-
-
-class _Tensor(Protocol):
-    def numel(self) -> int: ...
-    def element_size(self) -> int: ...
-
-
-class _Module(Protocol):
-    def parameters(self) -> Iterable[_Tensor]: ...
-    def buffers(self) -> Iterable[_Tensor]: ...
-
-
-def resident_bytes(model: _Module) -> int:
-    """Bytes of a torch module's parameters and buffers: the figure for `Metrics.model_memory`."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _cuda_reserved_bytes() -> dict[str, int]:

@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from streamer.clock import Clock, SystemClock
 from streamer.config import Settings
 from streamer.engine.backend import Backend
-from streamer.engine.build import build_pool
-from streamer.engine.worker import LLMWorker
 from streamer.kafka.admin import ensure_topics
 from streamer.kafka.client_config import consumer_config, producer_config
 from streamer.kafka.offsets import TP, OffsetTracker
@@ -36,7 +34,7 @@ from streamer.kafka.sink import KafkaSink
 from streamer.kafka.source import KafkaSource, Listener, Source
 from streamer.kafka.transactions import CONSUMER_OVERRIDES, TransactionalProducer, producer_overrides
 from streamer.observe.liveness import Liveness, Seen
-from streamer.observe.metrics import Metrics, resident_bytes
+from streamer.observe.metrics import Metrics
 from streamer.outcomes import Sealer
 from streamer.pipeline.events import EventHandler
 from streamer.pipeline.parse import RawMessage
@@ -67,12 +65,14 @@ class Edges:
     clock: Clock = field(default_factory=SystemClock)
 
 
-def connect(settings: Settings, bootstrap: str, redis_url: str, worker: LLMWorker, *, create_topics: bool = True,
+def connect(settings: Settings, bootstrap: str, redis_url: str, backend: Backend, *, create_topics: bool = True,
             metrics: Metrics | None = None) -> Pipeline:
-    """A pipeline on the real edges: Kafka at `bootstrap`, Redis at `redis_url`, `worker`'s model."""
+    """A pipeline on the real edges: Kafka at `bootstrap`, Redis at `redis_url`, the model behind `backend`
+    (whose `on_batch` should be `metrics.batch_done`, see `load_backend`)."""
     metrics = metrics or Metrics()
-    metrics.model_memory(resident_bytes(worker.model))
-    metrics.model_loaded(worker.name, worker.loaded.manifest)
+    info = backend.info
+    metrics.model_memory(info.resident_bytes)
+    metrics.model_loaded(info.model, info.manifest)
     exactly_once = settings.processing.guarantee == "exactly_once"
     sink: KafkaSink | TransactionalProducer
     if exactly_once:
@@ -90,7 +90,7 @@ def connect(settings: Settings, bootstrap: str, redis_url: str, worker: LLMWorke
             await asyncio.to_thread(ensure_topics, settings.kafka, bootstrap, _topics_out(settings))
 
     return Pipeline(settings, Edges(
-        pool=build_pool(worker, settings.batching, settings.engine, on_batch=metrics.batch_done),
+        pool=backend,
         state=RedisState(settings.redis, redis_url, kafka_decides_windows=exactly_once),
         sink=sink,
         open_source=lambda listener: KafkaSource(consumer, inputs, listener),

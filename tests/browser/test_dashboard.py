@@ -17,6 +17,7 @@ from pydantic import SecretStr
 
 from streamer.config import RedisSettings, Settings
 from streamer.contracts import Answer, DeadLetter, ErrorCode, Source, WindowBounds, WindowResult
+from streamer.engine.build import resident
 from streamer.observe.dashboard import run_dashboard
 from streamer.observe.dashboard.routes import CLIENT_NAME
 from streamer.pipeline.app import connect
@@ -210,7 +211,8 @@ def test_dashboard_shows_answers_and_closed_windows_live_in_headless_chromium(
 ):
     tag = unique_name("dash")
     create_topic(kafka_bootstrap, f"in-{tag}", partitions=1)
-    pipeline = connect(pipeline_settings(kafka_bootstrap, redis_url, tag), kafka_bootstrap, redis_url, worker)
+    pipeline = connect(settings := pipeline_settings(kafka_bootstrap, redis_url, tag), kafka_bootstrap, redis_url,
+                       resident(worker, settings))
     events = [orjson.dumps({"id": i, "key": k, "text": text, "ts": T0 + at}) for i, k, text, at in QUESTIONS]
     events.append(b"{not json")  # a dead letter, to show the codes panel
     ARTIFACTS.mkdir(exist_ok=True)

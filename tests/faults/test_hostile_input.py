@@ -15,6 +15,7 @@ import pytest
 from confluent_kafka import KafkaException
 
 from streamer.config import Settings
+from streamer.engine.build import resident
 from streamer.pipeline.app import connect
 from tests.integration.services import committed_offsets, consume_all, end_offsets, produce_lines, unique_name
 
@@ -70,7 +71,7 @@ def test_hostile_messages_are_dead_lettered_precisely_and_odd_valid_ones_answere
     messages = [m for m, _ in HOSTILE] + ODD_BUT_VALID + garbage
     produce_lines(kafka_bootstrap, f"in-{tag}", messages)
 
-    pipeline = connect(settings, kafka_bootstrap, redis_url, worker)
+    pipeline = connect(settings, kafka_bootstrap, redis_url, resident(worker, settings))
 
     def caught_up() -> bool:
         ends = end_offsets(kafka_bootstrap, f"in-{tag}")

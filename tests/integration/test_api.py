@@ -19,7 +19,7 @@ BATCHING = BatchingSettings(max_batch=8, max_wait_ms=50)
 
 async def test_concurrent_generates_are_batched(worker: LLMWorker) -> None:
     sizes: list[int] = []
-    async with LLMPool(worker, BATCHING, on_batch=lambda size, _: sizes.append(size)) as llm:
+    async with LLMPool.resident(worker, BATCHING, on_batch=lambda size, _: sizes.append(size)) as llm:
         prompts = [f"Name a colour, number {i}." for i in range(8)]
         done = await asyncio.gather(*(llm.generate(p, max_new_tokens=8) for p in prompts))
     assert max(sizes) > 1 and max(c.batch_size for c in done) > 1
@@ -29,13 +29,13 @@ async def test_concurrent_generates_are_batched(worker: LLMWorker) -> None:
 
 
 async def test_deadline_is_reported_not_enforced(worker: LLMWorker) -> None:
-    async with LLMPool(worker, BATCHING) as llm:
+    async with LLMPool.resident(worker, BATCHING) as llm:
         c = await llm.generate([{"role": "user", "content": "Hi"}], max_new_tokens=4, deadline_ms=0.001)
     assert c.deadline_missed and c.tokens_out > 0
 
 
 async def test_classify_and_summarize(worker: LLMWorker) -> None:
-    async with LLMPool(worker, BATCHING) as llm:
+    async with LLMPool.resident(worker, BATCHING) as llm:
         verdict, summary = await asyncio.gather(
             llm.classify("I absolutely love this product, it is wonderful and works perfectly!",
                          ["positive", "negative", "neutral"]),
@@ -48,7 +48,7 @@ async def test_classify_and_summarize(worker: LLMWorker) -> None:
 
 @pytest.fixture
 async def base_url(worker: LLMWorker) -> AsyncIterator[str]:
-    async with LLMPool(worker, BATCHING) as llm:
+    async with LLMPool.resident(worker, BATCHING) as llm:
         runner = await start_server(llm, "127.0.0.1", 0)
         try:
             yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
@@ -103,7 +103,7 @@ async def test_openai_client(base_url: str) -> None:
 
 
 async def test_run_server_owns_the_pool_until_stopped(worker: LLMWorker) -> None:
-    llm, stop = LLMPool(worker, BATCHING), asyncio.Event()
+    llm, stop = LLMPool.resident(worker, BATCHING), asyncio.Event()
     server = asyncio.create_task(run_server(llm, "127.0.0.1", 0, stop=stop))
     await asyncio.sleep(0.2)
     assert (await llm.generate("Hi", max_new_tokens=2)).tokens_out > 0  # started by run_server

@@ -16,8 +16,9 @@ import pytest
 from streamer.compress.manifest import Manifest
 from streamer.compress.report import cells
 from streamer.config import ModelSettings
+from streamer.engine.build import resident
+from streamer.engine.load import load_worker
 from streamer.pipeline.app import connect
-from streamer.runtime import load_worker
 from tests.integration.services import consume_all, produce_lines, unique_name
 from tests.integration.test_pipeline import question, run_until_written, settings_for
 from tests.tiny import save_tiny_llama
@@ -71,7 +72,7 @@ def test_a_worker_loads_the_artifact_by_path_and_answers_through_kafka(artifact,
     tag = unique_name("compress")
     settings = settings_for(kafka_bootstrap, redis_url, tag)
     produce_lines(kafka_bootstrap, settings.routes[0].input, [question(i) for i in range(QUESTIONS)])
-    pipeline = connect(settings, kafka_bootstrap, redis_url, worker)
+    pipeline = connect(settings, kafka_bootstrap, redis_url, resident(worker, settings))
     asyncio.run(run_until_written(pipeline, QUESTIONS, timeout_s=300))
 
     letters = consume_all(kafka_bootstrap, settings.kafka.dead_letter_topic, 1, timeout_s=5)

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from streamer.config import Settings
+from streamer.engine.build import resident
 from streamer.pipeline.app import Pipeline, connect
 from tests.integration.services import committed_offsets, consume_all, end_offsets, produce_lines, unique_name
 
@@ -75,7 +76,7 @@ def test_every_valid_event_is_answered_once_and_every_bad_one_is_dead_lettered(
 
     asyncio.run(
         run_until_written(
-            connect(settings, kafka_bootstrap, redis_url, worker), len(messages), timeout_s=600
+            connect(settings, kafka_bootstrap, redis_url, resident(worker, settings)), len(messages), timeout_s=600
         )
     )
 

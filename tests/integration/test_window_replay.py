@@ -23,6 +23,7 @@ import yaml
 from confluent_kafka import KafkaException
 
 from streamer.config import Settings, WindowSettings
+from streamer.engine.build import resident
 from streamer.pipeline.app import connect
 from tests.integration.services import committed_offsets, consume_all, create_topic, produce_lines, unique_name
 from tests.sim.oracle import Event, expect
@@ -98,7 +99,8 @@ def results(bootstrap: str, tag: str) -> tuple[dict[str, int], set[tuple[int, in
 
 def run_in_process(bootstrap: str, redis_url: str, worker, tag: str, topic: str, windows: int,
                    phases: list[tuple[int, int]] | None, events: list[tuple[int, str, int]]) -> None:
-    pipeline = connect(Settings(**settings(bootstrap, redis_url, tag, topic)), bootstrap, redis_url, worker)
+    pipeline = connect(configured := Settings(**settings(bootstrap, redis_url, tag, topic)), bootstrap, redis_url,
+                       resident(worker, configured))
 
     async def run() -> None:
         stop = asyncio.Event()

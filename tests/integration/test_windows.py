@@ -12,6 +12,7 @@ import redis
 import yaml
 
 from streamer.config import Settings
+from streamer.engine.build import resident
 from streamer.pipeline.app import Pipeline, connect
 from tests.integration.services import (
     consume_all,
@@ -69,7 +70,7 @@ def test_tumbling_windows_give_exact_results_and_late_events_are_routed_not_coun
                event("b1", "b", 3000), event("b2", "b", 15_000), event("b3", "b", 26_000)]
     produce_lines(kafka_bootstrap, f"in-{tag}", in_time, partitions=[0, 0, 0, 0, 1, 1, 1])
     late = [event("late", "a", 500)]
-    pipeline = connect(settings, kafka_bootstrap, redis_url, worker)
+    pipeline = connect(settings, kafka_bootstrap, redis_url, resident(worker, settings))
 
     def first_windows_closed() -> bool:
         return pipeline.windows_written >= 4
@@ -172,7 +173,7 @@ def test_a_classify_route_counts_labels_per_window_and_a_summarize_route_summari
     produce_lines(kafka_bootstrap, f"chat-{tag}",
                   [orjson.dumps({"id": f"c{i}", "key": "station", "text": t, "ts": T0 + 1000 * i})
                    for i, t in enumerate(chat)], keys=[b"station"] * len(chat))
-    pipeline = connect(settings, kafka_bootstrap, redis_url, worker)
+    pipeline = connect(settings, kafka_bootstrap, redis_url, resident(worker, settings))
 
     asyncio.run(run_until(pipeline, lambda: pipeline.windows_written == 2 and pipeline.written == 4, 300))
 
@@ -202,7 +203,7 @@ def test_update_mode_emits_provisional_results_and_a_full_window_folds_its_texts
     produce_lines(kafka_bootstrap, f"in-{tag}", [orjson.dumps({"id": f"n{i}", "key": "lift", "text": t,
                                                                "ts": T0 + 1000 * i}) for i, t in enumerate(notes)],
                   keys=[b"lift"] * len(notes))
-    pipeline = connect(settings, kafka_bootstrap, redis_url, worker)
+    pipeline = connect(settings, kafka_bootstrap, redis_url, resident(worker, settings))
 
     asyncio.run(run_until(pipeline, lambda: pipeline.windows_written == 1, 300))
 

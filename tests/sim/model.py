@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from streamer.engine.backend import BackendInfo
 from streamer.engine.requests import Generated, GenRequest, GenResult, Request, ScoreRequest, ScoreResult
 
 MODEL_NAME = "sim-model"
@@ -38,6 +40,7 @@ class SimPool:
         self._room: asyncio.Event | None = None
 
     model_name = MODEL_NAME
+    info = BackendInfo(MODEL_NAME, "the simulation")
 
     def count_tokens(self, text: str) -> int:
         return len(text) // 4 + 1
@@ -74,6 +77,9 @@ class SimPool:
     async def generate(self, request: Request, deadline_ms: float | None = None) -> Generated:
         await self.wait_for_room()
         return await self.submit(request, deadline_ms)
+
+    async def stream(self, request: GenRequest, deadline_ms: float | None = None) -> AsyncIterator[str | Generated]:
+        yield await self.generate(request, deadline_ms)
 
     def finish(self, index: int, *, ok: bool) -> None:
         """Complete (or fail) the request at `index` of those pending."""

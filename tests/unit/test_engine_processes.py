@@ -20,12 +20,12 @@ from streamer.config import BatchingSettings, EngineSettings, ModelSettings
 from streamer.engine.build import build_pool, worker_count
 from streamer.engine.continuous import ContinuousPool
 from streamer.engine.engine import Engine, EngineConfig, TokenRequest
+from streamer.engine.load import load_worker
 from streamer.engine.paged import Shape
 from streamer.engine.processes import ProcessEngines, child_specs
 from streamer.engine.requests import Generated, GenRequest, GenResult
 from streamer.engine.worker import LLMWorker
 from streamer.models.loader import load_model
-from streamer.runtime import load_worker
 from tests.tiny import save_tiny_llama
 
 BATCHING = BatchingSettings()
@@ -129,14 +129,14 @@ async def test_a_killed_worker_process_costs_no_request_and_no_token_twice(
     caplog.set_level(logging.ERROR, logger="streamer.engine.processes")
     async with pool:
         stream = pool.stream(LONG)
-        items: list[int | Generated] = [await anext(stream)]  # the first request goes to the first child
+        items: list[str | Generated] = [await anext(stream)]  # the first request goes to the first child
         others = asyncio.gather(*(pool.generate(r) for r in REQUESTS))
         os.kill(engines.pids[0], signal.SIGKILL)  # type: ignore[arg-type]
         items += [item async for item in stream]
         got = [g.result for g in await others]
     final = items[-1]
     assert isinstance(final, Generated) and final.result == expected[-1]
-    assert len(items) - 1 == LONG.max_new_tokens and worker.decode(items[:-1]) == expected[-1].text  # type: ignore[arg-type]
+    assert "".join(items[:-1]) == expected[-1].text  # type: ignore[arg-type]  # every piece once, in order
     assert got == expected[: len(REQUESTS)]
     assert any(re.search(r"died .* retrying its [1-9]", r.getMessage()) for r in caplog.records)
     assert_gone(engines.pids)
@@ -177,7 +177,7 @@ async def test_a_request_in_flight_on_two_dying_worker_processes_fails_and_one_i
     caplog.set_level(logging.ERROR, logger="streamer.engine.processes")
     async with pool:
         stream = pool.stream(LONG)
-        items: list[int | Generated] = [await anext(stream)]  # it runs on the only worker process
+        items: list[str | Generated] = [await anext(stream)]  # it runs on the only worker process
         first = engines.pids[0]
         os.kill(first, signal.SIGKILL)  # type: ignore[arg-type]
         await until(lambda: not engines.alive)

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamer.observe.metrics import Metrics, resident_bytes
+from streamer.models.memory import resident_bytes
+from streamer.observe.metrics import Metrics
 
 
 def value(metrics: Metrics, series: str, /, **labels: str) -> float | None:
