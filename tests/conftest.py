@@ -19,7 +19,7 @@ from streamer.config import ModelSettings
 from streamer.engine.load import load_worker
 from streamer.engine.worker import LLMWorker
 from streamer.state.server import RedisServer
-from tests.integration.services import kafka_service
+from tests.integration.services import LlamaServer, kafka_service, llama_service
 
 settings.register_profile("streamer", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("streamer")
@@ -58,3 +58,10 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 def worker() -> LLMWorker:
     """The real default model, loaded once for the session (from the local cache after the first run)."""
     return load_worker(ModelSettings())
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+    """llama.cpp's llama-server serving the default model's GGUF: the third-party OpenAI-compatible server."""
+    with llama_service(tmp_path_factory.mktemp("llama")) as server:
+        yield server

@@ -27,6 +27,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from streamer.state.server import free_port
 
 KAFKA_SH = Path(__file__).resolve().parents[2] / "ops" / "kafka" / "kafka.sh"
+LLAMA_SH = Path(__file__).resolve().parents[2] / "ops" / "llama" / "llama.sh"
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,38 @@ def kafka_service(run_dir: Path) -> Iterator[str]:
                 return
     with native_kafka(run_dir) as bootstrap:
         yield bootstrap
+
+
+@dataclass(frozen=True)
+class LlamaServer:
+    """A running `llama-server` (ops/llama/llama.sh): where it answers and how to stop or restart it."""
+
+    base_url: str  # http://127.0.0.1:PORT/v1
+    args: tuple[str, ...]  # --port N --dir D
+
+    def stop(self) -> None:
+        subprocess.run([str(LLAMA_SH), "stop", *self.args], capture_output=True, timeout=60, check=True)
+
+    def start(self, extra: str = "", timeout_s: float = 180.0) -> None:
+        """Start it (again) on the same port; `extra` is added to its flags (LLAMA_ARGS)."""
+        env = {**os.environ, "LLAMA_ARGS": extra} if extra else None
+        started = subprocess.run([str(LLAMA_SH), "start", *self.args], capture_output=True, text=True,
+                                 timeout=timeout_s, env=env)
+        if started.returncode != 0:
+            raise RuntimeError(f"llama.sh start failed ({started.returncode}):\n{started.stderr}")
+
+
+@contextlib.contextmanager
+def llama_service(run_dir: Path, extra: str = "") -> Iterator[LlamaServer]:
+    """llama.cpp's llama-server on a free port serving the default model's GGUF (built on first use, about
+    5 min), stopped after."""
+    port = free_port()
+    server = LlamaServer(f"http://127.0.0.1:{port}/v1", ("--port", str(port), "--dir", str(run_dir)))
+    try:
+        server.start(extra, timeout_s=900)
+        yield server
+    finally:
+        subprocess.run([str(LLAMA_SH), "stop", *server.args], capture_output=True, timeout=60)
 
 
 # --- Kafka helpers ----------------------------------------------------------------------------------
