@@ -24,10 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from streamer.windows.aggregators import CountAggregator, TextStatsAggregator
 from streamer.windows.assign import WindowSpec
 from streamer.windows.engine import Aggregator, WindowEngine
 from streamer.windows.watermark import Watermarks
+from tests.aggregators import CountAggregator, TextStatsAggregator
 
 PARTITION = ("events", 0)
 LATENESS_MS = 5_000

@@ -6,7 +6,7 @@
 Reviews are JSON on `REVIEWS_INPUT_TOPIC`, keyed by their `key` (the table is co-partitioned with the
 topic, so the message key must be the review's key): {"key": "lamp-7", "text": "...", "ts": 1700000000000}
 (`ts` in epoch ms; without it, the Kafka timestamp). Every review is classified as it arrives, by an
-agent whose `REVIEWS_CONCURRENCY` coroutines share the pool's micro-batches, and counted in a tumbling
+agent whose `REVIEWS_CONCURRENCY` coroutines share the pool's batches, and counted in a tumbling
 `REVIEWS_WINDOW_S` window per key. `REVIEWS_GRACE_S` after a window's end Faust closes it; its summary
 is generated then and one WindowSummary per key and window goes to `REVIEWS_OUTPUT_TOPIC`. Model and
 batching come from $STREAMER_CONFIG / STREAMER_* as for `streamer run` (SmolLM2 by default).

@@ -1,4 +1,4 @@
-"""streamer: real-time LLM inference over Kafka, and the same micro-batched model as a Python API.
+"""streamer: real-time LLM inference over Kafka, and the same batched model as a Python API.
 
 `from streamer import LLMPool` imports the model stack (torch, transformers) only on first use, so
 `import streamer` stays light for the CLI and the tools.

@@ -3,23 +3,26 @@
 This 2-core machine is noisy, so property tests judge outcomes, not speed. Point the suite at
 existing services with KAFKA_BOOTSTRAP_SERVERS and REDIS_URL; otherwise it starts its own (see
 tests/integration/services.py) and stops them when the session ends. Fixtures start only when a
-test asks for them, so the unit tests start nothing.
+test asks for them, so the unit tests start nothing; torch and transformers load with the `worker`
+fixture, not at collection, so tests without a model do not pay for importing them.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
 from hypothesis import HealthCheck, settings
 
 from streamer.config import ModelSettings
-from streamer.engine.load import load_worker
-from streamer.engine.worker import LLMWorker
 from streamer.state.server import RedisServer
 from tests.integration.services import LlamaServer, kafka_service, llama_service
+
+if TYPE_CHECKING:
+    from streamer.engine.worker import LLMWorker
 
 settings.register_profile("streamer", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("streamer")
@@ -57,6 +60,8 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 @pytest.fixture(scope="session")
 def worker() -> LLMWorker:
     """The real default model, loaded once for the session (from the local cache after the first run)."""
+    from streamer.engine.load import load_worker  # torch and transformers
+
     return load_worker(ModelSettings())
 
 

@@ -7,9 +7,10 @@ bounded by a latency budget (`max_wait_ms`) so a lone request is not held back f
 The flush decision is pure (`batch_size`, `wait_s`: time passed in, no I/O) so it can be tested
 exhaustively; `MicroBatcher` is the thin asyncio shell that applies it.
 
-Backpressure: the queue is bounded (`max_queue`, queued + running). `put` raises `QueueFull`
-instead of growing memory; the Kafka consumer then pauses its partitions, awaits
-`wait_for_room()`, and resumes. Nothing is dropped: the event that hit `QueueFull` is retried.
+Backpressure: the queue is bounded (`max_queue`, queued + running); `put` raises `QueueFull` past
+it instead of growing memory. Callers stay within it rather than retry: the consume loop polls at
+most `free_slots()` messages and pauses its partitions while there are none, and a backend's
+`generate` awaits `wait_for_room()` before it submits.
 """
 
 import asyncio
@@ -19,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from streamer.errors import StreamerError
+from streamer.engine.backend import BatcherClosed, QueueFull
 
 T = TypeVar("T")
 Req = TypeVar("Req")
@@ -108,14 +109,6 @@ def wait_s(queue: Sequence[Pending[Any]], now_s: float, rules: BatchRules) -> fl
     if not queue:
         return None
     return max(0.0, _deadline_s(queue[0], rules) - now_s)
-
-
-class QueueFull(StreamerError):
-    """No room in the batcher: pause intake and await `MicroBatcher.wait_for_room()`, then retry."""
-
-
-class BatcherClosed(StreamerError):
-    """The batcher is draining or closed and takes no new requests."""
 
 
 @dataclass

@@ -11,6 +11,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from streamer.engine.requests import Generated, GenRequest, Request
+from streamer.errors import StreamerError
+
+
+class QueueFull(StreamerError):
+    """No room: `submit` past `free_slots()`. Await `wait_for_room()`, then submit again."""
+
+
+class BatcherClosed(StreamerError):
+    """The backend is draining or closed and takes no new requests."""
 
 
 @dataclass(frozen=True)

@@ -81,10 +81,6 @@ class BlockAllocator:
         self._refs[block] = 1
         return block
 
-    def share(self, block: int) -> None:
-        """One more owner of a block in use (a forked sequence reading the same prefix)."""
-        self._refs[block] += 1
-
     def free(self, block: int) -> None:
         """Drop one owner; the last owner's release keeps a hashed block cached for reuse."""
         refs = self._refs[block] - 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
@@ -14,15 +13,15 @@ from streamer.batching.batcher import BatchRules
 from streamer.config import BatchingSettings, EngineSettings, Settings
 from streamer.engine.backend import Backend
 from streamer.engine.continuous import ContinuousPool
-from streamer.engine.engine import Engine, EngineConfig
-from streamer.engine.paged import Shape, supports
+from streamer.engine.engine import Engine
+from streamer.engine.paged import supports
 from streamer.engine.pool import StaticPool
+from streamer.engine.processes import ProcessEngines, child_specs
+from streamer.engine.sizing import engine_config
 from streamer.engine.worker import LLMWorker
 from streamer.errors import StreamerError
 
 log = logging.getLogger(__name__)
-
-_CPU_KV_CAP = 2**30
 
 
 class EngineUnsupported(StreamerError):
@@ -40,8 +39,6 @@ def build_pool(worker: LLMWorker, batching: BatchingSettings, engine: EngineSett
         return StaticPool(worker, BatchRules(**batching.model_dump()), on_batch=on_batch)
     workers = worker_count(engine, worker.device, split=_split(worker.model))
     if workers > 1:
-        from streamer.engine.processes import ProcessEngines, child_specs  # it builds its engines with engine_config
-
         engines = ProcessEngines(child_specs(worker, engine, workers))
         log.info("engine: continuous batching in %d worker processes", workers)
         return ContinuousPool(engines, worker, batching.max_queue, engine.default_deadline_ms, on_batch,
@@ -76,38 +73,3 @@ def in_processes(engine: EngineSettings, model: PreTrainedModel, device: torch.d
 
 def _split(model: PreTrainedModel) -> bool:
     return len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1
-
-
-def engine_config(engine: EngineSettings, model: PreTrainedModel, dtype: torch.dtype,
-                  device: torch.device) -> EngineConfig:
-    return EngineConfig(
-        block_size=engine.block_size,
-        num_blocks=kv_cache_blocks(engine, Shape.of(model), dtype, device),
-        max_running=engine.max_running,
-        max_step_tokens=engine.max_step_tokens,
-        target_step_s=None if engine.target_step_ms is None else engine.target_step_ms / 1000,
-    )
-
-
-def kv_cache_blocks(engine: EngineSettings, shape: Shape, dtype: torch.dtype, device: torch.device) -> int:
-    """Blocks that fit the configured size, else most of free GPU memory, else a quarter of free RAM up to 1 GiB."""
-    if engine.kv_cache_gib is not None:
-        budget = engine.kv_cache_gib * 2**30
-    elif device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = 0.9 * free
-    else:
-        budget = min(_available_ram() / 4, _CPU_KV_CAP)
-    return max(1, int(budget // (shape.bytes_per_token(dtype) * engine.block_size)))
-
-
-def _available_ram() -> int:
-    """MemAvailable from /proc/meminfo (Linux), else total physical memory."""
-    meminfo = Path("/proc/meminfo")
-    if meminfo.exists():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -21,11 +21,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from streamer.batching.batcher import BatcherClosed, QueueFull
-from streamer.engine.backend import BackendInfo, KVStats
-from streamer.engine.engine import Engine, Finished, TokenRequest, admit
+from streamer.engine.backend import BackendInfo, BatcherClosed, KVStats, QueueFull
+from streamer.engine.engine import Finished, TokenRequest, admit
 from streamer.engine.requests import (
     Generated,
     GenRequest,
@@ -39,12 +38,41 @@ from streamer.engine.requests import (
 from streamer.engine.worker import LLMWorker
 from streamer.lifecycle import AsyncLifecycle
 
-if TYPE_CHECKING:
-    from streamer.engine.processes import ProcessEngines
-
 log = logging.getLogger(__name__)
 
 _WATCH_S = 1.0  # an idle engine thread still steps this often: engine worker processes are watched for deaths
+
+
+class EngineLike(Protocol):
+    """What the engine thread drives: an `Engine` in this process, or `ProcessEngines` in children."""
+
+    on_token: Callable[[Hashable, int], None] | None  # hears each generated token (streaming)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or running."""
+        ...
+
+    @property
+    def alive(self) -> bool:
+        """Whether it can serve now (readiness)."""
+        ...
+
+    @property
+    def waiting(self) -> int:
+        """Requests not admitted yet."""
+        ...
+
+    @property
+    def last_step_size(self) -> int:
+        """Sequences in the last step."""
+        ...
+
+    def kv_usage(self) -> tuple[int, int, int]: ...
+
+    def add(self, key: Hashable, request: TokenRequest, deadline_s: float) -> Finished | None: ...
+
+    def step(self) -> list[Finished]: ...
 
 
 @dataclass(eq=False)
@@ -59,7 +87,7 @@ class _Call:
 
 
 class ContinuousPool(AsyncLifecycle):
-    def __init__(self, engine: Engine | ProcessEngines, worker: LLMWorker, max_queue: int, default_deadline_ms: float,
+    def __init__(self, engine: EngineLike, worker: LLMWorker, max_queue: int, default_deadline_ms: float,
                  on_batch: Callable[[int, float], None] | None = None,
                  on_close: Callable[[], None] | None = None) -> None:
         """`worker` turns chats into token ids and ids back into text; `on_batch(size, step_s)` hears of
@@ -86,7 +114,7 @@ class ContinuousPool(AsyncLifecycle):
     @property
     def depth(self) -> int:
         """Requests waiting for the engine to admit them."""
-        return self.engine.scheduler.waiting + len(self._inbox)
+        return self.engine.waiting + len(self._inbox)
 
     def free_slots(self) -> int:
         return self.max_queue - len(self._calls)
@@ -94,7 +122,7 @@ class ContinuousPool(AsyncLifecycle):
     @property
     def alive(self) -> bool:
         """Whether the engine can serve: its thread has not failed, and (in worker processes) a child is up."""
-        return self._failure is None and (isinstance(self.engine, Engine) or self.engine.alive)
+        return self._failure is None and self.engine.alive
 
     def kv_usage(self) -> tuple[int, int, int]:
         """(blocks used, blocks in all, prompt tokens reused from the prefix cache so far), for metrics."""

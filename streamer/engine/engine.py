@@ -16,11 +16,12 @@ import logging
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from transformers import PreTrainedModel
 
-from streamer.batching.adaptive import StepSizer
+from streamer.engine.adaptive import StepSizer
 from streamer.engine.blocks import BlockAllocator
 from streamer.engine.paged import PagedKV, PagedRunner, Row, Shape
 from streamer.engine.scheduler import Plan, Scheduler, Sequence
@@ -126,6 +127,16 @@ class Engine:
         return self.scheduler.idle
 
     @property
+    def alive(self) -> bool:
+        """Always: it runs in the caller's thread, so it serves while that thread does."""
+        return True
+
+    @property
+    def waiting(self) -> int:
+        """Requests not admitted yet."""
+        return self.scheduler.waiting
+
+    @property
     def running(self) -> int:
         return len(self.scheduler.running)
 
@@ -210,7 +221,7 @@ class Engine:
                 self._isolate()
         finished: list[Finished] = []
         for seq in done:
-            job, label = seq.payload  # type: ignore[misc]  # (job, label index) on every engine sequence
+            job, label = _payload(seq)
             if not job.request.labels:
                 finished.append(self._finished(job, tokens=seq.generated))
             elif label is None:  # the score prompt is cached: now its label rows
@@ -272,6 +283,10 @@ class Engine:
                         job.steps, error)
 
 
+def _payload(seq: Sequence) -> tuple[_Job, int | None]:
+    """(job, label index): what every engine sequence carries (the scheduler keeps it as an opaque object)."""
+    return cast(tuple[_Job, int | None], seq.payload)
+
+
 def _job(seq: Sequence) -> _Job:
-    job, _ = seq.payload  # type: ignore[misc]  # every engine sequence carries (job, label index)
-    return job
+    return _payload(seq)[0]

@@ -1,4 +1,4 @@
-"""The async front end of the model: concurrent callers are micro-batched onto one resident worker.
+"""The static front end of the model: concurrent callers are micro-batched onto one resident worker.
 
 The event loop never runs the model: each batch crosses into a single worker thread (torch releases
 the GIL while it computes), so Kafka polling and Redis writes go on while a batch generates.

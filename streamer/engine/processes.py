@@ -1,10 +1,10 @@
 """Data parallelism across devices: one engine per device, each in a process of its own.
 
-`ProcessEngines` looks like one `Engine` to `ContinuousPool` (`add`, `step`, `idle`, `on_token`), so
-there is still one async front end that tokenizes, builds results and applies backpressure. Each
-`add` goes to the live child with the fewest outstanding tokens (prompt + answer room of requests
-not finished yet). A child loads the model itself on its device, takes requests between steps and
-sends back, once per step, what finished and which tokens it sampled.
+`ProcessEngines` is an `EngineLike` to `ContinuousPool`, as one `Engine` is (`add`, `step`, `idle`,
+`waiting`, `on_token`), so there is still one async front end that tokenizes, builds results and
+applies backpressure. Each `add` goes to the live child with the fewest outstanding tokens (prompt +
+answer room of requests not finished yet). A child loads the model itself on its device, takes
+requests between steps and sends back, once per step, what finished and which tokens it sampled.
 
 A child that dies (killed, out of memory) does not hang its callers: the death is logged, its
 unfinished requests start over on a live child (tokens already streamed are not streamed twice; a
@@ -25,7 +25,7 @@ import multiprocessing
 import os
 import queue
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from streamer.config import EngineSettings
-from streamer.engine.build import engine_config
 from streamer.engine.engine import Engine, Finished, TokenRequest, admit
+from streamer.engine.sizing import engine_config
 from streamer.engine.worker import LLMWorker
 from streamer.models.loader import load_model
 
@@ -108,7 +108,7 @@ def serve_child(spec: ChildSpec, inbox: Any, outbox: Connection) -> None:
         finished = [f for a in arrived if a is not None and (f := admit(engine.add, a.key, a.request, a.deadline_s))]
         finished += engine.step()
         if finished or tokens:
-            outbox.send(_Report(finished, tokens, engine.scheduler.waiting, engine.last_step_size,
+            outbox.send(_Report(finished, tokens, engine.waiting, engine.last_step_size,
                                 engine.kv_usage()))
             tokens.clear()
 
@@ -163,10 +163,10 @@ class _Pending:
 
 @dataclass(eq=False)
 class ProcessEngines:
-    """Engines in child processes behind the `Engine` interface `ContinuousPool` drives."""
+    """Engines in child processes behind the `EngineLike` interface `ContinuousPool` drives."""
 
     specs: Sequence[ChildSpec]
-    on_token: Any = None  # Callable[[Hashable, int], None] | None, as on Engine
+    on_token: Callable[[Hashable, int], None] | None = None  # hears each streamed token, as on Engine
     last_step_size: int = 0
     restarts: int = field(default=0, init=False)  # children replaced after a death
     _children: list[_Child] = field(default_factory=list, init=False)
@@ -195,11 +195,6 @@ class ProcessEngines:
     @property
     def idle(self) -> bool:
         return not self._pending
-
-    @property
-    def scheduler(self) -> ProcessEngines:
-        """`ContinuousPool.depth` reads `engine.scheduler.waiting`."""
-        return self
 
     @property
     def waiting(self) -> int:

@@ -1,1 +1,1 @@
-"""Glue for calling streamer's micro-batched pool from other stream frameworks (each an optional extra)."""
+"""Glue for calling streamer's batched pool from other stream frameworks (each an optional extra)."""

@@ -1,8 +1,8 @@
-"""streamer's micro-batched pool inside a faust-streaming worker (optional extra: `pip install streamer[faust]`).
+"""streamer's batched pool inside a faust-streaming worker (optional extra: `pip install streamer[faust]`).
 
 One `FaustPool` per Faust app: the model loads when the worker starts (in a thread, so the worker's
 event loop keeps heart-beating) and the pool drains when it stops. Everything in the worker that awaits
-that pool shares its micro-batches:
+that pool shares its batches:
 
 - an agent with `concurrency=N` runs N coroutines over one stream; each awaits `pool.classify(...)`,
   so up to N events are scored in one batch;
@@ -63,7 +63,7 @@ WindowHandler = Callable[["LLMPool", ClosedWindow, Any], Awaitable[None]]
 
 
 async def map_batch(call: Callable[[X], Awaitable[T]], items: Iterable[X]) -> list[T | StreamerError]:
-    """`call` on every item at once, so the calls share micro-batches; results in the items' order.
+    """`call` on every item at once, so the calls share batches; results in the items' order.
 
     Made for `async for batch in stream.take(n, within=s)`. A call that fails on purpose (a
     StreamerError, e.g. GenerationError) is returned in its item's place, so one bad item does not

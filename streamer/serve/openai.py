@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP API over one `streamer.LLMPool`, so OpenAI clients and tools work unchanged.
 
 POST /v1/chat/completions, POST /v1/completions (both with `stream`), GET /v1/models. Every HTTP
-request becomes a call on the shared pool, so concurrent requests are micro-batched together.
+request becomes a call on the shared pool, so concurrent requests are batched together.
 
 Differences from OpenAI, on purpose or for now:
 - Streaming sends text as the continuous-batching engine samples it (a piece per token, held back only

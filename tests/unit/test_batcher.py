@@ -9,15 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamer.batching.batcher import (
-    BatcherClosed,
-    BatchRules,
-    MicroBatcher,
-    Pending,
-    QueueFull,
-    batch_size,
-    wait_s,
-)
+from streamer.batching.batcher import BatchRules, MicroBatcher, Pending, batch_size, wait_s
+from streamer.engine.backend import BatcherClosed, QueueFull
 from streamer.errors import StreamerError
 
 TICK_S = 1 / 64  # dyadic time steps keep float sums exact, so oracle and rules agree at the boundary

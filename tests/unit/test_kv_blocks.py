@@ -22,7 +22,7 @@ def check_invariants(alloc: BlockAllocator, owned: list[int]) -> None:
     assert alloc.available == len(free) + len(cached)
 
 
-ops = st.lists(st.tuples(st.sampled_from(["allocate", "free", "share", "publish", "lookup"]),
+ops = st.lists(st.tuples(st.sampled_from(["allocate", "free", "publish", "lookup"]),
                          st.integers(0, 1000)), max_size=200)
 
 
@@ -41,10 +41,6 @@ def test_random_operations_never_lose_or_double_own_a_block(script: list[tuple[s
             owned.append(block)
         elif op == "free" and owned:
             alloc.free(owned.pop(n % len(owned)))
-        elif op == "share" and owned:
-            block = owned[n % len(owned)]
-            alloc.share(block)
-            owned.append(block)
         elif op == "publish" and owned:
             alloc.publish(owned[n % len(owned)], block_hash=bytes([n % 7]))
         elif op == "lookup":

@@ -1,6 +1,6 @@
 """Adaptive step size: the largest token budget whose predicted step time meets the target."""
 
-from streamer.batching.adaptive import StepSizer
+from streamer.engine.adaptive import StepSizer
 
 
 def test_without_a_target_the_budget_stays_at_the_maximum() -> None:

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamer.windows.aggregators import CountAggregator, TextStatsAggregator
 from streamer.windows.assign import Window, WindowSpec, covering
 from streamer.windows.engine import OpenWindow, WindowEngine, drop_from
 from streamer.windows.model import key_order
+from tests.aggregators import CountAggregator, TextStatsAggregator
 from tests.list_aggregator import ListAggregator
 
 KEYS = ["a", "b", "c", None]  # None: messages without a key, which must still sort

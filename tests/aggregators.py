@@ -1,5 +1,9 @@
-"""Ready-made aggregators: a count, and text-length statistics for emit-final summaries."""
+"""Small aggregators for the window engine's tests and benchmark (`bench/windows.py`): a count, and
+text-length statistics. The service folds windows with `streamer.windows.content.ContentAggregator`."""
 
+from __future__ import annotations
+
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,10 +35,6 @@ class TextStats:
     max_len: int | None = None
     sum_len: int = 0
 
-    @property
-    def mean_len(self) -> float | None:
-        return self.sum_len / self.events if self.events else None
-
 
 class TextStatsAggregator:
     """Counts events and tracks min/max/sum of text length; state is mutated in place."""
@@ -53,12 +53,12 @@ class TextStatsAggregator:
     def merge(self, a: TextStats, b: TextStats) -> TextStats:
         a.events += b.events
         a.sum_len += b.sum_len
-        a.min_len = _pick(min, a.min_len, b.min_len)
-        a.max_len = _pick(max, a.max_len, b.max_len)
+        a.min_len = _either(min, a.min_len, b.min_len)
+        a.max_len = _either(max, a.max_len, b.max_len)
         return a
 
 
-def _pick(choose: "type[min] | type[max]", a: int | None, b: int | None) -> int | None:
+def _either(choose: Callable[[int, int], int], a: int | None, b: int | None) -> int | None:
     """min or max of two optional values, ignoring None."""
     if a is None or b is None:
         return a if b is None else b
