@@ -3,7 +3,8 @@
 The producer is polled from the event loop, so delivery callbacks run on the loop's thread and may
 resolve futures directly. A failed delivery says whether trying again can help: a broker away can
 (retriable), a record the broker or the client refuses for what it is cannot (`refused`, with the
-dead-letter code that replaces it: the writer never produces it for ever).
+dead-letter code that replaces it: the pipeline's Kafka sink, `streamer.pipeline.sinks.kafka`, never
+produces it for ever).
 """
 
 from __future__ import annotations

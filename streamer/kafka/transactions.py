@@ -9,8 +9,9 @@ them — the coordinator refuses, and its transaction aborts. Per-partition ids 
 scheme) would need one producer per input partition; brokers >= 2.5 make that unnecessary.
 
 Blocking calls run in a thread. A committed transaction already means every record of it was
-acknowledged; delivery callbacks only note records refused for what they are, so that the writer
-replaces them with dead letters instead of producing them again for ever.
+acknowledged; delivery callbacks only note records refused for what they are, so that the pipeline's
+Kafka sink (`streamer.pipeline.sinks.kafka`) replaces them with dead letters instead of producing them
+again for ever.
 """
 
 from __future__ import annotations

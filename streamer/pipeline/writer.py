@@ -1,37 +1,36 @@
-"""The output stage: writes outcomes to Kafka and Redis, and tells the ledger what is fully written.
+"""The output stage: hands outcomes to the sinks in the order a guarantee needs, and tells the ledger what
+is fully written. Where the outcomes go is the sinks' business (`streamer.pipeline.sinks`); the order, the
+batching and the holding back are this module's.
 
-`Writer` (at least once): outcomes accumulate while a write is under way and go out together in the
-next one, so Redis gets one pipeline per batch. An event counts as fully written only when Kafka
-acknowledged its record and then its state is in Redis; only then is its part released.
+`Writer` (at least once), over an ordered list of `Sink`s (the pipeline's: Kafka, then Redis): outcomes
+accumulate while a write is under way and go out together in the next one, so each sink gets one batch.
+Every sink takes the whole batch before the next sees it, and an event counts as fully written only once
+the last took it: Kafka acknowledged its record and then its state is in Redis; only then is its part
+released.
 
-`TransactionalWriter` (exactly once): an outcome finishes its events at once; every commit interval
-the outcomes whose events all lie below the commit points go out, Redis first (fenced by input
-offset), then their records and those commit positions in one Kafka transaction.
+`TransactionalWriter` (exactly once), over `FencedSink`s (Redis) and the one `TransactionalSink` (Kafka): an
+outcome finishes its events at once; every commit interval the outcomes whose events all lie below the
+commit points go out, to the fenced sinks first (skipping what a replay already applied), then their
+records and those commit positions in one Kafka transaction.
 
 Both hold back an outcome that must not be partly replayed (`in_order`; every outcome, exactly
 once) until every event it stands for is below its partition's commit point, and keep commits below
-the first event of any outcome held (`release_plan`). A record Kafka refuses for what it is (too
-large, invalid) is replaced by its dead letter, never produced for ever; a broker away is waited for.
+the first event of any outcome held (`release_plan`). Retries, idempotency and records refused for what
+they are (replaced by their dead letters, never produced for ever) are each sink's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from streamer.contracts import Answer, WindowResult
+from streamer.contracts import WindowResult
 from streamer.kafka.offsets import TP, OffsetTracker, Position
-from streamer.kafka.sink import DeliveryError
-from streamer.kafka.transactions import Ending, Record, Transacted
-from streamer.outcomes import Outcome, Sealer
-from streamer.state.redis import StateUnavailable, Written
-from streamer.state.retry import backoff_s, retrying
-
-log = logging.getLogger(__name__)
+from streamer.outcomes import Outcome
+from streamer.pipeline.sinks import FencedSink, Sink, TransactionalSink
 
 CYCLE_BUDGET_S = 30.0
 """Longest a transactional write cycle waits for Redis before it gives up until the next one: the
@@ -43,27 +42,6 @@ class Outputs(Protocol):
     """Where the stages hand their outcomes (a writer)."""
 
     def add(self, outcome: Outcome) -> None: ...
-
-
-class State(Protocol):
-    """Where outcomes' incremental state goes (Redis)."""
-
-    async def write(self, outcomes: list[Written], fence: dict[TP, int] | None = None) -> int: ...
-
-
-class RecordSink(Protocol):
-    """At least once: one record at a time, acknowledged through a future."""
-
-    def send(self, topic: str, key: bytes | None, value: bytes) -> asyncio.Future[None]: ...
-
-
-class TransactionSink(Protocol):
-    """Exactly once: records and commit positions in one transaction."""
-
-    async def start(self) -> None: ...
-
-    async def transact(self, records: list[Record], positions: dict[TP, Position], group_metadata: object
-                       ) -> Transacted: ...
 
 
 @dataclass(frozen=True)
@@ -85,7 +63,8 @@ def release_plan(outcomes: list[Outcome], points: dict[TP, int]) -> Plan:
     lower a limit below another outcome's events, so this repeats until nothing moves (each round only
     lowers limits and moves outcomes to held, so it ends)."""
     limits = dict(points)
-    ready, held = list(outcomes), []
+    ready: list[Outcome] = list(outcomes)
+    held: list[Outcome] = []
     while True:
         covered = [all(ref.tp in limits and ref.offset < limits[ref.tp] for ref in o.releases) for o in ready]
         if all(covered):
@@ -103,21 +82,32 @@ def release_plan(outcomes: list[Outcome], points: dict[TP, int]) -> Plan:
 class Writer:
     """At least once."""
 
-    def __init__(self, sink: RecordSink, state: State, tracker: OffsetTracker, sealer: Sealer,
+    def __init__(self, sinks: Sequence[Sink], tracker: OffsetTracker,
                  on_window: Callable[[str], None] | None = None) -> None:
-        """`on_window(route)` hears of every final window result fully written (metrics)."""
-        self._on_window = on_window
-        self._sink = sink
-        self._state = state
+        """`sinks` in the order they are written; `on_window(route)` hears of every final window result
+        fully written (metrics)."""
+        self._sinks = tuple(sinks)
         self._tracker = tracker
-        self._sealer = sealer
+        self._tally = _Tally(on_window)
         self._buffer: list[Outcome] = []
         self._held: list[Outcome] = []  # in-order outcomes waiting for the commit points to pass them
         self._writing: list[Outcome] = []  # the batch being written now
         self._wake = asyncio.Event()
-        self.written = 0  # events (answers and dead letters) fully written
-        self.windows_written = 0  # final window results fully written
-        self.outage = False  # waiting for Kafka or Redis to come back
+
+    @property
+    def written(self) -> int:
+        """Events (answers and dead letters) fully written."""
+        return self._tally.written
+
+    @property
+    def windows_written(self) -> int:
+        """Final window results fully written."""
+        return self._tally.windows
+
+    @property
+    def outage(self) -> bool:
+        """Waiting for a sink to come back (Kafka or Redis)."""
+        return any(sink.outage for sink in self._sinks)
 
     @property
     def backlog(self) -> int:
@@ -177,81 +167,64 @@ class Writer:
             await asyncio.sleep(0.01)
 
     async def _write(self, batch: list[Outcome]) -> None:
-        deliveries = [self._sink.send(o.topic, o.kafka_key, o.payload) for o in batch]
-        batch = [await self._delivered(o, delivery) for o, delivery in zip(batch, deliveries, strict=True)]
-        # Redis only after Kafka acknowledged: state that says "written" (a final window, say) then
-        # always has its record on the topic, and a crash in between only repeats the record.
-        await retrying("redis write", lambda: self._state.write(_written(batch)), waiting=self._waiting)
+        # Each sink only once the one before took the whole batch: state in Redis that says "written" (a
+        # final window, say) then always has its record on the topic, and a crash in between only repeats
+        # the record. A sink may replace a refused record by its dead letter: the next writes that.
+        for sink in self._sinks:
+            batch = await sink.write(batch)
         for outcome in batch:
             if not outcome.in_order:
                 for ref in outcome.releases:
                     self._tracker.done(ref)
-        _count(self, batch)
-
-    async def _delivered(self, outcome: Outcome, delivery: asyncio.Future[None]) -> Outcome:
-        """The outcome once acknowledged: a broker away is waited for; a record refused for what it is is
-        replaced by its dead letter (twice at most: a refused dead letter by a bare one)."""
-        attempt, replaced = 0, 0
-        while True:
-            try:
-                await delivery
-                self.outage = False
-                return outcome
-            except DeliveryError as exc:
-                if exc.refused is not None and replaced < 2:
-                    log.warning("%s; writing a %s dead letter in its place", exc, exc.refused.value)
-                    outcome = self._sealer.replacement(outcome.record, exc.refused, str(exc), outcome.releases,
-                                                       outcome.route, in_order=outcome.in_order)
-                    replaced += 1
-                else:
-                    pause = backoff_s(attempt)
-                    log.warning("%s; producing again in %.1f s", exc, pause)
-                    self.outage = True
-                    await asyncio.sleep(pause)
-                    attempt += 1
-                delivery = self._sink.send(outcome.topic, outcome.kafka_key, outcome.payload)
-
-
-    def _waiting(self, waiting: bool) -> None:
-        self.outage = waiting
+        self._tally.count(batch)
 
 
 _RECHECK_S = 0.05
 
 
 class TransactionalWriter:
-    """Exactly once: Redis state fenced by input offset, then records and offsets in one Kafka transaction.
+    """Exactly once: the fenced sinks' state (Redis, fenced by input offset), then records and offsets in
+    one transaction (Kafka).
 
-    Redis goes first: a crash (or an aborted transaction) after it leaves the offsets uncommitted, the
-    events are replayed, and the fence (`{prefix}:fence`, the commit point per partition, stored in the
-    same MULTI as the state) makes Redis skip them while Kafka gets their records again. An outcome
-    waits until the commit points pass all its events, so a committed record always has its offsets
-    committed with it, and a replay never repeats it.
+    The fenced sinks go first: a crash (or an aborted transaction) after them leaves the offsets
+    uncommitted, the events are replayed, and the fence (Redis: `{prefix}:fence`, the commit point per
+    partition, stored in the same MULTI as the state) makes them skip what they applied while Kafka gets
+    the records again. An outcome waits until the commit points pass all its events, so a committed
+    record always has its offsets committed with it, and a replay never repeats it.
 
-    A cycle is bounded: Redis is waited for at most `budget_s`, and a transaction is tried once;
-    then the cycle ends with its outcomes kept, so the consumer is polled (membership, rebalances) and
-    the next cycle tries again. An outcome of a partition revoked meanwhile is dropped: its next owner
-    replays it (Redis, fenced, skips what this one applied)."""
+    A cycle is bounded: the fenced sinks are waited for at most `budget_s` together, and a transaction
+    is tried once; then the cycle ends with its outcomes kept, so the consumer is polled (membership,
+    rebalances) and the next cycle tries again. An outcome of a partition revoked meanwhile is dropped:
+    its next owner replays it (Redis, fenced, skips what this one applied)."""
 
-    def __init__(self, producer: TransactionSink, state: State, tracker: OffsetTracker, sealer: Sealer,
+    def __init__(self, fenced: Sequence[FencedSink], transaction: TransactionalSink, tracker: OffsetTracker,
                  interval_s: float, group_metadata: Callable[[], object],
                  on_window: Callable[[str], None] | None = None, budget_s: float = CYCLE_BUDGET_S) -> None:
-        self._producer = producer
+        """`fenced` in the order they are applied, before `transaction` commits; `group_metadata()` is the
+        consumer's, for the transaction's offsets."""
+        self._fenced = tuple(fenced)
+        self._transaction = transaction
         self._budget_s = budget_s
-        self._state = state
         self._tracker = tracker
-        self._sealer = sealer
         self._interval_s = interval_s
         self._group_metadata = group_metadata
-        self._on_window = on_window
+        self._tally = _Tally(on_window)
         self._buffer: list[Outcome] = []
         self._held: list[Outcome] = []  # finished, but some of their events are not below the commit point
         self._unwritten: list[Outcome] = []  # ready, but the last cycle could not write them
         self._writing = 0
         self._lock = asyncio.Lock()
-        self.written = 0
-        self.windows_written = 0
-        self.outage = False  # the last cycle could not reach Redis, or its transaction did not commit
+        self.outage = False  # the last cycle could not reach a fenced sink, or its transaction did not commit
+
+    @property
+    def written(self) -> int:
+        """Events (answers and dead letters) committed."""
+        return self._tally.written
+
+    @property
+    def windows_written(self) -> int:
+        """Final window results committed."""
+        return self._tally.windows
 
     @property
     def backlog(self) -> int:
@@ -292,7 +265,7 @@ class TransactionalWriter:
         return {}
 
     async def run(self) -> None:
-        await self._producer.start()
+        await self._transaction.start()
         while True:
             await asyncio.sleep(self._interval_s)
             await self._cycle()
@@ -315,37 +288,45 @@ class TransactionalWriter:
                 self._writing = 0
 
     async def _commit(self, ready: list[Outcome], positions: dict[TP, Position]) -> list[Outcome]:
-        """One try: Redis (fenced), then one transaction. Returns what is left to commit."""
+        """One try: the fenced sinks, then one transaction. Returns what is left to commit."""
         fence = {tp: position.offset for tp, position in positions.items()}
-        try:
-            await retrying("redis write", lambda: self._state.write(_written(ready), fence=fence),
-                           give_up_s=self._budget_s)
-        except StateUnavailable:
+        if not await self._apply(ready, fence):
             self.outage = True
-            return ready  # the consumer is polled before the next try; the write is idempotent
-        records = [(o.topic, o.kafka_key, o.payload) for o in ready]
-        transacted = await self._producer.transact(records, positions, self._group_metadata())
-        self.outage = transacted.ending is not Ending.COMMITTED
-        if transacted.ending is Ending.COMMITTED:
+            return ready  # the consumer is polled before the next try; the fenced writes are idempotent
+        attempt = await self._transaction.commit(ready, positions, self._group_metadata())
+        self.outage = not attempt.committed
+        if attempt.committed:
             self._tracker.mark_committed(positions)
-            _count(self, ready)
+            self._tally.count(ready)
             return []
-        for index, code in transacted.refused.items():
-            outcome = ready[index]
-            log.warning("%s refused a record (%s); writing a dead letter in its place", outcome.topic, code.value)
-            ready[index] = self._sealer.replacement(outcome.record, code, f"{outcome.topic}: refused ({code.value})",
-                                                    outcome.releases, outcome.route, in_order=outcome.in_order)
-        return ready
+        return attempt.batch  # refused records replaced by their dead letters
+
+    async def _apply(self, ready: list[Outcome], fence: dict[TP, int]) -> bool:
+        """Every fenced sink in turn, all within the cycle's budget; False at the first that stays away."""
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + self._budget_s
+        for sink in self._fenced:
+            if not await sink.apply(ready, fence, give_up_s=deadline_s - loop.time()):
+                return False
+        return True
 
 
-def _count(writer: Writer | TransactionalWriter, batch: Iterable[Outcome]) -> None:
-    for outcome in batch:
-        if not isinstance(outcome.record, WindowResult):
-            writer.written += 1
-        elif outcome.record.final:
-            writer.windows_written += 1
-            if writer._on_window is not None:
-                writer._on_window(outcome.route)
+@dataclass
+class _Tally:
+    """What a writer wrote fully, for the pipeline's progress and its metrics."""
+
+    on_window: Callable[[str], None] | None
+    written: int = 0  # events: answers and dead letters
+    windows: int = 0  # final window results
+
+    def count(self, batch: Iterable[Outcome]) -> None:
+        for outcome in batch:
+            if not isinstance(outcome.record, WindowResult):
+                self.written += 1
+            elif outcome.record.final:
+                self.windows += 1
+                if self.on_window is not None:
+                    self.on_window(outcome.route)
 
 
 def _firsts(outcomes: Iterable[Outcome]) -> dict[TP, int]:
@@ -367,14 +348,3 @@ def _without(outcomes: list[Outcome], gone: set[TP]) -> list[Outcome]:
         elif owned:
             kept.append(replace(outcome, releases=owned))
     return kept
-
-
-def _written(batch: list[Outcome]) -> list[Written]:
-    return [Written(o.record, o.payload, _key_text(o), o.route) for o in batch]
-
-
-def _key_text(outcome: Outcome) -> str | None:
-    record = outcome.record
-    if isinstance(record, Answer | WindowResult):
-        return record.key
-    return outcome.kafka_key.decode("utf-8", "replace") if outcome.kafka_key else None

@@ -13,6 +13,8 @@ What is modelled, because the guarantees hinge on it:
   transaction's records and offsets become visible together when it commits, and it commits only if
   the member's generation is still the group's (KIP-447 fencing); a crash aborts it.
 Deliveries and transactions wait for the simulation to settle them, so any interleaving can happen.
+`SimSink` and `SimProducer` stand where `KafkaSink` and `TransactionalProducer` do: under the pipeline's
+Kafka sinks (`RecordProducer`, `TransactionProducer` in streamer/pipeline/sinks/kafka.py).
 """
 
 from __future__ import annotations

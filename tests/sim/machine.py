@@ -1,5 +1,7 @@
 """The deterministic simulation: the real pipeline (event handling, window stages, offset tracker, both
-writers, the consume loop) on an in-memory partitioned log, Redis and model, driven by hypothesis.
+writers and their real sinks, the consume loop) on an in-memory partitioned log, Redis and model, driven
+by hypothesis. The stand-ins replace only the transports: the pipeline's Kafka and Redis sinks
+(streamer/pipeline/sinks) wrap `SimSink` or `SimProducer` and `SimState` as they wrap the real clients.
 
 Rules produce events (valid, hostile, late, far-future), poll in batches of any size, complete or
 fail model requests out of order, acknowledge or fail deliveries, end transactions, let time pass,

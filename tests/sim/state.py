@@ -2,6 +2,7 @@
 the exactly-once fence, final window results written once, the counters. A batch applies atomically
 or not at all; an outage refuses it, and a lost reply applies it and then reports a failure, the
 case that makes idempotency matter. tests/integration/test_sim_state.py holds it to the real scripts.
+It stands where `RedisState` does: under the pipeline's Redis sink (`State` in streamer/pipeline/sinks/redis.py).
 """
 
 from __future__ import annotations

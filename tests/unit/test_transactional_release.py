@@ -18,7 +18,11 @@ from streamer.kafka import transactions
 from streamer.kafka.offsets import OffsetTracker, Position, Ref
 from streamer.kafka.transactions import Ending, TransactionalProducer
 from streamer.outcomes import Outcome, Sealer
+from streamer.pipeline.sinks.kafka import KafkaTransaction
+from streamer.pipeline.sinks.redis import RedisOutcomes
 from streamer.pipeline.writer import TransactionalWriter, release_plan
+from tests.sim.kafka import Cluster, SimProducer
+from tests.sim.state import SimState
 
 TP_A = ("in", 0)
 TP_B = ("in", 1)
@@ -27,6 +31,12 @@ SEALER = Sealer(1_000_000, "dlq")
 
 def ref(tp: tuple[str, int], offset: int) -> Ref:
     return Ref(tp, offset, 0)
+
+
+def exactly_once(tracker: OffsetTracker) -> TransactionalWriter:
+    """A writer that is only given outcomes and revokes here: its sinks are never called."""
+    producer = SimProducer(Cluster(TP_A[0], 2, 1_000_000, 300))
+    return TransactionalWriter([RedisOutcomes(SimState())], KafkaTransaction(producer, SEALER), tracker, 1.0, object)
 
 
 def outcome(*refs: Ref) -> Outcome:
@@ -114,7 +124,7 @@ def test_a_revoke_drops_outcomes_of_revoked_partitions_but_keeps_one_spanning_an
     for tp, offsets in ((TP_A, range(6)), (TP_B, range(10))):
         for offset in offsets:
             tracker.track(tp, offset)
-    writer = TransactionalWriter(None, None, tracker, SEALER, 1.0, object)  # type: ignore[arg-type]
+    writer = exactly_once(tracker)
     revoked, spanning = outcome(ref(TP_B, 1)), outcome(ref(TP_A, 4), ref(TP_B, 9))
     owned, provisional = outcome(ref(TP_A, 5)), outcome()
     for added in (revoked, spanning, owned, provisional):
@@ -131,7 +141,7 @@ def test_an_outcome_of_an_earlier_assignment_is_dropped_and_finishes_nothing():
     old = tracker.track(TP_A, 3)
     tracker.forget([TP_A])
     new = tracker.track(TP_A, 3)
-    writer = TransactionalWriter(None, None, tracker, SEALER, 1.0, object)  # type: ignore[arg-type]
+    writer = exactly_once(tracker)
     writer.add(outcome(old))
     assert writer._buffer == [] and tracker.in_flight(TP_A) == 1 and tracker.live(new)
 

@@ -1,18 +1,17 @@
-"""The writers on stand-in sinks and Redis (the simulation's), on virtual time: a record refused for what
-it is becomes its dead letter instead of being produced for ever; an exactly-once cycle never holds the
-consumer unpolled for longer than its budget; an at-least-once session result waits for the commit
-point, so a replay can never rebuild part of it under another id."""
+"""The writers on the real sinks over the simulation's stand-in Kafka and Redis, on virtual time: a record
+refused for what it is becomes its dead letter instead of being produced for ever; an exactly-once cycle
+never holds the consumer unpolled for longer than its budget; an at-least-once session result waits for
+the commit point, so a replay can never rebuild part of it under another id."""
 
 from __future__ import annotations
-
-import asyncio
-from collections.abc import Iterator
 
 import pytest
 
 from streamer.contracts import DeadLetter, ErrorCode, Source, WindowBounds, WindowResult
 from streamer.kafka.offsets import OffsetTracker, Position
 from streamer.outcomes import Outcome, Sealer
+from streamer.pipeline.sinks.kafka import KafkaRecords, KafkaTransaction
+from streamer.pipeline.sinks.redis import RedisOutcomes
 from streamer.pipeline.writer import CYCLE_BUDGET_S, TransactionalWriter, Writer
 from tests.sim.kafka import Cluster, Membership, SimProducer, SimSink
 from tests.sim.loop import VirtualLoop
@@ -22,16 +21,16 @@ TP = ("in", 0)
 SEALER = Sealer(1_000_000, "dlq")
 
 
-@pytest.fixture
-def loop() -> Iterator[VirtualLoop]:
-    loop = VirtualLoop()
-    asyncio.set_event_loop(loop)
-    yield loop
-    for task in asyncio.all_tasks(loop):
-        task.cancel()
-    loop.settle()
-    loop.close()
-    asyncio.set_event_loop(None)
+def kafka_then_redis(sink: SimSink, state: SimState, tracker: OffsetTracker) -> Writer:
+    """The pipeline's order: Kafka acknowledges, then Redis."""
+    return Writer([KafkaRecords(sink, SEALER), RedisOutcomes(state)], tracker)
+
+
+def redis_then_transaction(producer: SimProducer, state: SimState, tracker: OffsetTracker, cluster: Cluster,
+                 interval_s: float) -> TransactionalWriter:
+    """The pipeline's order: Redis fenced, then one Kafka transaction."""
+    return TransactionalWriter([RedisOutcomes(state)], KafkaTransaction(producer, SEALER), tracker, interval_s,
+                               lambda: Membership(cluster.generation))
 
 
 def letter(offset: int) -> DeadLetter:
@@ -51,7 +50,7 @@ def test_a_record_the_broker_refuses_for_its_size_is_replaced_by_its_dead_letter
     cluster = Cluster(TP[0], 1, max_record_bytes=2_000, max_poll_interval_s=300)
     sink, tracker = SimSink(cluster), OffsetTracker()
     ref = tracker.track(TP, 0)
-    writer = Writer(sink, SimState(), tracker, SEALER)
+    writer = kafka_then_redis(sink, SimState(), tracker)
     big = DeadLetter(error=ErrorCode.SCHEMA, detail="d", payload="p" * 5_000, payload_encoding="utf-8",
                      source=Source(topic=TP[0], partition=0, offset=0), ts=0)
     writer.add(SEALER.seal("dlq", None, big, (ref,), "r"))  # fits the writer's limit, not this broker's
@@ -78,11 +77,10 @@ def test_a_window_result_the_broker_refuses_becomes_a_dead_letter_and_the_writer
     assert SEALER.replacement(result, ErrorCode.TOO_LARGE, "refused", refs, "r", in_order=True).in_order
     if exactly_once:
         producer = SimProducer(cluster)
-        writer: Writer | TransactionalWriter = TransactionalWriter(
-            producer, state, tracker, SEALER, 0.05, lambda: Membership(cluster.generation))
+        writer: Writer | TransactionalWriter = redis_then_transaction(producer, state, tracker, cluster, 0.05)
     else:
         sink = SimSink(cluster)
-        writer = Writer(sink, state, tracker, SEALER)
+        writer = kafka_then_redis(sink, state, tracker)
     writer.add(outcome)
     task = loop.create_task(writer.run())
     for _ in range(20):
@@ -102,7 +100,7 @@ def test_an_exactly_once_cycle_gives_up_on_an_absent_redis_within_its_budget(loo
     cluster, state, tracker = Cluster(TP[0], 1, 1_000_000, 300), SimState(), OffsetTracker()
     state.up = False
     producer = SimProducer(cluster)
-    writer = TransactionalWriter(producer, state, tracker, SEALER, 0.1, lambda: Membership(cluster.generation))
+    writer = redis_then_transaction(producer, state, tracker, cluster, 0.1)
     writer.add(SEALER.seal("dlq", None, letter(0), (tracker.track(TP, 0),), "r"))
     loop.create_task(writer.run())
     busy_s, longest_s, pauses = 0.0, 0.0, 0
@@ -127,7 +125,7 @@ def test_at_least_once_a_session_is_written_only_once_every_event_before_its_own
     cluster = Cluster(TP[0], 1, 1_000_000, 300)
     sink, tracker = SimSink(cluster), OffsetTracker()
     refs = [tracker.track(TP, offset) for offset in range(3)]
-    writer = Writer(sink, SimState(), tracker, SEALER)
+    writer = kafka_then_redis(sink, SimState(), tracker)
     loop.create_task(writer.run())
     writer.add(SEALER.seal("w", b"A", session("A", 0), (refs[0], refs[2]), "r", in_order=True))
     loop.advance(0.2)
@@ -145,7 +143,7 @@ def test_at_least_once_a_session_is_written_only_once_every_event_before_its_own
 
 def test_an_outcome_held_in_order_of_a_revoked_partition_is_dropped(loop: VirtualLoop) -> None:
     tracker = OffsetTracker()
-    writer = Writer(SimSink(Cluster(TP[0], 1, 1_000_000, 300)), SimState(), tracker, SEALER)
+    writer = kafka_then_redis(SimSink(Cluster(TP[0], 1, 1_000_000, 300)), SimState(), tracker)
     outcome: Outcome = SEALER.seal("w", b"A", session("A", 0), (tracker.track(TP, 0),), "r", in_order=True)
     writer.add(outcome)
     writer.forget([TP])
