@@ -38,9 +38,12 @@ from streamer.observe.metrics import Metrics
 from streamer.outcomes import Sealer
 from streamer.pipeline.events import EventHandler
 from streamer.pipeline.parse import RawMessage
+from streamer.pipeline.sinks.kafka import KafkaRecords, KafkaTransaction
+from streamer.pipeline.sinks.redis import RedisOutcomes
 from streamer.pipeline.window_stage import WindowStage
 from streamer.pipeline.writer import CYCLE_BUDGET_S, TransactionalWriter, Writer
 from streamer.state.redis import RedisState
+from streamer.tasks.event import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +135,18 @@ class Pipeline(Listener):
         self._state = edges.state
         self._exactly_once = settings.processing.guarantee == "exactly_once"
         sealer = Sealer(record_limit(settings), settings.kafka.dead_letter_topic)
+        # The sinks in their order (streamer/pipeline/sinks): at least once, Kafka acknowledges, then Redis;
+        # exactly once, Redis fenced, then one Kafka transaction. `edges.sink` is the producer of the
+        # guarantee (connect and the simulation pair them), hence the ignores.
         self._writer: Writer | TransactionalWriter
         if self._exactly_once:
-            self._writer = TransactionalWriter(edges.sink, self._state, self._tracker, sealer,  # type: ignore[arg-type]
-                                               settings.kafka.commit_interval_ms / 1000, self._group_metadata,
-                                               on_window=self.metrics.window_emitted, budget_s=cycle_budget(settings))
+            self._writer = TransactionalWriter(
+                [RedisOutcomes(self._state)], KafkaTransaction(edges.sink, sealer),  # type: ignore[arg-type]
+                self._tracker, settings.kafka.commit_interval_ms / 1000, self._group_metadata,
+                on_window=self.metrics.window_emitted, budget_s=cycle_budget(settings))
         else:
-            self._writer = Writer(edges.sink, self._state, self._tracker, sealer,  # type: ignore[arg-type]
+            records = KafkaRecords(edges.sink, sealer)  # type: ignore[arg-type]
+            self._writer = Writer([records, RedisOutcomes(self._state)], self._tracker,
                                   on_window=self.metrics.window_emitted)
         self.stages = {r.name: WindowStage(r, self._pool, self._writer, self._tracker, self._state, sealer,
                                            on_mixed=self.metrics.window_mixed, clock=self._clock)
@@ -149,7 +157,7 @@ class Pipeline(Listener):
         self.liveness = Liveness(settings.processing.stall_timeout_s)
         self._stage_of_topic = {r.input: self.stages[r.name] for r in settings.routes if r.window is not None}
         # Window-only routes never queue model work, except summaries, which wait for room themselves.
-        self._uses_model = any(r.task != "none" for r in settings.routes)
+        self._uses_model = any(TASKS[r.task].calls_model for r in settings.routes)
         self._background: list[asyncio.Task[None]] = []
         self._next_tick_s = self._next_commit_s = 0.0
         self._consumed = self._commits = 0

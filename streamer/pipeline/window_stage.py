@@ -38,10 +38,12 @@ from streamer.engine.backend import Backend
 from streamer.engine.requests import GenRequest
 from streamer.kafka.offsets import TP, OffsetTracker, Ref
 from streamer.outcomes import Sealer
-from streamer.pipeline.writer import Writer
+from streamer.pipeline.writer import Outputs
 from streamer.state.redis import RedisState
 from streamer.state.retry import retrying
+from streamer.tasks.event import TASKS
 from streamer.tasks.prompts import summarize_messages
+from streamer.tasks.window import WINDOW_TASKS
 from streamer.windows.assign import WindowSpec
 from streamer.windows.content import Content, ContentAggregator, WindowItem
 from streamer.windows.engine import OpenWindow, WindowEngine, drop_from
@@ -60,7 +62,7 @@ def window_id(route: str, key: str | None, kind: str, start_ms: int, end_ms: int
 
 
 class WindowStage:
-    def __init__(self, route: Route, pool: Backend, writer: Writer, tracker: OffsetTracker,
+    def __init__(self, route: Route, pool: Backend, writer: Outputs, tracker: OffsetTracker,
                  state: RedisState, sealer: Sealer, on_mixed: Callable[[str], None] = lambda route: None,
                  clock: Clock | None = None) -> None:
         """`on_mixed(route)` hears of every final window holding events of several partitions (metrics)."""
@@ -69,13 +71,14 @@ class WindowStage:
         self._on_mixed = on_mixed
         self._clock = clock or SystemClock()
         self.route, self.window = route, route.window
+        self.window_task = WINDOW_TASKS[route.window.task]
         self._pool, self._writer, self._tracker, self._state = pool, writer, tracker, state
         w = route.window
         spec = WindowSpec(kind=w.kind, size_ms=w.size_ms or 0, slide_ms=w.slide_ms or w.size_ms or 0,
                           gap_ms=w.gap_ms or 0, max_duration_ms=w.max_duration_ms)
         self._spec = spec
-        self._aggregator = ContentAggregator(keep_texts=w.task == "summarize", keep_keys=not w.per_key,
-                                             keep_stats=w.task == "stats")
+        self._aggregator = ContentAggregator(keep_texts=self.window_task.summarizes, keep_keys=not w.per_key,
+                                             keep_stats=self.window_task.stats)
         self._engines: dict[TP | None, WindowEngine[Content, WindowItem]] = {}  # per partition; None: all
         self.watermarks = Watermarks(w.allowed_lateness_ms, w.idle_timeout_ms)
         self.late = 0  # late events of the route this process has seen
@@ -150,7 +153,7 @@ class WindowStage:
             self.late += 1
             return False
         self._tracker.hold(ref, len(added.windows))
-        if self.window.task == "summarize":
+        if self.window_task.summarizes:
             for open_window in engine.peek(key):
                 self._maybe_fold(open_window.state)
         if self.window.emit == "update":
@@ -242,7 +245,7 @@ class WindowStage:
                 for ref in window.refs:
                     self._tracker.done(ref)
         summaries: list[str | None] = [None] * len(fresh)
-        if self.window.task == "summarize":
+        if self.window_task.summarizes:
             summaries = await asyncio.gather(*(self._summarize(self._budgeted(w.state.chronological_texts()))
                                                if w.count else _none() for w in fresh))
         for window, summary in zip(fresh, summaries, strict=True):
@@ -289,8 +292,8 @@ class WindowStage:
             window=WindowBounds(kind=self.window.kind, start=window.window.start_ms, end=window.window.end_ms),
             count=window.count, first_ts=window.first_ts_ms, last_ts=window.last_ts_ms,
             late=self.late,
-            summary=summary, labels=dict(content.labels) if self.route.task == "classify" else None,
-            stats=_stats(content) if self.window.task == "stats" else None,
+            summary=summary, labels=dict(content.labels) if TASKS[self.route.task].counts_labels else None,
+            stats=_stats(content) if self.window_task.stats else None,
             model=self._pool.model_name if summary is not None else None,
             final=final, emitted_at=self._clock.now_ms(),
         )

@@ -1,4 +1,4 @@
-"""Turns an event and its route into chat messages for the model, and the model's text into an output.
+"""The chat messages each task sends the model, and the reading of a classify answer.
 
 User text is inserted by plain substitution of the single `{text}` placeholder, never by a template
 engine, so nothing a user writes can be interpreted as template syntax.
@@ -8,9 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from streamer.config import Route
-from streamer.contracts import InputEvent
-
 Messages = tuple[dict[str, str], ...]
 
 ANSWER_SYSTEM = "You are a helpful assistant. Answer the question concisely and accurately."
@@ -19,6 +16,7 @@ ANSWER_SYSTEM = "You are a helpful assistant. Answer the question concisely and 
 # the first label.
 CLASSIFY_SYSTEM = "Classify the sentiment/category of the text."
 TRANSLATE_SYSTEM = "You are a translator. Reply with the translation only."
+SUMMARIZE_SYSTEM = "You summarise streams of short messages. Reply with a two or three sentence summary."
 
 
 def render(template: str, text: str) -> str:
@@ -27,59 +25,42 @@ def render(template: str, text: str) -> str:
     return head + text + tail if sep else template
 
 
-def build_messages(event: InputEvent, route: Route) -> Messages:
-    """The chat for one event under its task (decode has already resolved `event.task`)."""
-    task = event.task or route.task
-    if task == "classify":
-        return classify_messages(event.text, route.labels, route.system_prompt)
-    if task == "translate":
-        lang = event.params.target_lang or route.target_lang
-        return _chat(route.system_prompt or TRANSLATE_SYSTEM, f"Translate into {lang}:\n{event.text}")
-    if task == "prompt" and route.template is not None:
-        return _chat(route.system_prompt, render(route.template, event.text))
-    return _chat(route.system_prompt or ANSWER_SYSTEM, event.text)
+def answer_messages(text: str, system_prompt: str | None = None) -> Messages:
+    return _chat(system_prompt or ANSWER_SYSTEM, text)
+
+
+def translate_messages(text: str, lang: str, system_prompt: str | None = None) -> Messages:
+    return _chat(system_prompt or TRANSLATE_SYSTEM, f"Translate into {lang}:\n{text}")
+
+
+def template_messages(template: str, text: str, system_prompt: str | None = None) -> Messages:
+    """The rendered template alone: a route's own template carries its instructions, so no default system turn."""
+    return _chat(system_prompt, render(template, text))
 
 
 def classify_messages(text: str, labels: Sequence[str], system_prompt: str | None = None) -> Messages:
     """The text alone as the user turn, so the answer (scored or generated) starts with a label.
 
     The label list is always appended to the system turn, a route's own prompt included: both
-    scoring and `finish` need the model to know the labels.
+    scoring and `snap_to_label` need the model to know the labels.
     """
     system = f"{system_prompt or CLASSIFY_SYSTEM} Answer with one label: {', '.join(labels)}."
     return _chat(system, text)
 
 
-def _chat(system: str | None, user: str) -> Messages:
-    system_turn = ({"role": "system", "content": system},) if system else ()
-    return (*system_turn, {"role": "user", "content": user})
-
-
-def finish(task: str, text: str, route: Route) -> str:
-    """Post-process model text: `classify` snaps to the closest label (first label named wins)."""
-    if task != "classify":
-        return text.strip()
+def snap_to_label(text: str, labels: Sequence[str]) -> str:
+    """Generated classify text as the label it names first, or stripped when it names none."""
     lowered = text.lower()
-    hits = [(lowered.find(label.lower()), label) for label in route.labels if label.lower() in lowered]
+    hits = [(lowered.find(label.lower()), label) for label in labels if label.lower() in lowered]
     return min(hits)[1] if hits else text.strip()
-
-
-def route_tasks(route: Route) -> frozenset[str]:
-    """Tasks an event on this route may ask for: those whose needs (labels, template) the route meets."""
-    if route.task == "none":
-        return frozenset({"none"})  # window-only: there is no answer topic for per-event tasks
-    tasks = {"answer", "translate", route.task}
-    if route.labels:
-        tasks.add("classify")
-    if route.template:
-        tasks.add("prompt")
-    return frozenset(tasks)
-
-
-SUMMARIZE_SYSTEM = "You summarise streams of short messages. Reply with a two or three sentence summary."
 
 
 def summarize_messages(texts: list[str], system_prompt: str | None = None) -> Messages:
     """A chronological list of texts to summarise; texts are data, each on its own bullet line."""
     body = "\n".join(f"- {' '.join(text.split())}" for text in texts)
     return _chat(system_prompt or SUMMARIZE_SYSTEM, f"Summarise these messages:\n{body}")
+
+
+def _chat(system: str | None, user: str) -> Messages:
+    system_turn = ({"role": "system", "content": system},) if system else ()
+    return (*system_turn, {"role": "user", "content": user})

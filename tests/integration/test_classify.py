@@ -11,7 +11,7 @@ from streamer.config import Route  # noqa: E402
 from streamer.contracts import InputEvent  # noqa: E402
 from streamer.engine.requests import ScoreRequest, ScoreResult  # noqa: E402
 from streamer.engine.worker import LLMWorker  # noqa: E402
-from streamer.tasks.prompts import build_messages  # noqa: E402
+from streamer.tasks.event import TASKS  # noqa: E402
 
 LABELS = ("positive", "negative", "neutral")
 ROUTE = Route(name="reviews", input="i", output="o", task="classify", labels=list(LABELS))
@@ -21,7 +21,11 @@ BATCH = 16  # the pool's default max_batch
 
 def _requests() -> list[ScoreRequest]:
     events = [InputEvent(id=str(i), text=r["text"], task="classify") for i, r in enumerate(REVIEWS)]
-    return [ScoreRequest(build_messages(event, ROUTE), LABELS) for event in events]
+    classify = TASKS["classify"].request
+    assert classify is not None
+    requests = [classify(event, ROUTE, 1) for event in events]
+    assert all(isinstance(r, ScoreRequest) for r in requests)
+    return requests
 
 
 def _score_all(worker: LLMWorker) -> list[ScoreResult]:

@@ -1,14 +1,11 @@
-"""Prompts: user text is data, never template syntax; classify snaps to a label."""
+"""Prompts: user text is data, never template syntax; the model learns a classify route's labels."""
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamer.config import Route
-from streamer.contracts import InputEvent
-from streamer.tasks.prompts import build_messages, finish, render, route_tasks
+from streamer.tasks.prompts import classify_messages, render, snap_to_label, template_messages
 
-PROMPT_ROUTE = Route(name="p", input="i", output="o", task="prompt", template="Summarise: {text} (short)")
-CLASSIFY_ROUTE = Route(name="c", input="i", output="o", task="classify", labels=["positive", "negative"])
+LABELS = ["positive", "negative"]
 
 
 @given(st.text())
@@ -16,25 +13,18 @@ def test_user_text_with_braces_and_percent_signs_stays_literal(text):
     assert render("Q: {text}!", text) == f"Q: {text}!"
 
 
-def test_a_prompt_route_renders_its_template():
-    event = InputEvent(id="1", text="{other} %s {text}", task="prompt")
-    messages = build_messages(event, PROMPT_ROUTE)
-    assert messages[-1] == {"role": "user", "content": "Summarise: {other} %s {text} (short)"}
+def test_a_template_is_the_whole_chat_unless_the_route_adds_a_system_prompt():
+    assert template_messages("Summarise: {text}", "x") == ({"role": "user", "content": "Summarise: x"},)
+    assert template_messages("{text}", "x", "Be brief.")[0] == {"role": "system", "content": "Be brief."}
 
 
-def test_translate_uses_the_event_language_over_the_route_default():
-    event = InputEvent(id="1", text="hello", task="translate", params={"target_lang": "German"})
-    route = Route(name="t", input="i", output="o", task="translate")
-    assert "German" in build_messages(event, route)[-1]["content"]
+def test_classify_lists_the_labels_in_the_system_turn_even_under_a_routes_own_prompt():
+    system, user = classify_messages("great film", LABELS, "Rate reviews.")
+    assert system["content"] == "Rate reviews. Answer with one label: positive, negative."
+    assert user == {"role": "user", "content": "great film"}
 
 
 def test_classify_snaps_model_text_to_the_first_label_it_names():
-    assert finish("classify", " Negative, clearly.", CLASSIFY_ROUTE) == "negative"
-    assert finish("classify", "unsure", CLASSIFY_ROUTE) == "unsure"
-
-
-def test_a_route_offers_only_tasks_whose_needs_it_meets():
-    plain = Route(name="a", input="i", output="o")
-    assert route_tasks(plain) == {"answer", "translate"}
-    assert "classify" in route_tasks(CLASSIFY_ROUTE)
-    assert "prompt" in route_tasks(PROMPT_ROUTE)
+    assert snap_to_label(" Negative, clearly.", LABELS) == "negative"
+    assert snap_to_label("positive, not negative", LABELS) == "positive"
+    assert snap_to_label(" unsure ", LABELS) == "unsure"
