@@ -75,7 +75,8 @@ def run(config: ConfigOption = None, log_level: str = "info") -> None:
             _check_access(settings, ends)
             metrics = Metrics()
             with console.status("Loading the model..."):
-                backend = load_backend(settings.model, settings.batching, settings.engine, metrics.batch_done)
+                backend = load_backend(settings.model, settings.batching, settings.engine, metrics.batch_done,
+                                       observer=metrics)
             console.print(startup_summary(settings, ends, backend.info))
             pipeline = connect(settings, ends.bootstrap, ends.redis_url, backend,
                                create_topics=not ends.embedded_kafka, metrics=metrics)

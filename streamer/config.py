@@ -22,6 +22,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from streamer.errors import ConfigError
+from streamer.tasks.event import TASKS, TaskName
+from streamer.tasks.window import WindowTaskName
 
 
 class _Section(BaseModel):
@@ -108,11 +110,49 @@ class BatchingSettings(_Section):
         return self
 
 
-class EngineSettings(_Section):
-    """How the resident worker batches: a continuous-batching engine over a paged KV cache, or static batches."""
+class OpenAISettings(_Section):
+    """engine.kind openai: a remote OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, ...) batches; streamer
+    orders what it sends (earliest deadline first, a token budget, an adaptive concurrency limit)."""
 
-    kind: Literal["auto", "continuous", "static"] = Field(
-        "auto", description="auto: continuous for Llama-family models, static batches of generate otherwise")
+    base_url: str | None = Field(None, pattern=r"^https?://", description="e.g. http://vllm:8000/v1")
+    model: str | None = Field(None, min_length=1, description="a model the server lists at /models")
+    api_key: SecretStr | None = Field(None, description="sent as a Bearer token; never logged")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(60.0, gt=0, description="longest silence while reading an answer (between "
+                                  "streamed pieces); past it the request is retried")
+    max_concurrency: int = Field(16, ge=1, description="requests in flight at most; the limit adapts below it")
+    min_concurrency: int = Field(1, ge=1, description="the adaptive limit's floor")
+    max_inflight_tokens: int = Field(65_536, ge=1, description="prompt + answer tokens in flight at most")
+    latency_tolerance: float = Field(3.0, gt=1, description="a first token slower than this many times the "
+                                     "measured baseline lowers the concurrency limit")
+    retry_base_s: float = Field(0.2, gt=0, description="first retry's backoff; doubles per attempt, jittered")
+    retry_max_s: float = Field(10.0, gt=0, description="longest backoff between retries (a Retry-After may be longer)")
+    circuit_failures: int = Field(5, ge=1, description="consecutive failures that open the circuit")
+    circuit_open_s: float = Field(2.0, gt=0, description="an open circuit waits this long before a probe")
+    classify: Literal["auto", "logprobs", "choice"] = Field(
+        "auto", description="logprobs: label log-probabilities; choice: a json_schema enum of the labels; "
+        "auto: logprobs while the server returns them")
+    tokenizer: Path | None = Field(
+        None, description="tokenizer.json (or its directory) for local token counts; null: the default model's")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> OpenAISettings:
+        if self.min_concurrency > self.max_concurrency:
+            raise ValueError(f"min_concurrency ({self.min_concurrency}) must be <= max_concurrency "
+                             f"({self.max_concurrency})")
+        if self.retry_base_s > self.retry_max_s:
+            raise ValueError(f"retry_base_s ({self.retry_base_s}) must be <= retry_max_s ({self.retry_max_s})")
+        return self
+
+
+class EngineSettings(_Section):
+    """How the resident worker batches: a continuous-batching engine over a paged KV cache, or static batches;
+    or (kind openai) which remote server runs the model instead, with `model:` settings unused."""
+
+    kind: Literal["auto", "continuous", "static", "openai"] = Field(
+        "auto", description="auto: continuous for Llama-family models, static batches of generate otherwise; "
+        "openai: a remote OpenAI-compatible server (engine.openai)")
+    openai: OpenAISettings = OpenAISettings()
     block_size: int = Field(16, ge=1, description="token slots per KV-cache block")
     kv_cache_gib: float | None = Field(
         None, gt=0, description="KV cache size; null: 90% of free GPU memory, or a quarter of free RAM up to 1 GiB")
@@ -124,6 +164,13 @@ class EngineSettings(_Section):
         60_000, gt=0, description="deadline of requests without one (route slo_ms / params.deadline_ms)")
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="engine processes, one per device; auto: one per CUDA device, in-process on CPU")
+
+    @model_validator(mode="after")
+    def _openai_named(self) -> EngineSettings:
+        missing = [name for name in ("base_url", "model") if getattr(self.openai, name) is None]
+        if self.kind == "openai" and missing:
+            raise ValueError(f"engine.kind openai needs engine.openai.{' and engine.openai.'.join(missing)}")
+        return self
 
 
 class LimitsSettings(_Section):
@@ -159,7 +206,7 @@ class WindowSettings(_Section):
         "(a session never closing would keep its partition's offsets uncommitted for ever)")
     allowed_lateness_ms: int = Field(0, ge=0, description="the watermark trails the highest event time by this")
     idle_timeout_ms: int = Field(10_000, ge=1, description="a partition silent this long stops holding windows")
-    task: Literal["count", "stats", "summarize"] = "count"
+    task: WindowTaskName = "count"
     per_key: bool = Field(True, description="false: one window across all keys (counts distinct keys)")
     emit: Literal["final", "update"] = "final"
     update_every_events: int = Field(100, ge=1, description="emit: update")
@@ -192,7 +239,7 @@ class Route(_Section):
     name: str
     input: str = Field(pattern=r"^[A-Za-z0-9._-]{1,249}$",
                        description="one Kafka topic name (a pattern such as `^events-.*` is not supported)")
-    task: Literal["answer", "classify", "translate", "prompt", "none"] = "answer"
+    task: TaskName = "answer"
     output: str | None = Field(None, description="topic of per-event answers; needed unless task is `none`")
     max_new_tokens: int = Field(64, ge=1)
     system_prompt: str | None = None
@@ -207,14 +254,8 @@ class Route(_Section):
 
     @model_validator(mode="after")
     def _task_needs(self) -> Route:
-        if self.task == "prompt" and (self.template is None or "{text}" not in self.template):
-            raise ValueError("a `prompt` route needs a `template` containing {text}")
-        if self.task == "classify" and len(self.labels) < 2:
-            raise ValueError("a `classify` route needs at least two `labels`")
-        if self.task != "none" and self.output is None:
-            raise ValueError(f"a `{self.task}` route needs an `output` topic")
-        if self.task == "none" and self.window is None:
-            raise ValueError("a route with task `none` needs a `window`")
+        if (problem := TASKS[self.task].problem(self)) is not None:
+            raise ValueError(problem)
         return self
 
 

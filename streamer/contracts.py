@@ -26,6 +26,7 @@ class ErrorCode(StrEnum):
     TOO_LARGE = "too_large"  # its output would exceed the record size limit
     UNSERIALIZABLE = "unserializable"  # its output holds a value JSON cannot
     REJECTED = "rejected"  # the broker refused its output for good (e.g. the topic's max.message.bytes)
+    CONTEXT_TOO_LONG = "context_too_long"  # the prompt exceeds the remote model server's context
 
 
 MAX_TS_MS = 253_402_300_799_999
@@ -92,7 +93,8 @@ class Answer(_Strict):
     model: str
     tokens_in: int
     tokens_out: int
-    queued_ms: float = Field(description="time spent waiting in the micro-batcher")
+    queued_ms: float = Field(description="time from submission until the model took it up: admission to the "
+                                         "continuous engine, or the start of its static batch")
     latency_ms: float = Field(description="event arrival in streamer to answer produced")
     source: Source
     ts_in: int = Field(description="event time, epoch ms")

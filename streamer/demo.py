@@ -58,7 +58,8 @@ def run_demo(settings: Settings, questions: Path, console: Console, *, stay: boo
                       f"Redis: [bold]{ends.redis_url}[/]{' (embedded redis-server)' * ends.embedded_redis}")
         with console.status("Loading the model (the first run converts it into the local cache)..."):
             metrics = Metrics()
-            backend = load_backend(settings.model, settings.batching, settings.engine, metrics.batch_done)
+            backend = load_backend(settings.model, settings.batching, settings.engine, metrics.batch_done,
+                                   observer=metrics)
         kafka = base_config(settings.kafka, ends.bootstrap)
         produce_lines(kafka, route.input, lines, key_field="key")
         console.print(f"Produced {len(lines)} questions to [bold]{route.input}[/]; answering with {backend.model_name}")

@@ -8,6 +8,7 @@ import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streamer.config import BatchingSettings, EngineSettings, ModelSettings
 from streamer.engine.backend import Backend
@@ -15,12 +16,21 @@ from streamer.engine.build import build_pool, in_processes, worker_count
 from streamer.engine.worker import LLMWorker
 from streamer.models.loader import load_model, resolve_device
 
+if TYPE_CHECKING:
+    from streamer.engine.openai import RemoteObserver
+
 log = logging.getLogger(__name__)
 
 
 def load_backend(model: ModelSettings, batching: BatchingSettings, engine: EngineSettings,
-                 on_batch: Callable[[int, float], None] | None = None) -> Backend:
-    """The backend the settings name, ready to `start`; `on_batch(size, seconds)` hears of every model step."""
+                 on_batch: Callable[[int, float], None] | None = None,
+                 observer: RemoteObserver | None = None) -> Backend:
+    """The backend the settings name, ready to `start`; `on_batch(size, seconds)` hears of every model step,
+    `observer` (the Metrics) of a remote server's requests, retries, circuit and concurrency limit."""
+    if engine.kind == "openai":
+        from streamer.engine.openai import open_backend  # the resident path never loads it
+
+        return open_backend(engine, batching.max_queue, observer)
     return build_pool(load_worker(model, engine), batching, engine, on_batch)
 
 

@@ -36,6 +36,7 @@ class GenResult:
     tokens_in: int
     tokens_out: int
     error: str | None = None  # set when this request failed even alone
+    error_code: str | None = None  # the error's dead-letter code (contracts.ErrorCode); None: model_error
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class ScoreResult:
     scores: dict[str, float]
     tokens_in: int
     error: str | None = None  # set when this request failed even alone
+    error_code: str | None = None  # the error's dead-letter code (contracts.ErrorCode); None: model_error
 
 
 Request = GenRequest | ScoreRequest

@@ -83,7 +83,7 @@ def pool_from_config() -> LLMPool:
 
     path = os.environ.get("STREAMER_CONFIG")
     settings = load_settings(Path(path) if path else None)
-    return LLMPool.from_settings(settings.model, settings.batching)
+    return LLMPool.from_settings(settings.model, settings.batching, settings.engine)
 
 
 class FaustPool:

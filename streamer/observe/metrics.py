@@ -54,6 +54,17 @@ class _ModelSeries:
 
 
 @dataclass(frozen=True)
+class _RemoteSeries:
+    """A remote model server (engine.kind openai), by its base URL."""
+
+    request_latency_s: Histogram
+    first_token_s: Histogram
+    retries: Counter
+    circuit: Gauge
+    concurrency_limit: Gauge
+
+
+@dataclass(frozen=True)
 class _StreamSeries:
     """Kafka consumption and event-time windows."""
 
@@ -110,6 +121,22 @@ def _model_series(registry: CollectorRegistry) -> _ModelSeries:
     )
 
 
+def _remote_series(registry: CollectorRegistry) -> _RemoteSeries:
+    server = ["server"]
+    return _RemoteSeries(
+        request_latency_s=Histogram("streamer_remote_request_seconds", "One successful call to the model server.",
+                                    server, buckets=LATENCY_BUCKETS_S, registry=registry),
+        first_token_s=Histogram("streamer_remote_first_token_seconds", "A call sent to its first generated token.",
+                                server, buckets=LATENCY_BUCKETS_S, registry=registry),
+        retries=Counter("streamer_remote_retries", "Calls to the model server tried again, by cause (timeout, "
+                        "connection, server_error, overloaded, auth).", ["server", "cause"], registry=registry),
+        circuit=Gauge("streamer_remote_circuit", "The circuit to the model server: 1 in the state it is in "
+                      "(closed, open, half_open), 0 in the others.", ["server", "state"], registry=registry),
+        concurrency_limit=Gauge("streamer_remote_concurrency_limit", "Calls the adaptive limit lets be in flight.",
+                                server, registry=registry),
+    )
+
+
 def _stream_series(registry: CollectorRegistry) -> _StreamSeries:
     return _StreamSeries(
         consumer_lag=Gauge("streamer_consumer_lag", "Messages behind the partition's end.",
@@ -141,6 +168,7 @@ class Metrics:
         self._events = _event_series(self.registry)
         self._model = _model_series(self.registry)
         self._stream = _stream_series(self.registry)
+        self._remote = _remote_series(self.registry)
         self._reused_reported = 0
 
     def event_in(self, route: str) -> None:
@@ -193,6 +221,22 @@ class Metrics:
             for figure, value in ((manifest or {}).get(key) or {}).items():
                 if value is not None:
                     self._model.model_figures.labels(figure, of).set(value)
+
+    def remote_request(self, server: str, seconds: float) -> None:
+        self._remote.request_latency_s.labels(server).observe(seconds)
+
+    def remote_first_token(self, server: str, seconds: float) -> None:
+        self._remote.first_token_s.labels(server).observe(seconds)
+
+    def remote_retry(self, server: str, cause: str) -> None:
+        self._remote.retries.labels(server, cause).inc()
+
+    def remote_circuit(self, server: str, state: str) -> None:
+        for each in ("closed", "open", "half_open"):
+            self._remote.circuit.labels(server, each).set(1 if each == state else 0)
+
+    def remote_limit(self, server: str, limit: int) -> None:
+        self._remote.concurrency_limit.labels(server).set(limit)
 
     def lag(self, topic: str, partition: int, lag: int) -> None:
         self._stream.consumer_lag.labels(topic, str(partition)).set(lag)

@@ -19,14 +19,14 @@ from streamer.clock import Clock, SystemClock
 from streamer.config import Route, Settings
 from streamer.contracts import Answer, DeadLetter, ErrorCode, InputEvent
 from streamer.engine.backend import Backend
-from streamer.engine.requests import Generated, GenRequest, ScoreRequest, ScoreResult
+from streamer.engine.requests import Generated, GenResult
 from streamer.kafka.offsets import OffsetTracker, Ref
 from streamer.observe.metrics import Metrics
 from streamer.outcomes import Sealer
 from streamer.pipeline.parse import RawMessage, dead_letter, decode
 from streamer.pipeline.window_stage import WindowStage
 from streamer.pipeline.writer import Writer
-from streamer.tasks.prompts import build_messages, finish, route_tasks
+from streamer.tasks.event import route_tasks, task_of
 from streamer.windows.content import LabelSlot, WindowItem
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,12 @@ class EventHandler:
             self._dead(raw, dead_letter(raw, ErrorCode.FUTURE, ahead, decoded.id), route, ref)
             return
         slot = self._windows(decoded, route, raw, ref, now_ms)
-        if decoded.task == "none":
+        request = task_of(decoded, route).request
+        if request is None:  # window-only: nothing to answer
             self._tracker.done(ref)
             return
-        future = self._pool.submit(self._request(decoded, route), _deadline_ms(decoded, route))
+        cap = self._settings.limits.max_new_tokens
+        future = self._pool.submit(request(decoded, route, cap), _deadline_ms(decoded, route))
         future.add_done_callback(functools.partial(self._answered, decoded, route, raw, ref, slot,
                                                    self._clock.monotonic_s()))
 
@@ -90,8 +92,8 @@ class EventHandler:
         stage = self._stages.get(route.name)
         if stage is None:
             return None
-        slot = LabelSlot() if event.task == "classify" else None
-        tokens = self._pool.count_tokens(event.text) if stage.window.task != "count" else 0
+        slot = LabelSlot() if task_of(event, route).counts_labels else None
+        tokens = self._pool.count_tokens(event.text) if stage.window_task.counts_tokens else 0
         item = WindowItem(event.text, _event_ms(event, raw), event.key, tokens, slot)
         if stage.add(item, ref, now_ms):
             return slot
@@ -100,14 +102,6 @@ class EventHandler:
         self._dead(raw, dead_letter(raw, ErrorCode.LATE, detail, event.id), route, ref,
                    topic=stage.window.late_topic)
         return None
-
-    def _request(self, event: InputEvent, route: Route) -> GenRequest | ScoreRequest:
-        messages = build_messages(event, route)
-        if event.task == "classify":
-            return ScoreRequest(messages, tuple(route.labels))
-        cap = self._settings.limits.max_new_tokens
-        return GenRequest(messages, max_new_tokens=min(event.params.max_new_tokens or route.max_new_tokens, cap),
-                          temperature=event.params.temperature or 0.0)
 
     def _answered(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, slot: LabelSlot | None,
                   arrived_s: float, future: asyncio.Future[Generated]) -> None:
@@ -131,7 +125,9 @@ class EventHandler:
         except Exception as exc:  # the model's failure, or a bug building the answer: a dead letter either way
             if not isinstance(exc, _ModelFailed):
                 log.exception("answering event %s failed", event.id)
-            self._dead(raw, dead_letter(raw, ErrorCode.MODEL_ERROR, str(exc) or repr(exc), event.id), route, ref)
+            code = generated.result.error_code if generated is not None else None
+            self._dead(raw, dead_letter(raw, ErrorCode(code or ErrorCode.MODEL_ERROR), str(exc) or repr(exc), event.id),
+                       route, ref)
 
     def _write_answer(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, generated: Generated,
                       arrived_s: float) -> None:
@@ -147,13 +143,10 @@ class EventHandler:
     def _answer(self, event: InputEvent, route: Route, raw: RawMessage, generated: Generated,
                 arrived_s: float) -> Answer:
         result = generated.result
-        task = event.task or route.task
-        if isinstance(result, ScoreResult):  # classify: one forward pass, no generated tokens
-            text, tokens_out = result.label, 0
-        else:
-            text, tokens_out = finish(task, result.text, route), result.tokens_out
+        task = task_of(event, route)
+        tokens_out = result.tokens_out if isinstance(result, GenResult) else 0  # a scored label generates none
         return Answer(
-            id=event.id, key=event.key, task=task, output=text, model=self._pool.model_name,
+            id=event.id, key=event.key, task=task.name, output=task.answer(result, route), model=self._pool.model_name,
             tokens_in=result.tokens_in, tokens_out=tokens_out, queued_ms=round(generated.queued_ms, 3),
             latency_ms=round((self._clock.monotonic_s() - arrived_s) * 1000, 3), source=raw.source,
             ts_in=_event_ms(event, raw), ts_out=self._clock.now_ms(), meta=event.meta,
