@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any  # Hugging Face attention modules are untyped: their projections are plain attributes
 
 import torch
 import torch.nn.functional as F
@@ -216,9 +217,10 @@ class PagedRunner:
             hidden = residual + self._attention(layer.self_attn, x, cos_i, sin_i, inputs, i)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         hidden = body.norm(hidden[inputs.logit_index].to(_device_of(body.norm, hidden.device)))
-        return self.model.lm_head(hidden.to(_device_of(self.model.lm_head, hidden.device))).float()
+        logits: torch.Tensor = self.model.lm_head(hidden.to(_device_of(self.model.lm_head, hidden.device)))
+        return logits.float()
 
-    def _attention(self, attn: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _attention(self, attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    inputs: StepInputs, layer: int) -> torch.Tensor:
         tokens = x.shape[0]
         head_dim = attn.head_dim
@@ -249,4 +251,5 @@ class PagedRunner:
                 causal = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=causal, scale=attn.scaling, enable_gqa=True)
             out[flat : flat + n] = o[0].transpose(0, 1)
-        return attn.o_proj(out.reshape(tokens, -1))
+        projected: torch.Tensor = attn.o_proj(out.reshape(tokens, -1))
+        return projected

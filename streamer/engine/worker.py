@@ -39,7 +39,8 @@ class _RowLimits(StoppingCriteria):
         self.limits = limits
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        return (input_ids.shape[1] - self.prompt_len) >= self.limits
+        done: torch.BoolTensor = (input_ids.shape[1] - self.prompt_len) >= self.limits  # type: ignore[assignment]
+        return done  # a bool tensor; torch's stubs type the comparison as a plain Tensor
 
 
 def trim_generated(tokens: Sequence[int], limit: int, eos_ids: frozenset[int], ignore_eos: bool) -> list[int]:
@@ -159,7 +160,7 @@ class LLMWorker:
         kwargs = self._generation_kwargs(requests[0], max(limits))
         stop = _RowLimits(prompt_len, torch.tensor(limits, device=self.device))
         with torch.inference_mode():
-            out = self.model.generate(**enc, **kwargs, stopping_criteria=StoppingCriteriaList([stop]))
+            out = self.model.generate(**enc, **kwargs, stopping_criteria=StoppingCriteriaList([stop]))  # type: ignore[operator]  # GenerationMixin.generate is typed as a Tensor attribute
         generated = out[:, prompt_len:].tolist()
         tokens_in = enc["attention_mask"].sum(dim=1).tolist()
         return [
@@ -174,7 +175,8 @@ class LLMWorker:
     def decode(self, tokens: Sequence[int]) -> str:
         """Generated tokens as the answer text (special tokens dropped, outer whitespace trimmed)."""
         with self._tokenizer_lock:
-            return self.tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
+            text: str = self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+            return text.strip()
 
     def _generation_kwargs(self, request: GenRequest, max_new_tokens: int) -> dict[str, Any]:
         """Greedy for temperature 0, sampling otherwise; EOS suppressed for ignore_eos."""

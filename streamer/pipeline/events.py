@@ -25,7 +25,7 @@ from streamer.observe.metrics import Metrics
 from streamer.outcomes import Sealer
 from streamer.pipeline.parse import RawMessage, dead_letter, decode
 from streamer.pipeline.window_stage import WindowStage
-from streamer.pipeline.writer import Writer
+from streamer.pipeline.writer import Outputs
 from streamer.tasks.event import route_tasks, task_of
 from streamer.windows.content import LabelSlot, WindowItem
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class EventHandler:
-    def __init__(self, settings: Settings, pool: Backend, writer: Writer, tracker: OffsetTracker,
+    def __init__(self, settings: Settings, pool: Backend, writer: Outputs, tracker: OffsetTracker,
                  stages: dict[str, WindowStage], metrics: Metrics, sealer: Sealer, clock: Clock | None = None) -> None:
         self._settings, self._pool, self._writer, self._tracker = settings, pool, writer, tracker
         self._metrics = metrics

@@ -35,7 +35,7 @@ from streamer.clock import Clock, SystemClock
 from streamer.config import Route
 from streamer.contracts import TextStats, WindowBounds, WindowResult
 from streamer.engine.backend import Backend
-from streamer.engine.requests import GenRequest
+from streamer.engine.requests import GenRequest, GenResult
 from streamer.kafka.offsets import TP, OffsetTracker, Ref
 from streamer.outcomes import Sealer
 from streamer.pipeline.writer import Outputs
@@ -80,7 +80,7 @@ class WindowStage:
         self._aggregator = ContentAggregator(keep_texts=self.window_task.summarizes, keep_keys=not w.per_key,
                                              keep_stats=self.window_task.stats)
         self._engines: dict[TP | None, WindowEngine[Content, WindowItem]] = {}  # per partition; None: all
-        self.watermarks = Watermarks(w.allowed_lateness_ms, w.idle_timeout_ms)
+        self.watermarks: Watermarks[TP] = Watermarks(w.allowed_lateness_ms, w.idle_timeout_ms)
         self.late = 0  # late events of the route this process has seen
         self._dirty: defaultdict[str | None, int] = defaultdict(int)
         self._last_update_s = self._clock.monotonic_s()
@@ -166,8 +166,10 @@ class WindowStage:
         """Close what the watermark passed; in update mode, emit provisional results on schedule."""
         partition_marks = self.watermarks.partition_marks(now_ms)
         for tp, mark_ms in partition_marks.items():  # an idle partition's moved: commits past its events carry it
-            self._tracker.advance(tp, mark_ms)  # type: ignore[arg-type]
-        marks = partition_marks if self.window.per_key else {None: self.watermarks.current(now_ms)}
+            self._tracker.advance(tp, mark_ms)
+        marks: dict[TP | None, int | None] = {None: self.watermarks.current(now_ms)}
+        if self.window.per_key:
+            marks = {tp: mark_ms for tp, mark_ms in partition_marks.items()}
         closed = [window for group, engine in self._engines.items() for window in engine.expire(marks.get(group))]
         if closed:
             self._closing.update(closed)
@@ -202,7 +204,8 @@ class WindowStage:
         request = GenRequest(summarize_messages(texts, self.route.system_prompt),
                              max_new_tokens=self.window.summary_tokens)
         generated = await self._pool.generate(request)
-        return generated.result.text if generated.result.error is None else None
+        result = generated.result
+        return result.text if isinstance(result, GenResult) and result.error is None else None
 
     def _emit_updates(self, keys: list[str | None]) -> None:
         results = []
@@ -272,7 +275,8 @@ class WindowStage:
 
     def _budgeted(self, texts: list[str]) -> list[str]:
         """Keep the newest texts that fit the token budget (roughly 4 characters a token)."""
-        kept, budget = [], self.window.max_tokens * 4
+        kept: list[str] = []
+        budget = self.window.max_tokens * 4
         for text in reversed(texts):
             budget -= len(text)
             if budget < 0 and kept:
@@ -303,7 +307,11 @@ async def _settled(content: Content) -> None:
     """Wait until a window's labels have all arrived and no fold of its texts is under way."""
     if content.slots:
         resolved = asyncio.get_running_loop().create_future()
-        content.on_resolved = lambda: resolved.done() or resolved.set_result(None)
+        def resolve() -> None:
+            if not resolved.done():
+                resolved.set_result(None)
+
+        content.on_resolved = resolve
         await resolved
     while not content.settled_folds:
         await asyncio.sleep(0.01)

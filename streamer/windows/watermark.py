@@ -28,6 +28,7 @@ Pure bookkeeping: processing time is passed in, no clock is read; it must be wal
 
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 
 @dataclass(slots=True)
@@ -41,7 +42,10 @@ class _Partition:
     held: bool = False  # not fetched since the last `hold` (idle time stands still)
 
 
-class Watermarks:
+P = TypeVar("P", bound=Hashable)  # a partition's identity (TP in the service)
+
+
+class Watermarks(Generic[P]):
     """Per-partition watermarks, advanced per record, combined into one monotonic route watermark."""
 
     def __init__(self, allowed_lateness_ms: int, idle_timeout_ms: int) -> None:
@@ -51,10 +55,10 @@ class Watermarks:
             raise ValueError(f"idle_timeout_ms must be > 0, got {idle_timeout_ms}")
         self.allowed_lateness_ms = allowed_lateness_ms
         self.idle_timeout_ms = idle_timeout_ms
-        self._parts: dict[Hashable, _Partition] = {}
+        self._parts: dict[P, _Partition] = {}
         self._emitted_ms: int | None = None
 
-    def assign(self, partitions: Iterable[Hashable], now_ms: int | None = None, *, served: bool = True) -> None:
+    def assign(self, partitions: Iterable[P], now_ms: int | None = None, *, served: bool = True) -> None:
         """Start tracking partitions; ones already assigned keep their state.
 
         Without `now_ms` (e.g. from a consumer callback with no clock at hand) a new partition's idle
@@ -63,31 +67,31 @@ class Watermarks:
         for partition in partitions:
             self._parts.setdefault(partition, _Partition(seen_ms=now_ms, served=served))
 
-    def restore(self, partition: Hashable, mark_ms: int | None) -> None:
+    def restore(self, partition: P, mark_ms: int | None) -> None:
         """The watermark the partition's last commit carried: its records continue from there."""
         part = self._parts.get(partition)
         if part is not None and mark_ms is not None and (part.mark_ms is None or mark_ms > part.mark_ms):
             part.mark_ms = mark_ms
 
-    def unserved(self) -> list[Hashable]:
+    def unserved(self) -> list[P]:
         """Assigned partitions Kafka has not served yet."""
         return [partition for partition, part in self._parts.items() if not part.served]
 
-    def serve(self, partitions: Iterable[Hashable], now_ms: int) -> None:
+    def serve(self, partitions: Iterable[P], now_ms: int) -> None:
         """Kafka has served these partitions: their idle clocks start now."""
         for partition in partitions:
             if (part := self._parts.get(partition)) is not None and not part.served:
                 part.served, part.seen_ms, part.idle_ms = True, now_ms, 0
 
-    def revoke(self, partitions: Iterable[Hashable]) -> None:
+    def revoke(self, partitions: Iterable[P]) -> None:
         """Stop tracking partitions; the route's watermark keeps whatever it already reached."""
         for partition in partitions:
             self._parts.pop(partition, None)
 
-    def assigned(self, partition: Hashable) -> bool:
+    def assigned(self, partition: P) -> bool:
         return partition in self._parts
 
-    def observe(self, partition: Hashable, event_ts_ms: int, now_ms: int) -> int | None:
+    def observe(self, partition: P, event_ts_ms: int, now_ms: int) -> int | None:
         """Record one event; returns its partition's watermark before it (the one the event is placed
         under, None while nothing can be said), then advances it. A straggler of a partition no longer
         assigned changes nothing."""
@@ -101,12 +105,12 @@ class Watermarks:
         part.seen_ms, part.served, part.idle_ms = now_ms, True, 0
         return before
 
-    def mark(self, partition: Hashable) -> int | None:
+    def mark(self, partition: P) -> int | None:
         """A partition's watermark now (what a commit at this point carries)."""
         part = self._parts.get(partition)
         return part.mark_ms if part is not None else None
 
-    def hold(self, now_ms: int, partitions: Iterable[Hashable] | None = None) -> None:
+    def hold(self, now_ms: int, partitions: Iterable[P] | None = None) -> None:
         """From now on, until the next `hold`, these partitions (all, by default; none with an empty
         list) are not fetched: the consumer is paused (backpressure), their leader is unreachable (a
         broker outage) or their position is still being read, so their silence says nothing about the
@@ -120,7 +124,7 @@ class Watermarks:
         for partition, part in self._parts.items():
             part.held = partition in held
 
-    def waiting(self, partitions: Iterable[Hashable]) -> None:
+    def waiting(self, partitions: Iterable[P]) -> None:
         """Kafka holds records of these partitions that were not handed out yet: they are not quiet,
         whatever the time since their last record, so their idle time starts again (as a record would
         restart it). Without this their waiting records would be judged against the route's watermark."""
@@ -140,12 +144,12 @@ class Watermarks:
                     part.mark_ms = self._emitted_ms
         return self._emitted_ms
 
-    def partition_marks(self, now_ms: int) -> dict[Hashable, int | None]:
+    def partition_marks(self, now_ms: int) -> dict[P, int | None]:
         """Each assigned partition's own watermark at `now_ms` (None while nothing can be said)."""
         self.current(now_ms)
         return {partition: part.mark_ms for partition, part in self._parts.items()}
 
-    def idle(self, partition: Hashable, now_ms: int) -> bool:
+    def idle(self, partition: P, now_ms: int) -> bool:
         """Whether an assigned partition has been fetched without a record for `idle_timeout_ms`."""
         self._read_clock(now_ms)
         return self._idle(self._parts[partition])
