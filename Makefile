@@ -69,11 +69,12 @@ $(FAUST_LINK): $(STAMP) $(FAUST_STAMP)
 
 faust-venv: $(FAUST_LINK)
 
-bench: setup kafka-jars $(FAUST_STAMP)
+bench: setup kafka-jars llama-server $(FAUST_STAMP)
 	$(PY) -m bench.batching
 	$(PY) -m bench.windows
 	$(PY) -m bench.windows_kafka
 	$(PY) -m bench.api
+	$(PY) -m bench.remote
 
 # ruff everywhere; mypy --strict on the pure cores, the engine and the pipeline (pyproject.toml [tool.mypy]).
 lint: setup
