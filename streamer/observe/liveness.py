@@ -4,8 +4,8 @@
 - a pipeline task died (the writer, a window stage): the process is stopping;
 - the consumer has not been in its group for `stall_timeout_s` while its brokers answer;
 - the commit point has not moved for `stall_timeout_s` while input waits (lag), nothing was consumed
-  and the model is idle, and no dependency is away (a Redis or broker outage is waited out: readiness
-  shows it, and a restart would not help).
+  and the model is idle, and no dependency is away (a Redis, broker or model-server outage is waited
+  out: readiness shows it, and a restart would not help).
 
 Pure logic: the pipeline reports, at its commit cadence, what it saw; time is passed in.
 """
@@ -24,7 +24,7 @@ class Seen:
     consumed: int  # messages handed out so far (a running total)
     committed: int  # commits made so far (a running total)
     model_busy: bool  # requests queued or running
-    outage: bool  # the writer is waiting for Redis or Kafka to come back
+    outage: bool  # a dependency is away: the writer waits for Redis or Kafka, or the model's server is gone
     in_group: bool  # the consumer is joined to its group
     brokers_up: bool  # the consumer reaches the leaders of its partitions
 

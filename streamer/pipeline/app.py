@@ -319,7 +319,8 @@ class Pipeline(Listener):
         committed = self._commits if not self._exactly_once else self._writer.written + self._writer.windows_written
         self.liveness.report(Seen(
             now_s=now_s, lag=sum(lags.values()), consumed=self._consumed, committed=committed,
-            model_busy=self._pool.depth > 0 or self._pool.inflight_tokens > 0, outage=self._writer.outage,
+            model_busy=self._pool.depth > 0 or self._pool.inflight_tokens > 0,
+            outage=self._writer.outage or not self._pool.alive,  # a model server away is waited out too
             in_group=source.in_group(), brokers_up=not source.stalled()))
 
     def _room(self) -> int:

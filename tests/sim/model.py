@@ -37,6 +37,7 @@ class SimPool:
         self.pending: list[_Pending] = []
         self.inflight_tokens = 0
         self.calls = 0
+        self.away = False  # a remote model server gone: no admission (its circuit is open), not ready
         self._room: asyncio.Event | None = None
 
     model_name = MODEL_NAME
@@ -58,8 +59,12 @@ class SimPool:
     async def aclose(self) -> None:
         return None
 
+    @property
+    def alive(self) -> bool:
+        return not self.away
+
     def free_slots(self) -> int:
-        return self.max_queue - len(self.pending)
+        return 0 if self.away else self.max_queue - len(self.pending)
 
     async def wait_for_room(self) -> None:
         assert self._room is not None

@@ -85,3 +85,22 @@ def test_after_a_restart_a_quiet_partition_goes_idle_and_the_windows_of_the_busy
     for _ in range(30):  # partitions 1 and 2 are quiet: idle after 2 s, and p0's window closes
         sim.pump()
     assert len(Output(sim.cluster).final_windows()) == windows + 1
+
+
+def test_a_model_server_away_is_waited_out_with_the_input_paused_not_reported_as_a_stall(sim) -> None:
+    """engine.kind openai, the server gone: its circuit opens, no request is admitted, the consumer pauses
+    with input waiting and nothing queued. Liveness called that a stall after stall_timeout_s (model idle, no
+    Redis or Kafka outage) and a supervisor would restart a process a restart cannot help."""
+    sim.configure(shape="classify+tumbling", exactly_once=False, lateness_ms=0)
+    assert sim.instance is not None
+    sim.instance.pool.away = True
+    for i in range(6):
+        produce(sim, i % 3, BASE_MS + 10 * i)
+    stall_s = sim.settings.processing.stall_timeout_s
+    for _ in range(int(stall_s / 10) + 3):
+        sim.instance.healthy_step(10.0)
+    assert sim.instance.pool.calls == 0, "nothing was admitted while the server was away"
+    assert sim.instance.pipeline.liveness.problem() is None
+    sim.instance.pool.away = False  # the server is back: everything is answered (teardown checks it all)
+    for _ in range(5):
+        sim.pump()
