@@ -126,7 +126,10 @@ class OpenAISettings(_Section):
     latency_tolerance: float = Field(3.0, gt=1, description="a first token slower than this many times the "
                                      "measured baseline lowers the concurrency limit")
     retry_base_s: float = Field(0.2, gt=0, description="first retry's backoff; doubles per attempt, jittered")
-    retry_max_s: float = Field(10.0, gt=0, description="longest backoff between retries (a Retry-After may be longer)")
+    retry_max_s: float = Field(10.0, gt=0, description="longest backoff between retries (a Retry-After may be "
+                               "longer, up to 6 times this)")
+    max_request_failures: int = Field(4, ge=1, description="failures of one request while the server answers "
+                                      "others, after which it is a model_error dead letter")
     circuit_failures: int = Field(5, ge=1, description="consecutive failures that open the circuit")
     circuit_open_s: float = Field(2.0, gt=0, description="an open circuit waits this long before a probe")
     classify: Literal["auto", "logprobs", "choice"] = Field(

@@ -5,7 +5,9 @@ within a budget of tokens in flight and under a concurrency limit that adapts to
 A failed call is classed (retry.py): a timeout, a lost connection, a 5xx or a 429/503 is tried again after
 a jittered backoff, for as long as it takes, so no request fails because the server was away; consecutive
 failures open the circuit (circuit.py), which stops admission (`free_slots()` 0: the consume loop pauses its
-partitions) and turns readiness false until a probe finds the server back. A prompt over the server's
+partitions) and turns readiness false until a probe finds the server back. A failure is the request's own
+when the server answered other requests since its previous attempt began: those do not count towards the
+circuit, and `max_request_failures` of them end the request with an error. A prompt over the server's
 context, or another 4xx, is answered with an error and its dead-letter code.
 """
 
@@ -39,10 +41,18 @@ from streamer.lifecycle import AsyncLifecycle
 log = logging.getLogger(__name__)
 
 _CHOICE_EXTRA_TOKENS = 8  # a constrained answer's quotes and end, beyond the longest label
+_NO_LOGPROBS_SWITCH = 5  # classify auto: answers in a row without log-probabilities before choice for good
+# Failures that may be a request's own (its prompt crashes the server, or takes longer than read_timeout_s);
+# a 429/503 or a refused key speaks of the server, never of one request.
+_OWNABLE = (Failure.TIMEOUT, Failure.CONNECTION, Failure.SERVER)
 
 
 class ServerRefused(StreamerError):
     """At start: the server refuses the API key or does not serve the model."""
+
+
+class _Diverged(Exception):
+    """A retried stream's answer does not begin with the text already streamed to the caller."""
 
 
 class RemoteObserver(Protocol):
@@ -79,7 +89,9 @@ class _Call:
     future: asyncio.Future[Generated]
     pieces: asyncio.Queue[str | None] | None = None  # for a streaming caller
     failures: int = 0
-    shown_chars: int = 0  # text already streamed to the caller: a retry's answer skips that much
+    own_failures: int = 0  # failures while the server answered other requests
+    answers_before: int | None = None  # the server's answers when this request's previous attempt began
+    shown: str = ""  # text already streamed to the caller: a retry's answer must begin with it
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,8 @@ class OpenAIBackend(AsyncLifecycle):
         self._backoff = Backoff(settings.retry_base_s, settings.retry_max_s)
         self._schedule: Schedule[_Call] = Schedule(settings.max_inflight_tokens)
         self._classify = settings.classify
+        self._without_logprobs = 0  # classify auto: answers in a row that had none
+        self._answers = 0  # requests the server answered, the sign that it is there
         self._server_counts: bool | None = None  # has a tokenize endpoint; None: not known yet
         self._calls: set[_Call] = set()
         self._running = 0
@@ -193,9 +207,11 @@ class OpenAIBackend(AsyncLifecycle):
         """Take no more requests, answer every one already taken, then close the connections."""
         self._closing = True
         self._wake.set()
-        if self._dispatcher is not None:
-            await self._dispatcher
-        await self._client.close()
+        try:
+            if self._dispatcher is not None:
+                await self._dispatcher
+        finally:  # cut off by a timeout or a cancel, the connections still close
+            await self._client.close()
 
     # --- admission -------------------------------------------------------------------------------------
 
@@ -224,15 +240,15 @@ class OpenAIBackend(AsyncLifecycle):
         count stands when it has none or does not answer."""
         try:
             counted = await self._client.count_tokens(_text(call.request), self._model)
-        except CallFailed:
-            counted = None
-        else:
             self._server_counts = counted is not None
-        if counted is not None:
-            self.inflight_tokens += counted - call.prompt_tokens
-            call.tokens += counted - call.prompt_tokens
-            call.prompt_tokens = counted
-        self._queue(call)
+            if counted is not None:
+                self.inflight_tokens += counted - call.prompt_tokens
+                call.tokens += counted - call.prompt_tokens
+                call.prompt_tokens = counted
+        except Exception as exc:  # the count only sizes the budget: whatever goes wrong, the request goes on
+            log.debug("no token count from %s: %r", self.server, exc)
+        finally:  # a request never queued would never be answered
+            self._queue(call)
 
     def _queue(self, call: _Call, not_before_s: float | None = None) -> None:
         self._schedule.add(call, call.deadline_s, call.tokens, not_before_s)
@@ -268,28 +284,37 @@ class OpenAIBackend(AsyncLifecycle):
         task.add_done_callback(self._tasks.discard)
 
     async def _probe(self) -> None:
-        """Half-open: is the server back? The model list answers fast and proves the key too."""
+        """Half-open: is the server back? The model list answers fast and proves the key too. Any error is a
+        failed probe: one that escaped would leave the circuit half-open, and admission stopped, for ever."""
         try:
             await self._client.models()
-        except CallFailed as failed:
-            self._observer.remote_retry(self.server, failed.failure.value)
+        except Exception as exc:
+            log.debug("probe of %s failed: %r", self.server, exc)
+            cause = exc.failure if isinstance(exc, CallFailed) else Failure.SERVER
+            self._observer.remote_retry(self.server, cause.value)
             self._circuit_failed()
         else:
             self._circuit_succeeded()
-        self._wake.set()
+        finally:
+            self._wake.set()
 
     async def _attempt(self, call: _Call) -> None:
         epoch = self._limit.epoch
         sent_s = time.monotonic()
         at_once = self._running
+        answers_before = self._answers
         try:
             answer = await self._ask(call, sent_s)
         except CallFailed as failed:
-            self._failed(call, failed, epoch, sent_s)
+            self._failed(call, failed, epoch, sent_s, answers_before)
+        except _Diverged as diverged:  # the server answered: a stream that cannot be joined is this call's error
+            self._circuit_succeeded()
+            self._finish(call, _error(call.request, call.prompt_tokens, str(diverged)), sent_s, None, at_once)
         except Exception as exc:  # a bug or a malformed answer: this request's error, not a hang
             log.exception("request to %s failed", self.server)
             self._finish(call, _error(call.request, call.prompt_tokens, repr(exc)), sent_s, None, at_once)
         else:
+            self._answers += 1
             self._circuit_succeeded()
             self._limit.succeeded(epoch, answer.latency_s)
             self._observer.remote_limit(self.server, self._limit.limit)
@@ -302,22 +327,39 @@ class OpenAIBackend(AsyncLifecycle):
             self._schedule.done(call.tokens)
             self._wake.set()
 
-    def _failed(self, call: _Call, failed: CallFailed, epoch: int, sent_s: float) -> None:
+    def _failed(self, call: _Call, failed: CallFailed, epoch: int, sent_s: float, answers_before: int) -> None:
         if not failed.failure.retried:  # the server answered, and this request is wrong for it
             self._circuit_succeeded()
             code = ErrorCode.CONTEXT_TOO_LONG if failed.failure is Failure.CONTEXT else None
             self._finish(call, _error(call.request, call.prompt_tokens, failed.detail, code), sent_s, None, 1)
+            return
+        own = self._own_failure(call, failed, answers_before)
+        if call.own_failures >= self.settings.max_request_failures:
+            detail = (f"{self.server} failed this request {call.own_failures} times while answering others; "
+                      f"the last: {failed.detail}")
+            self._finish(call, _error(call.request, call.prompt_tokens, detail), sent_s, None, 1)
             return
         log.debug("retrying a request to %s after %s", self.server, failed)
         self._observer.remote_retry(self.server, failed.failure.value)
         if failed.failure in (Failure.OVERLOADED, Failure.TIMEOUT):
             self._limit.congested(epoch)
             self._observer.remote_limit(self.server, self._limit.limit)
-        if failed.failure.server_away:
+        if failed.failure.server_away and not own:  # one request the server fails does not make it away
             self._circuit_failed()
         call.failures += 1
         wait_s = self._backoff.wait_s(call.failures, self._rng, failed.retry_after_s)
         self._queue(call, time.monotonic() + wait_s)
+
+    def _own_failure(self, call: _Call, failed: CallFailed, answers_before: int) -> bool:
+        """Whether this failure is the request's own, counted in `call.own_failures`: the server answered other
+        requests since the request's previous attempt began (this attempt's, for the first), so it is there and
+        fails this one. Without such answers it may be away, and nothing is held against the request."""
+        since = answers_before if call.answers_before is None else call.answers_before
+        call.answers_before = answers_before
+        own = failed.failure in _OWNABLE and self._answers > since
+        if own:
+            call.own_failures += 1
+        return own
 
     def _circuit_failed(self) -> None:
         was = self._circuit.state
@@ -371,6 +413,8 @@ class OpenAIBackend(AsyncLifecycle):
                     first_s = first_s or time.monotonic()
                     text, pieces = text + piece, pieces + 1
                     self._show(call, text)
+        if not text.lstrip().startswith(call.shown):
+            raise _Diverged(f"a retry's answer {text[:200]!r} ended inside the text already streamed")
         shown = text.strip()
         tokens_in = int(usage["prompt_tokens"]) if usage else call.prompt_tokens
         tokens_out = int(usage["completion_tokens"]) if usage else pieces
@@ -378,11 +422,17 @@ class OpenAIBackend(AsyncLifecycle):
         return _Answer(GenResult(shown, tokens_in, tokens_out), first_s, latency)
 
     def _show(self, call: _Call, text: str) -> None:
-        """Stream what the caller has not seen yet (stripped at the start, like the final text)."""
-        shown = text.lstrip()
-        if call.pieces is not None and len(shown) > call.shown_chars:
-            call.pieces.put_nowait(shown[call.shown_chars:])
-            call.shown_chars = len(shown)
+        """Stream what the caller has not seen yet (stripped at the start, like the final text). A retry's
+        answer is streamed only where it goes on from what was shown, so the pieces always join to the final
+        text; one that differs (sampling, a batch-dependent server) ends the call: `_Diverged`."""
+        now = text.lstrip()
+        if call.pieces is None or call.shown.startswith(now):
+            return
+        if not now.startswith(call.shown):
+            raise _Diverged(f"a retry's answer {now[:200]!r} differs from the text already streamed "
+                            f"{call.shown[:200]!r}")
+        call.pieces.put_nowait(now[len(call.shown):])
+        call.shown = now
 
     async def _score(self, request: ScoreRequest, prompt_tokens: int, sent_s: float) -> _Answer:
         base = {"model": self._model, "messages": list(request.messages), "temperature": 0.0}
@@ -390,9 +440,7 @@ class OpenAIBackend(AsyncLifecycle):
             completion = await self._client.complete(
                 {**base, "max_tokens": 1, "logprobs": True, "top_logprobs": labels.TOP_LOGPROBS})
             top = labels.top_logprobs(completion)
-            if top is None and self._classify == "auto":
-                log.info("%s returns no log-probabilities: classifying by constrained choice", self.server)
-                self._classify = "choice"
+            self._note_logprobs(top is not None)
             scores = labels.scores_by_first_token(top or [], request.labels)
             if scores is not None:
                 best = max(scores, key=scores.__getitem__)
@@ -410,6 +458,17 @@ class OpenAIBackend(AsyncLifecycle):
                            None, time.monotonic() - sent_s)
         scores = {other: 0.0 if other == label else labels.UNRANKED for other in request.labels}
         return _Answer(ScoreResult(label, scores, tokens_in), None, time.monotonic() - sent_s)
+
+    def _note_logprobs(self, returned: bool) -> None:
+        """classify auto: choice for good only after `_NO_LOGPROBS_SWITCH` answers in a row without
+        log-probabilities. A single one (a gateway's odd answer, a server restarting) costs only its own request
+        a second, constrained completion; switching on it would lose real scores for the process's life."""
+        if self._classify != "auto":
+            return
+        self._without_logprobs = 0 if returned else self._without_logprobs + 1
+        if self._without_logprobs >= _NO_LOGPROBS_SWITCH:
+            log.info("%s returns no log-probabilities: classifying by constrained choice", self.server)
+            self._classify = "choice"
 
     async def _check_server(self) -> None:
         try:

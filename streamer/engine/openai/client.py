@@ -16,6 +16,9 @@ from streamer.engine.openai.retry import Failure, classify_status, retry_after_s
 
 _BODY_CHARS = 500  # of an error answer, kept in the failure's detail
 _NO_ENDPOINT = (404, 405, 501)
+# What reading an answer may raise: the transport's errors, and a body that is not UTF-8 (UnicodeDecodeError),
+# not JSON (a ValueError) or JSON nested too deep to parse (RecursionError). Each is a CallFailed, never a crash.
+_UNUSABLE = (TimeoutError, aiohttp.ClientError, ValueError, RecursionError)
 
 
 class CallFailed(Exception):
@@ -57,8 +60,7 @@ class OpenAIClient:
     async def models(self) -> list[str]:
         """The ids (and llama.cpp's aliases) of the models the server lists."""
         listed = await self._json("GET", f"{self.base_url}/models", None, self._quick)
-        return [name for model in listed.get("data", [])
-                for name in (model.get("id"), *model.get("aliases", [])) if isinstance(name, str)]
+        return _model_names(listed)
 
     async def complete(self, body: Mapping[str, Any]) -> Json:
         """One chat completion, answered whole."""
@@ -68,6 +70,7 @@ class OpenAIClient:
         """One chat completion as it is generated: every event's JSON, the usage in the last."""
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         session = self._open_session()
+        finished = False  # a finish_reason or the usage came: a clean end without [DONE] is complete too
         try:
             async with session.post(f"{self.base_url}/chat/completions", json=body) as response:
                 await _raise_for_status(response)
@@ -78,13 +81,13 @@ class OpenAIClient:
                     data = data.removeprefix("data:").strip()
                     if data == "[DONE]":
                         return
-                    event = json.loads(data)
-                    if "error" in event:
-                        raise _failed_event(event["error"])
+                    event = _stream_event(data)
+                    finished = finished or _final(event)
                     yield event
-        except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as exc:
+        except _UNUSABLE as exc:
             raise _transport_failure(exc) from exc
-        raise CallFailed(Failure.CONNECTION, "the stream ended before [DONE]")
+        if not finished:
+            raise CallFailed(Failure.CONNECTION, "the stream ended before its finish_reason")
 
     async def count_tokens(self, text: str, model: str) -> int | None:
         """Tokens of `text` by the server's own tokenizer; None where the server has no tokenize endpoint."""
@@ -113,7 +116,7 @@ class OpenAIClient:
             async with session.request(method, url, json=body, timeout=timeout or self._timeout) as response:
                 await _raise_for_status(response)
                 answer = await response.json(content_type=None)
-        except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as exc:
+        except _UNUSABLE as exc:
             raise _transport_failure(exc) from exc
         if not isinstance(answer, dict):
             raise CallFailed(Failure.SERVER, f"{url} answered {type(answer).__name__}, not a JSON object")
@@ -126,6 +129,40 @@ async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
     body = (await response.text(errors="replace"))[:_BODY_CHARS]
     raise CallFailed(classify_status(response.status, body), f"HTTP {response.status} from {response.url}: {body}",
                      retry_after_s(response.headers.get("Retry-After")), response.status)
+
+
+def _model_names(listed: Json) -> list[str]:
+    """The ids and aliases in a /models answer; an answer of another shape (a gateway's page, a server bug) is
+    a server failure, so a probe that meets it fails rather than crashes."""
+    data = listed.get("data")
+    if not isinstance(data, list) or not all(isinstance(model, dict) for model in data):
+        raise CallFailed(Failure.SERVER, f"/models answered no list of models: {json.dumps(listed)[:_BODY_CHARS]}")
+    names: list[str] = []
+    for model in data:
+        aliases = model.get("aliases") or []
+        if not isinstance(aliases, list):
+            raise CallFailed(Failure.SERVER, f"/models listed aliases that are no list: {aliases!r}"[:_BODY_CHARS])
+        names += [name for name in (model.get("id"), *aliases) if isinstance(name, str)]
+    return names
+
+
+def _stream_event(data: str) -> Json:
+    """One server-sent event's JSON object; an error event (sent after a 200) raises its CallFailed."""
+    event = json.loads(data)
+    if not isinstance(event, dict):
+        raise CallFailed(Failure.SERVER, f"a stream event that is no JSON object: {data[:_BODY_CHARS]}")
+    if "error" in event:
+        raise _failed_event(event["error"])
+    return event
+
+
+def _final(event: Json) -> bool:
+    """The stream's answer is complete: a choice has its finish_reason, or the usage-only last event came."""
+    choices = event.get("choices")
+    if not choices:
+        return event.get("usage") is not None
+    return isinstance(choices, list) and any(isinstance(choice, dict) and choice.get("finish_reason")
+                                             for choice in choices)
 
 
 def _failed_event(error: Any) -> CallFailed:
@@ -141,6 +178,6 @@ def _transport_failure(exc: BaseException) -> CallFailed:
         return exc
     if isinstance(exc, TimeoutError):  # aiohttp's connect and read timeouts are TimeoutErrors too
         return CallFailed(Failure.TIMEOUT, repr(exc))
-    if isinstance(exc, json.JSONDecodeError):
-        return CallFailed(Failure.SERVER, f"not JSON: {exc}")
+    if isinstance(exc, (ValueError, RecursionError)):
+        return CallFailed(Failure.SERVER, f"an unreadable answer: {exc!r}"[:_BODY_CHARS])
     return CallFailed(Failure.CONNECTION, repr(exc))

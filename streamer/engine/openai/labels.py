@@ -7,6 +7,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from streamer.tasks.prompts import snap_to_label
+
 TOP_LOGPROBS = 20  # the most OpenAI and vLLM (by default) return
 UNRANKED = -30.0  # the log-prob given to a label the constrained answer did not pick (e^-30: about 1e-13)
 
@@ -47,12 +49,18 @@ def choice_format(labels: Sequence[str]) -> dict[str, Any]:
 
 
 def chosen_label(text: str, labels: Sequence[str]) -> str | None:
-    """The label a constrained answer names (a JSON string; plain text from a server that ignored the format)."""
+    """The label a constrained answer names (a JSON string). A server that ignored the format answers in words
+    ("Positive."): the label those name first, as a resident model's classify answer is read; None when they
+    name none."""
     try:
         answer = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         answer = text
-    if isinstance(answer, str):
-        by_name = {label.strip().lower(): label for label in labels}
-        return by_name.get(answer.strip().strip('"').lower())
-    return None
+    if not isinstance(answer, str):
+        answer = text
+    by_name = {label.strip().lower(): label for label in labels}
+    exact = by_name.get(answer.strip().strip('"').lower())
+    if exact is not None:
+        return exact
+    snapped = snap_to_label(answer, labels)
+    return snapped if snapped in labels else None
