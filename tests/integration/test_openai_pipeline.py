@@ -134,6 +134,7 @@ def test_the_server_killed_for_20_s_mid_stream_loses_nothing_dead_letters_nothin
         create_topic(kafka_bootstrap, f"in-{tag}")
         produce_lines(kafka_bootstrap, f"in-{tag}", [question(i) for i in range(total)])
         pipeline = pipeline_on(settings, kafka_bootstrap, redis_url)
+        registry = pipeline.metrics.registry
         outage: dict[str, float] = {}
 
         def kill_then_restart() -> None:
@@ -143,6 +144,11 @@ def test_the_server_killed_for_20_s_mid_stream_loses_nothing_dead_letters_nothin
             server.stop()
             time.sleep(20)
             outage["written_while_down"] = pipeline.written - outage["stopped_at"]
+            outage["circuit_open"] = registry.get_sample_value(
+                "streamer_remote_circuit", {"server": server.base_url, "state": "open"}) or 0
+            outage["retries"] = sum(registry.get_sample_value(
+                "streamer_remote_retries_total", {"server": server.base_url, "cause": cause}) or 0
+                for cause in ("connection", "timeout", "server_error"))
             server.start()
 
         chaos = threading.Thread(target=kill_then_restart)
@@ -153,6 +159,7 @@ def test_the_server_killed_for_20_s_mid_stream_loses_nothing_dead_letters_nothin
     answers = [orjson.loads(m.value) for m in consume_all(kafka_bootstrap, f"out-{tag}", total, timeout_s=60)]
     assert sorted(a["id"] for a in answers) == [f"q-{i:03d}" for i in range(total)]  # none lost, none twice
     assert outage["stopped_at"] < total and outage["written_while_down"] < total - outage["stopped_at"]
+    assert outage["circuit_open"] == 1 and outage["retries"] > 0  # waited out, admission stopped
     counters = {k.decode(): int(v) for k, v in redis.Redis.from_url(redis_url).hgetall(f"{tag}:counters").items()}
     assert counters.get("dead_letters", 0) == 0
     assert committed_offsets(kafka_bootstrap, settings.kafka.group_id, f"in-{tag}") == end_offsets(
