@@ -51,9 +51,14 @@ count('events', 1)
 if keyed then redis.call('EXPIRE', KEYS[4], ttl) end
 """
 
-# KEYS[5] answer, KEYS[6] answers stream; ARGV[4] doc, ARGV[5] id, ARGV[6] tokens in, ARGV[7] out, ARGV[8] maxlen.
+# KEYS[5] answer, KEYS[6] answers stream, KEYS[7] reuse entry ('' when answers are not reused); ARGV[4] doc,
+# ARGV[5] id, ARGV[6] tokens in, ARGV[7] out, ARGV[8] maxlen, ARGV[9] the digest of what the answer answered.
 _ANSWER = _CLAIM + """
 redis.call('SET', KEYS[5], ARGV[4], 'EX', ttl)
+if KEYS[7] ~= '' then
+  redis.call('HSET', KEYS[7], 'digest', ARGV[9], 'answer', ARGV[4])
+  redis.call('EXPIRE', KEYS[7], ttl)
+end
 count('answers', 1)
 count('tokens_in', ARGV[6])
 count('tokens_out', ARGV[7])
@@ -120,12 +125,22 @@ return 1
 
 @dataclass(frozen=True)
 class Written:
-    """An outcome with its serialized form, as produced to Kafka."""
+    """An outcome with its serialized form, as produced to Kafka; an answer with a `digest` is kept for
+    reuse beside it (`Keys.reuse`)."""
 
     record: Answer | DeadLetter | WindowResult
     payload: bytes
     key: str | None
     route: str
+    digest: str | None = None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An answer kept for reuse: the digest of the event, route and model it answered, and its exact bytes."""
+
+    digest: str
+    answer: bytes
 
 
 Call = tuple[AsyncScript, list[str], list[str | bytes | int]]
@@ -190,14 +205,27 @@ class RedisState:
         claim = [f"{src.topic}:{src.partition}" if fenced else "", src.offset, s.answer_ttl_s]
         per_key = "" if outcome.key is None else k.per_key(outcome.key)
         if isinstance(record, Answer):
+            keep = "" if outcome.digest is None else k.reuse(outcome.route, record.id)
             keys = [k.fence, k.event_guard(src.topic, src.partition, src.offset), k.counters, per_key,
-                    k.answer(record.id), k.answers]
+                    k.answer(record.id), k.answers, keep]
             return self._answer, keys, [*claim, outcome.payload, record.id, record.tokens_in, record.tokens_out,
-                                        s.stream_maxlen]
+                                        s.stream_maxlen, outcome.digest or ""]
         guard = k.late_guard if record.error is ErrorCode.LATE else k.event_guard
         keys = [k.fence, guard(src.topic, src.partition, src.offset), k.counters, per_key, k.dead_letters, k.late]
         return self._dead_letter, keys, [*claim, outcome.payload, record.error.value, outcome.route,
                                          s.stream_maxlen]
+
+    async def stored_answers(self, wanted: Sequence[tuple[str, str]]) -> list[Stored | None]:
+        """The answers kept for reuse of these (route, event id) pairs, None where none is; one round trip."""
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for route, event_id in wanted:
+                    pipe.hmget(self._keys.reuse(route, event_id), "digest", "answer")
+                found = await pipe.execute()
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
+        return [Stored(digest.decode(), answer) if digest is not None and answer is not None else None
+                for digest, answer in found]
 
     async def windows_final(self, window_ids: Sequence[str]) -> list[bool]:
         """Which windows already have a final result (e.g. written before a crash and replay); one round trip."""
