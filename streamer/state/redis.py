@@ -1,4 +1,5 @@
-"""Incremental state in Redis: answers by id, capped live streams, per-key and global counters, windows.
+"""Incremental state in Redis: answers by id, capped live streams, per-key and global counters, windows,
+and answers kept for reuse (written by the answer's own script, so kept exactly when applied).
 
 Each outcome is applied by one Lua script that first claims a guard key for the event, so an event
 re-processed after a restart is never counted twice. A batch's outcomes go in one pipeline. Every name
