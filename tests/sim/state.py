@@ -7,6 +7,7 @@ It stands where `RedisState` does: under the pipeline's Redis sink (`State` in s
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Sequence
 
@@ -27,6 +28,7 @@ class SimState:
         self.windows: dict[str, tuple[bool, bytes]] = {}  # id -> (final, result JSON)
         self.answers: dict[str, bytes] = {}
         self.kept: dict[tuple[str, str], Stored] = {}  # (route, id) -> the answer kept for reuse
+        self.slow_lookups: asyncio.Event | None = None  # set: look-ups answer only once it is set
         self.up = True
         self.lose_replies = False  # apply a write, then fail as if its reply never came
 
@@ -91,6 +93,8 @@ class SimState:
         return True
 
     async def stored_answers(self, wanted: Sequence[tuple[str, str]]) -> list[Stored | None]:
+        if self.slow_lookups is not None:
+            await self.slow_lookups.wait()
         if not self.up:
             raise StateUnavailable("Connection refused")
         return [self.kept.get(pair) for pair in wanted]

@@ -4,6 +4,7 @@ guarantee once, and each runs every check of the simulation (after every poll, a
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import orjson
@@ -153,3 +154,20 @@ def test_an_event_whose_text_changed_under_the_same_id_is_answered_afresh(sim) -
     assert sim.instance is not None and sim.instance.pool.calls == 2, "the second send of a text is reused"
     outputs = [orjson.loads(w.value)["output"] for w in sim.cluster.out if w.topic == "answers"]
     assert outputs[0] == outputs[1] != outputs[2]
+
+
+def test_events_waiting_for_their_look_up_hold_model_slots_so_the_loop_polls_no_more(sim) -> None:
+    """A look-up may miss, and every miss takes a slot of the model's queue (max_queue 8): while eight
+    events wait for a slow Redis, the consume loop takes no more, however often it turns."""
+    sim.configure(shape="answer", exactly_once=False, lateness_ms=0)
+    for i in range(20):
+        produce(sim, 0, BASE_MS + i)
+    sim.state.slow_lookups = asyncio.Event()
+    for _ in range(3):
+        sim.poll(batch=500)
+    assert sim.instance is not None and sim.instance.source is not None
+    assert sim.instance.source.position[("in", 0)] == 8 and sim.instance.pool.calls == 0
+    sim.state.slow_lookups.set()
+    sim.loop.settle()
+    assert sim.instance.pool.calls == 8
+    sim.state.slow_lookups = None
