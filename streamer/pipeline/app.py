@@ -1,6 +1,7 @@
 """Wires the stages of one streamer process and runs them until asked to stop.
 
   Source ─▶ EventHandler ─bad/late─▶ Writer (dead-letter / late topic)
+              ├─▶ answer kept in Redis? (one look-up per poll) ─yes─▶ Writer (output topic + Redis)
               ├─▶ model pool (continuous engine or static batches) ─▶ Writer (output topic + Redis)
               └─▶ WindowStage (per route) ─window closes─▶ model pool? ─▶ Writer (window topic + Redis)
   Writer ─"fully written"─▶ OffsetTracker ─▶ commit (the source; a transaction, exactly once)

@@ -105,10 +105,12 @@ class Reuse:
         self._batch = []
 
     async def drain(self) -> None:
-        """Every event asked about answered from Redis or handed to the model (the shutdown's step 3)."""
+        """Every event asked about answered from Redis or handed to the model (the shutdown's step 3). A
+        look-up that died is not raised again here: the consume loop raised it (`failure`), and the
+        shutdown still writes and commits what is done."""
         self.flush()
         while self._tasks:
-            await asyncio.gather(*self._tasks)
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _resolve(self, batch: list[Lookup]) -> None:
         found = await self._find(batch)
