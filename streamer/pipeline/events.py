@@ -24,7 +24,7 @@ from streamer.clock import Clock, SystemClock
 from streamer.config import Route, Settings
 from streamer.contracts import Answer, DeadLetter, ErrorCode, InputEvent
 from streamer.engine.backend import Backend
-from streamer.engine.requests import Generated, GenResult
+from streamer.engine.requests import Generated, GenResult, Request
 from streamer.kafka.offsets import OffsetTracker, Ref
 from streamer.observe.metrics import Metrics
 from streamer.outcomes import Sealer
@@ -68,19 +68,23 @@ class EventHandler:
             self._dead(raw, dead_letter(raw, ErrorCode.FUTURE, ahead, decoded.id), route, ref)
             return
         slot = self._windows(decoded, route, raw, ref, now_ms)
-        if not task_of(decoded, route).calls_model:  # window-only: nothing to answer
+        task = task_of(decoded, route)
+        if task.request is None:  # window-only: nothing to answer
             self._tracker.done(ref)
             return
         arrived_s = self._clock.monotonic_s()
-        cap = self._settings.limits.max_new_tokens
-        kept = digest(self._pool.model_name, route, decoded, cap) if self._reuse is not None else None
-        if self._reuse is None or kept is None:  # not reused, or an event that cannot be hashed (nor kept)
-            self._ask_model(decoded, route, raw, ref, slot, arrived_s, None)
+        request = task.request(decoded, route, self._settings.limits.max_new_tokens)
+        ask = functools.partial(self._ask_model, decoded, route, raw, ref, slot, arrived_s, request)
+        if self._reuse is None:
+            ask(None)
+            return
+        kept = digest(self._pool.model_name, route.name, task.name, request, decoded)
+        if kept is None:  # an event that cannot be hashed: its answer is not kept either
+            ask(None)
             return
         self._reuse.ask(Lookup(
-            route.name, decoded.id, kept,
-            hit=functools.partial(self._reused, decoded, route, raw, ref, slot, arrived_s, kept),
-            miss=functools.partial(self._ask_model, decoded, route, raw, ref, slot, arrived_s, kept)))
+            route.name, decoded.id, kept, miss=functools.partial(ask, kept),
+            hit=functools.partial(self._reused, decoded, route, raw, ref, slot, arrived_s, kept)))
 
     @property
     def looking_up(self) -> int:
@@ -102,11 +106,8 @@ class EventHandler:
             await self._reuse.drain()
 
     def _ask_model(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, slot: LabelSlot | None,
-                   arrived_s: float, kept: str | None) -> None:
-        request = task_of(event, route).request
-        assert request is not None  # accept asks only for events with a model task
-        cap = self._settings.limits.max_new_tokens
-        future = self._pool.submit(request(event, route, cap), _deadline_ms(event, route))
+                   arrived_s: float, request: Request, kept: str | None) -> None:
+        future = self._pool.submit(request, _deadline_ms(event, route))
         future.add_done_callback(functools.partial(self._answered, event, route, raw, ref, slot, arrived_s, kept))
 
     def _reused(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, slot: LabelSlot | None,

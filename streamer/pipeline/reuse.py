@@ -4,8 +4,8 @@ by the model.
 Replays after a crash or a rebalance, and producers that send an event twice, ask again what was asked
 before. The answer outcome's Redis script keeps each answer's exact bytes under (route, event id) with a
 digest of everything that shaped it (`digest`); an event whose digest matches is answered from there.
-A changed event (text, task, params, key, meta), route settings or model has another digest: a miss,
-answered afresh.
+A changed event (text, task, params, key, meta), prompt, route setting or model has another digest: a
+miss, answered afresh.
 
 Look-ups stay off the consume loop's path: the events of one poll are looked up together, in one
 round trip, in a task of their own. Until an event is answered from Redis or handed to the model it
@@ -17,6 +17,7 @@ for Redis and nothing is dropped.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -25,29 +26,24 @@ from typing import Protocol
 
 import orjson
 
-from streamer.config import Route
 from streamer.contracts import InputEvent
 from streamer.engine.backend import Backend
+from streamer.engine.requests import Request
 from streamer.state.redis import StateUnavailable, Stored
-from streamer.tasks.event import task_of
 
 log = logging.getLogger(__name__)
 
 LOOKUP_TIMEOUT_S = 1.0
 """A look-up slower than this is a miss: a model call costs less than an event held up by a slow Redis."""
 
-_SHAPING = frozenset({"name", "task", "max_new_tokens", "system_prompt", "template", "labels", "target_lang"})
-"""The route's settings that shape its answers (not where they go, nor their deadlines or windows)."""
 
-
-def digest(model: str, route: Route, event: InputEvent, cap: int) -> str | None:
-    """What an answer depends on, hashed: the model, the route's shaping settings and the cap on new
-    tokens, and the event's task, text, params, key and meta. Not its time or place: a replay or a
-    producer's second send of the event is the same question. None: the event cannot be hashed (a
-    value JSON cannot hold), so its answer is not kept."""
-    params = event.params.model_dump(mode="json", exclude={"deadline_ms"})  # when, not what
-    doc = [model, route.model_dump(mode="json", include=set(_SHAPING)), cap, task_of(event, route).name,
-           event.text, params, event.key, event.meta]
+def digest(model: str, route: str, task: str, request: Request, event: InputEvent) -> str | None:
+    """What an answer depends on, hashed: the model, the route and task, the very request the model gets
+    (its prompt, built from the text and every route setting and template that shapes it; its token cap,
+    temperature or labels), and what the answer copies from the event (key, meta). Not the event's time
+    or place: a replay or a producer's second send is the same question. None: the event cannot be
+    hashed (a value JSON cannot hold), so its answer is not kept."""
+    doc = [model, route, task, type(request).__name__, dataclasses.asdict(request), event.key, event.meta]
     try:
         return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
     except (TypeError, ValueError):

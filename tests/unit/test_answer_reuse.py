@@ -20,24 +20,35 @@ ROUTE = Route(name="qa", input="in", output="out", task="classify", labels=["pos
 EVENT = InputEvent(id="q1", text="great", key="k", ts=1, meta={"a": 1})
 
 
+def kept(route: Route = ROUTE, event: InputEvent = EVENT, model: str = "m", cap: int = 256) -> str | None:
+    """The digest the event handler computes: over the request the model would get."""
+    task = task_of(event, route)
+    assert task.request is not None
+    return digest(model, route.name, task.name, task.request(event, route, cap), event)
+
+
 def test_the_digest_covers_what_shapes_the_answer_and_not_when_or_where_it_came() -> None:
-    same = digest("m", ROUTE, EVENT, 256)
-    assert same == digest("m", ROUTE, EVENT.model_copy(update={"ts": 2}), 256)
-    assert same == digest("m", ROUTE, EVENT.model_copy(update={"params": Params(deadline_ms=5)}), 256)
-    assert same == digest("m", ROUTE.model_copy(update={"slo_ms": 9, "output": "other"}), EVENT, 256)
+    same = kept()
+    assert same == kept(event=EVENT.model_copy(update={"ts": 2}))
+    assert same == kept(event=EVENT.model_copy(update={"params": Params(deadline_ms=5)}))
+    assert same == kept(route=ROUTE.model_copy(update={"slo_ms": 9, "output": "other"}))
+    assert same == kept(cap=128), "a scored label has no token cap"
+    answering = ROUTE.model_copy(update={"task": "answer"})
     changed = [
-        digest("other-model", ROUTE, EVENT, 256),
-        digest("m", ROUTE.model_copy(update={"name": "qb"}), EVENT, 256),
-        digest("m", ROUTE.model_copy(update={"labels": ["pos", "neg", "mixed"]}), EVENT, 256),
-        digest("m", ROUTE.model_copy(update={"system_prompt": "be terse"}), EVENT, 256),
-        digest("m", ROUTE, EVENT, 128),
-        digest("m", ROUTE, EVENT.model_copy(update={"text": "awful"}), 256),
-        digest("m", ROUTE, EVENT.model_copy(update={"task": "answer"}), 256),
-        digest("m", ROUTE, EVENT.model_copy(update={"params": Params(max_new_tokens=3)}), 256),
-        digest("m", ROUTE, EVENT.model_copy(update={"key": "other"}), 256),
-        digest("m", ROUTE, EVENT.model_copy(update={"meta": {"a": 2}}), 256),
+        kept(model="other-model"),
+        kept(route=ROUTE.model_copy(update={"name": "qb"})),
+        kept(route=ROUTE.model_copy(update={"labels": ["pos", "neg", "mixed"]})),
+        kept(route=ROUTE.model_copy(update={"system_prompt": "be terse"})),
+        kept(event=EVENT.model_copy(update={"text": "awful"})),
+        kept(event=EVENT.model_copy(update={"key": "other"})),
+        kept(event=EVENT.model_copy(update={"meta": {"a": 2}})),
+        kept(route=answering),
+        kept(route=answering, cap=16),
+        kept(route=answering.model_copy(update={"max_new_tokens": 8})),
+        kept(route=answering, event=EVENT.model_copy(update={"params": Params(temperature=0.7)})),
     ]
     assert same not in changed and len(set(changed)) == len(changed)
+    assert kept(event=EVENT.model_copy(update={"task": "answer"})) == kept(route=answering), "the same request"
 
 
 def test_routes_cannot_share_a_reuse_key() -> None:
