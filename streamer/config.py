@@ -285,6 +285,9 @@ class ProcessingSettings(_Section):
     stall_timeout_s: float = Field(
         300.0, gt=0, description="/healthz fails when input waits and nothing is consumed or committed this long "
         "(outages of Redis or Kafka aside), or when the consumer is out of its group this long")
+    reuse_answers: bool = Field(
+        True, description="answer an event whose answer Redis holds (same route, id and content) from Redis "
+        "without a model call: replays and duplicate sends cost no model time; kept redis.answer_ttl_s")
 
 
 def _default_routes() -> list[Route]:

@@ -34,7 +34,8 @@ class Outcome:
 
     `in_order`: write it only once every event it finishes lies below its partition's commit point, so
     a replay can never rebuild part of it (session windows at least once: a session rebuilt from a
-    suffix of its events would get another id)."""
+    suffix of its events would get another id). `digest`: an answer kept in Redis for reuse, with the
+    digest of what it answered (`streamer.pipeline.reuse`)."""
 
     topic: str
     kafka_key: bytes | None
@@ -43,6 +44,7 @@ class Outcome:
     releases: tuple[Ref, ...]
     route: str
     in_order: bool = False
+    digest: str | None = None
 
 
 class Unwritable(ValueError):
@@ -61,7 +63,7 @@ class Sealer:
     dead_letter_topic: str
 
     def seal(self, topic: str, kafka_key: bytes | None, record: Record, releases: tuple[Ref, ...], route: str,
-             *, in_order: bool = False) -> Outcome:
+             *, in_order: bool = False, digest: str | None = None) -> Outcome:
         """The outcome of `record`, or of the dead letter that replaces it when it cannot be written."""
         if isinstance(record, DeadLetter):
             return self._dead_letter(topic, kafka_key, record, releases, route)
@@ -69,7 +71,17 @@ class Sealer:
             payload = self._check(serialize(record), kafka_key)
         except Unwritable as exc:
             return self.replacement(record, exc.code, str(exc), releases, route, in_order=in_order)
-        return Outcome(topic, kafka_key, record, payload, releases, route, in_order)
+        return Outcome(topic, kafka_key, record, payload, releases, route, in_order, digest)
+
+    def reused(self, topic: str, kafka_key: bytes | None, answer: Answer, payload: bytes, releases: tuple[Ref, ...],
+               route: str, digest: str) -> Outcome:
+        """The outcome of an answer kept in Redis, `answer` parsed from its `payload`: the stored bytes as they
+        are (a replay writes what the first run wrote), still checked against today's size limit."""
+        try:
+            checked = self._check(payload, kafka_key)
+        except Unwritable as exc:
+            return self.replacement(answer, exc.code, str(exc), releases, route)
+        return Outcome(topic, kafka_key, answer, checked, releases, route, digest=digest)
 
     def replacement(self, record: Record, code: ErrorCode, detail: str, releases: tuple[Ref, ...],
                     route: str, *, in_order: bool = False) -> Outcome:

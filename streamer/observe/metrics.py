@@ -35,6 +35,7 @@ class _EventSeries:
     e2e_latency_s: Histogram
     first_token_s: Histogram
     output_tokens: Counter
+    answer_cache_hits: Counter
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ def _event_series(registry: CollectorRegistry) -> _EventSeries:
                                 buckets=LATENCY_BUCKETS_S, registry=registry),
         output_tokens=Counter("streamer_output_tokens", "Tokens generated (rate() gives tokens/s).",
                               registry=registry),
+        answer_cache_hits=Counter("streamer_answer_cache_hits", "Answers reused from Redis instead of asking the "
+                                  "model (replays, duplicate sends).", route, registry=registry),
     )
 
 
@@ -178,6 +181,11 @@ class Metrics:
         self._events.answered.labels(route).inc()
         self._events.e2e_latency_s.labels(route).observe(latency_s)
         self._events.output_tokens.inc(tokens_out)
+
+    def answer_reused(self, route: str, latency_s: float) -> None:
+        """An answer taken from Redis: answered (no tokens generated), and counted as a hit."""
+        self.answered(route, latency_s, 0)
+        self._events.answer_cache_hits.labels(route).inc()
 
     def dead_lettered(self, route: str, code: str) -> None:
         self._events.dead_lettered.labels(route, code).inc()

@@ -1,6 +1,7 @@
 """Wires the stages of one streamer process and runs them until asked to stop.
 
   Source ─▶ EventHandler ─bad/late─▶ Writer (dead-letter / late topic)
+              ├─▶ answer kept in Redis? (one look-up per poll) ─yes─▶ Writer (output topic + Redis)
               ├─▶ model pool (continuous engine or static batches) ─▶ Writer (output topic + Redis)
               └─▶ WindowStage (per route) ─window closes─▶ model pool? ─▶ Writer (window topic + Redis)
   Writer ─"fully written"─▶ OffsetTracker ─▶ commit (the source; a transaction, exactly once)
@@ -10,7 +11,8 @@ the clock), so the simulation in tests/sim runs this very wiring on in-memory st
 builds the real ones.
 
 Shutdown order (after SIGTERM/SIGINT, within `shutdown_timeout_s`):
-  1. stop fetching; 2. emit the windows already closed; 3. finish every queued request;
+  1. stop fetching; 2. emit the windows already closed; 3. finish every look-up of a kept answer and
+  every queued request;
   4. write every outcome to Kafka and Redis; 5. commit the offsets now fully written;
   6. flush the producer and close the clients. Open windows are not emitted: their offsets are
   not committed, so the next owner of the partition rebuilds them from Kafka.
@@ -38,6 +40,7 @@ from streamer.observe.metrics import Metrics
 from streamer.outcomes import Sealer
 from streamer.pipeline.events import EventHandler
 from streamer.pipeline.parse import RawMessage
+from streamer.pipeline.reuse import Reuse
 from streamer.pipeline.sinks.kafka import KafkaRecords, KafkaTransaction
 from streamer.pipeline.sinks.redis import RedisOutcomes
 from streamer.pipeline.window_stage import WindowStage
@@ -151,8 +154,9 @@ class Pipeline(Listener):
         self.stages = {r.name: WindowStage(r, self._pool, self._writer, self._tracker, self._state, sealer,
                                            on_mixed=self.metrics.window_mixed, clock=self._clock)
                        for r in settings.routes if r.window is not None}
+        reuse = Reuse(self._state, self._pool) if settings.processing.reuse_answers else None
         self._handler = EventHandler(settings, self._pool, self._writer, self._tracker, self.stages, self.metrics,
-                                     sealer, clock=self._clock)
+                                     sealer, clock=self._clock, reuse=reuse)
         self.source: Source | None = None
         self.liveness = Liveness(settings.processing.stall_timeout_s)
         self._stage_of_topic = {r.input: self.stages[r.name] for r in settings.routes if r.window is not None}
@@ -267,6 +271,7 @@ class Pipeline(Listener):
                 stage.refresh(now_ms, paused=source.paused or not polling, unreachable=stalled, waiting=waiting)
         for message in messages:
             self._accept(message, now_ms)
+        self._handler.flush()  # the poll's look-ups of kept answers, in one round trip
         self._consumed += len(messages)
         now_s = self._clock.monotonic_s()
         if now_s >= self._next_tick_s:
@@ -319,7 +324,7 @@ class Pipeline(Listener):
         committed = self._commits if not self._exactly_once else self._writer.written + self._writer.windows_written
         self.liveness.report(Seen(
             now_s=now_s, lag=sum(lags.values()), consumed=self._consumed, committed=committed,
-            model_busy=self._pool.depth > 0 or self._pool.inflight_tokens > 0,
+            model_busy=self._pool.depth > 0 or self._pool.inflight_tokens > 0 or self._handler.looking_up > 0,
             outage=self._writer.outage or not self._pool.alive,  # a model server away is waited out too
             in_group=source.in_group(), brokers_up=not source.stalled()))
 
@@ -329,7 +334,9 @@ class Pipeline(Listener):
         limits = self._settings.batching
         if self._writer.backlog >= limits.max_queue:
             return 0
-        return self._pool.free_slots() if self._uses_model else _MAX_POLL
+        if not self._uses_model:
+            return _MAX_POLL
+        return max(0, self._pool.free_slots() - self._handler.looking_up)  # a look-up may miss: a slot each
 
     def _raise_if_failed(self) -> None:
         """A stage that died stops the pipeline with its error rather than stalling it with paused input;
@@ -338,6 +345,9 @@ class Pipeline(Listener):
             if task.done() and not task.cancelled() and (error := task.exception()) is not None:
                 self.liveness.failed(f"a pipeline task died: {error!r}")
                 raise error
+        if (failure := self._handler.failure) is not None:
+            self.liveness.failed(f"an answer look-up died: {failure!r}")
+            raise failure
         for stage in self.stages.values():
             if stage.failure is not None:
                 self.liveness.failed(f"window stage {stage.route.name} died: {stage.failure!r}")
@@ -357,6 +367,7 @@ class Pipeline(Listener):
             async with asyncio.timeout(self._settings.shutdown_timeout_s):
                 for stage in self.stages.values():
                     await stage.drain()
+                await self._handler.drain()  # misses still go to the model before it closes
                 await self._pool.aclose()
                 if writer_alive:  # a dead writer never drains: do not wait for it
                     await self._writer.drain()

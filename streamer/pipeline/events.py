@@ -6,6 +6,11 @@ The parts of an event in the OffsetTracker, each with its releaser:
 - one per window it joins (`WindowStage.add` holds them; the window's result releases them);
 - one for its late record, when every window it belongs to has closed (released by that record).
 The event's offset is committable when no part is left.
+
+Answers reused (`streamer.pipeline.reuse`) change none of this: the event is placed in its windows as
+it is consumed, whatever its look-up finds, and its own part is released by its answer's outcome, whether
+that answer came from Redis or from the model. Only the model call is skipped on a hit; a classify
+answer's label then comes from the kept answer.
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ from streamer.clock import Clock, SystemClock
 from streamer.config import Route, Settings
 from streamer.contracts import Answer, DeadLetter, ErrorCode, InputEvent
 from streamer.engine.backend import Backend
-from streamer.engine.requests import Generated, GenResult
+from streamer.engine.requests import Generated, GenResult, Request
 from streamer.kafka.offsets import OffsetTracker, Ref
 from streamer.observe.metrics import Metrics
 from streamer.outcomes import Sealer
 from streamer.pipeline.parse import RawMessage, dead_letter, decode
+from streamer.pipeline.reuse import Lookup, Reuse, digest
 from streamer.pipeline.window_stage import WindowStage
 from streamer.pipeline.writer import Outputs
+from streamer.state.redis import Stored
 from streamer.tasks.event import route_tasks, task_of
 from streamer.windows.content import LabelSlot, WindowItem
 
@@ -34,8 +41,11 @@ log = logging.getLogger(__name__)
 
 class EventHandler:
     def __init__(self, settings: Settings, pool: Backend, writer: Outputs, tracker: OffsetTracker,
-                 stages: dict[str, WindowStage], metrics: Metrics, sealer: Sealer, clock: Clock | None = None) -> None:
+                 stages: dict[str, WindowStage], metrics: Metrics, sealer: Sealer, clock: Clock | None = None,
+                 reuse: Reuse | None = None) -> None:
+        """`reuse`: look up kept answers before asking the model (None: always ask it)."""
         self._settings, self._pool, self._writer, self._tracker = settings, pool, writer, tracker
+        self._reuse = reuse
         self._metrics = metrics
         self._sealer = sealer
         self._clock = clock or SystemClock()
@@ -58,14 +68,71 @@ class EventHandler:
             self._dead(raw, dead_letter(raw, ErrorCode.FUTURE, ahead, decoded.id), route, ref)
             return
         slot = self._windows(decoded, route, raw, ref, now_ms)
-        request = task_of(decoded, route).request
-        if request is None:  # window-only: nothing to answer
+        task = task_of(decoded, route)
+        if task.request is None:  # window-only: nothing to answer
             self._tracker.done(ref)
             return
-        cap = self._settings.limits.max_new_tokens
-        future = self._pool.submit(request(decoded, route, cap), _deadline_ms(decoded, route))
-        future.add_done_callback(functools.partial(self._answered, decoded, route, raw, ref, slot,
-                                                   self._clock.monotonic_s()))
+        arrived_s = self._clock.monotonic_s()
+        request = task.request(decoded, route, self._settings.limits.max_new_tokens)
+        ask = functools.partial(self._ask_model, decoded, route, raw, ref, slot, arrived_s, request)
+        if self._reuse is None:
+            ask(None)
+            return
+        kept = digest(self._pool.model_name, route.name, task.name, request, decoded)
+        if kept is None:  # an event that cannot be hashed: its answer is not kept either
+            ask(None)
+            return
+        self._reuse.ask(Lookup(
+            route.name, decoded.id, kept, miss=functools.partial(ask, kept),
+            hit=functools.partial(self._reused, decoded, route, raw, ref, slot, arrived_s, kept)))
+
+    @property
+    def looking_up(self) -> int:
+        """Events waiting for their look-up: each will take a slot of the model's queue on a miss."""
+        return self._reuse.pending if self._reuse is not None else 0
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self._reuse.failure if self._reuse is not None else None
+
+    def flush(self) -> None:
+        """Look up the kept answers of the events accepted since the last flush, together."""
+        if self._reuse is not None:
+            self._reuse.flush()
+
+    async def drain(self) -> None:
+        """Every event accepted so far answered from Redis or handed to the model."""
+        if self._reuse is not None:
+            await self._reuse.drain()
+
+    def _ask_model(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, slot: LabelSlot | None,
+                   arrived_s: float, request: Request, kept: str | None) -> None:
+        future = self._pool.submit(request, _deadline_ms(event, route))
+        future.add_done_callback(functools.partial(self._answered, event, route, raw, ref, slot, arrived_s, kept))
+
+    def _reused(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, slot: LabelSlot | None,
+                arrived_s: float, kept: str, stored: Stored) -> bool:
+        """Answer the event with the kept answer; False when it is not an answer (the model answers then).
+
+        A replay of the record it answered gets its very bytes. Another record of the event (a producer's
+        second send) gets the same answer naming its own `source`, as every record's outcome does."""
+        try:
+            answer = Answer.model_validate_json(stored.answer)
+        except ValueError:
+            log.warning("the kept answer of event %s on route %s is not an answer; asking the model",
+                        event.id, route.name)
+            return False
+        if slot is not None and not slot.resolved:
+            slot.resolve(answer.output)
+        self._metrics.answer_reused(route.name, self._clock.monotonic_s() - arrived_s)
+        topic, key = route.output or "", _key(event, raw)
+        if answer.source == raw.source:
+            outcome = self._sealer.reused(topic, key, answer, stored.answer, (ref,), route.name, kept)
+        else:
+            answer = answer.model_copy(update={"source": raw.source})
+            outcome = self._sealer.seal(topic, key, answer, (ref,), route.name, digest=kept)
+        self._writer.add(outcome)
+        return True
 
     def _ahead(self, event: InputEvent, raw: RawMessage, now_ms: int) -> str | None:
         """Why the event's time is too far in the future to be believed, or None.
@@ -104,7 +171,7 @@ class EventHandler:
         return None
 
     def _answered(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, slot: LabelSlot | None,
-                  arrived_s: float, future: asyncio.Future[Generated]) -> None:
+                  arrived_s: float, kept: str | None, future: asyncio.Future[Generated]) -> None:
         """A done-callback: whatever goes wrong, the event ends in exactly one outcome and its label
         slot resolves (a window waits for it), or the commit point would stay at it for ever."""
         generated: Generated | None = None
@@ -121,7 +188,7 @@ class EventHandler:
         try:
             if generated is None or error is not None:
                 raise _ModelFailed(error or "")
-            self._write_answer(event, route, raw, ref, generated, arrived_s)
+            self._write_answer(event, route, raw, ref, generated, arrived_s, kept)
         except Exception as exc:  # the model's failure, or a bug building the answer: a dead letter either way
             if not isinstance(exc, _ModelFailed):
                 log.exception("answering event %s failed", event.id)
@@ -130,7 +197,7 @@ class EventHandler:
                        route, ref)
 
     def _write_answer(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, generated: Generated,
-                      arrived_s: float) -> None:
+                      arrived_s: float, kept: str | None) -> None:
         answer = self._answer(event, route, raw, generated, arrived_s)
         self._metrics.answered(route.name, answer.latency_ms / 1000, answer.tokens_out)
         if generated.first_token_ms is not None:
@@ -138,7 +205,8 @@ class EventHandler:
         deadline_ms = _deadline_ms(event, route)
         if deadline_ms is not None and answer.latency_ms > deadline_ms:
             self._metrics.slo_miss(route.name)  # still answered: a late answer beats none
-        self._writer.add(self._sealer.seal(route.output or "", _key(event, raw), answer, (ref,), route.name))
+        self._writer.add(self._sealer.seal(route.output or "", _key(event, raw), answer, (ref,), route.name,
+                                           digest=kept))
 
     def _answer(self, event: InputEvent, route: Route, raw: RawMessage, generated: Generated,
                 arrived_s: float) -> Answer:

@@ -25,6 +25,11 @@ def encode_key(key: str | None) -> str:
     return key
 
 
+def _segment(name: str) -> str:
+    """A name inside a key, with the separator and the escape escaped: one-to-one, and verbatim when plain."""
+    return name.replace(_ESCAPE, _ESCAPE * 2).replace(":", _ESCAPE + ":")
+
+
 @dataclass(frozen=True)
 class Keys:
     """The names under one prefix (`redis.prefix`)."""
@@ -58,6 +63,12 @@ class Keys:
 
     def answer(self, id: str) -> str:
         return f"{self.prefix}:answer:{id}"
+
+    def reuse(self, route: str, id: str) -> str:
+        """An answer kept for reuse, with the digest of what it answered: per route, as two routes may
+        see one id (`answer(id)` is the last written of them). The route's colons are escaped, so no
+        (route, id) pair can name another's."""
+        return f"{self.prefix}:reuse:{_segment(route)}:{id}"
 
     def per_key(self, key: str) -> str:
         return f"{self.prefix}:key:{encode_key(key)}"

@@ -1,4 +1,5 @@
-"""Incremental state in Redis: answers by id, capped live streams, per-key and global counters, windows.
+"""Incremental state in Redis: answers by id, capped live streams, per-key and global counters, windows,
+and answers kept for reuse (written by the answer's own script, so kept exactly when applied).
 
 Each outcome is applied by one Lua script that first claims a guard key for the event, so an event
 re-processed after a restart is never counted twice. A batch's outcomes go in one pipeline. Every name
@@ -51,9 +52,14 @@ count('events', 1)
 if keyed then redis.call('EXPIRE', KEYS[4], ttl) end
 """
 
-# KEYS[5] answer, KEYS[6] answers stream; ARGV[4] doc, ARGV[5] id, ARGV[6] tokens in, ARGV[7] out, ARGV[8] maxlen.
+# KEYS[5] answer, KEYS[6] answers stream, KEYS[7] reuse entry ('' when answers are not reused); ARGV[4] doc,
+# ARGV[5] id, ARGV[6] tokens in, ARGV[7] out, ARGV[8] maxlen, ARGV[9] the digest of what the answer answered.
 _ANSWER = _CLAIM + """
 redis.call('SET', KEYS[5], ARGV[4], 'EX', ttl)
+if KEYS[7] ~= '' then
+  redis.call('HSET', KEYS[7], 'digest', ARGV[9], 'answer', ARGV[4])
+  redis.call('EXPIRE', KEYS[7], ttl)
+end
 count('answers', 1)
 count('tokens_in', ARGV[6])
 count('tokens_out', ARGV[7])
@@ -108,6 +114,15 @@ return 1
 """
 
 
+# Kept answers, one command for a whole poll (half the client's cost of a pipeline of HMGETs). KEYS: reuse
+# entries; returns (digest, answer) per key, nils where none is kept.
+_LOOKUP = """
+local found = {}
+for i, key in ipairs(KEYS) do found[i] = redis.call('HMGET', key, 'digest', 'answer') end
+return found
+"""
+
+
 # Fences only move forward: a late-committing zombie cannot pull one back. KEYS[1] fence; ARGV field, point...
 _FENCE = """
 for i = 1, #ARGV, 2 do
@@ -120,12 +135,22 @@ return 1
 
 @dataclass(frozen=True)
 class Written:
-    """An outcome with its serialized form, as produced to Kafka."""
+    """An outcome with its serialized form, as produced to Kafka; an answer with a `digest` is kept for
+    reuse beside it (`Keys.reuse`)."""
 
     record: Answer | DeadLetter | WindowResult
     payload: bytes
     key: str | None
     route: str
+    digest: str | None = None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An answer kept for reuse: the digest of the event, route and model it answered, and its exact bytes."""
+
+    digest: str
+    answer: bytes
 
 
 Call = tuple[AsyncScript, list[str], list[str | bytes | int]]
@@ -146,6 +171,7 @@ class RedisState:
         self._window = self._client.register_script(_WINDOW)
         self._result_letter = self._client.register_script(_RESULT_LETTER)
         self._fence = self._client.register_script(_FENCE)
+        self._lookup = self._client.register_script(_LOOKUP)
 
     async def ping(self) -> None:
         """Fail fast, with a clear error, when Redis is unreachable at start."""
@@ -190,14 +216,26 @@ class RedisState:
         claim = [f"{src.topic}:{src.partition}" if fenced else "", src.offset, s.answer_ttl_s]
         per_key = "" if outcome.key is None else k.per_key(outcome.key)
         if isinstance(record, Answer):
+            keep = "" if outcome.digest is None else k.reuse(outcome.route, record.id)
             keys = [k.fence, k.event_guard(src.topic, src.partition, src.offset), k.counters, per_key,
-                    k.answer(record.id), k.answers]
+                    k.answer(record.id), k.answers, keep]
             return self._answer, keys, [*claim, outcome.payload, record.id, record.tokens_in, record.tokens_out,
-                                        s.stream_maxlen]
+                                        s.stream_maxlen, outcome.digest or ""]
         guard = k.late_guard if record.error is ErrorCode.LATE else k.event_guard
         keys = [k.fence, guard(src.topic, src.partition, src.offset), k.counters, per_key, k.dead_letters, k.late]
         return self._dead_letter, keys, [*claim, outcome.payload, record.error.value, outcome.route,
                                          s.stream_maxlen]
+
+    async def stored_answers(self, wanted: Sequence[tuple[str, str]]) -> list[Stored | None]:
+        """The answers kept for reuse of these (route, event id) pairs, None where none is; one round trip."""
+        if not wanted:
+            return []
+        try:
+            found = await self._lookup(keys=[self._keys.reuse(route, event_id) for route, event_id in wanted])
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
+        return [Stored(digest.decode(), answer) if digest is not None and answer is not None else None
+                for digest, answer in found]
 
     async def windows_final(self, window_ids: Sequence[str]) -> list[bool]:
         """Which windows already have a final result (e.g. written before a crash and replay); one round trip."""

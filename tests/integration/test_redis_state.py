@@ -15,7 +15,7 @@ import redis
 from streamer.config import RedisSettings
 from streamer.contracts import Answer, DeadLetter, ErrorCode, Source, WindowBounds, WindowResult
 from streamer.state.keys import Keys
-from streamer.state.redis import RedisState, StateUnavailable, Written
+from streamer.state.redis import RedisState, StateUnavailable, Stored, Written
 from streamer.state.server import RedisServer
 from tests.integration.services import unique_name
 
@@ -25,11 +25,12 @@ T0 = 1_700_000_000_000
 TTL_S = 600
 
 
-def answer(offset: int, key: str | None = "k", id_: str | None = None) -> Written:
-    record = Answer(id=id_ or f"q{offset}", key=key, task="answer", output="o", model="m", tokens_in=5, tokens_out=3,
-                    queued_ms=1.0, latency_ms=2.0, source=Source(topic="in", partition=0, offset=offset),
+def answer(offset: int, key: str | None = "k", id_: str | None = None, *, route: str = "qa",
+           digest: str | None = None, output: str = "o") -> Written:
+    record = Answer(id=id_ or f"q{offset}", key=key, task="answer", output=output, model="m", tokens_in=5,
+                    tokens_out=3, queued_ms=1.0, latency_ms=2.0, source=Source(topic="in", partition=0, offset=offset),
                     ts_in=T0, ts_out=T0)
-    return Written(record, record.model_dump_json().encode(), key, "qa")
+    return Written(record, record.model_dump_json().encode(), key, route, digest)
 
 
 def dead_letter(offset: int, error: ErrorCode = ErrorCode.SCHEMA, key: str | None = "k") -> Written:
@@ -96,7 +97,7 @@ async def test_every_key_written_expires_or_is_capped_after_many_writes(bounded,
     state, keys = bounded
     for batch in range(10):
         base = batch * 100
-        outcomes = [answer(base + i, key=f"user-{i}") for i in range(10)]
+        outcomes = [answer(base + i, key=f"user-{i}", digest="d" if i % 2 else None) for i in range(10)]
         outcomes += [dead_letter(base + 10), dead_letter(base + 11, ErrorCode.LATE, key=None)]
         outcomes += [window(base + i, key=f"user-{i}", final=i % 2 == 0) for i in range(10)]
         outcomes += [window(base + 20, key=None)]
@@ -109,6 +110,27 @@ async def test_every_key_written_expires_or_is_capped_after_many_writes(bounded,
     assert {name for name in names - capped if not 0 < client.ttl(name) <= TTL_S} == set()
     assert client.hlen(keys.latest("qa")) == 3
     assert all(client.zcard(keys.windows("qa", key)) <= 5 for key in (None, "user-0", "user-9"))
+
+
+async def test_an_answer_is_kept_for_reuse_per_route_with_its_digest_in_the_same_script(bounded, client) -> None:
+    state, keys = bounded
+    first, other_route = answer(1, id_="same", digest="d1", output="one"), answer(2, id_="same", route="q:b",
+                                                                                  digest="d2", output="two")
+    await state.write([first, other_route, answer(3, id_="plain")])
+    found = await state.stored_answers([("qa", "same"), ("q:b", "same"), ("qa", "plain"), ("qa", "none")])
+    assert found == [Stored("d1", first.payload), Stored("d2", other_route.payload), None, None]
+    assert 0 < client.ttl(keys.reuse("qa", "same")) <= TTL_S
+    assert await state.write([answer(1, id_="same", digest="d3", output="changed")]) == 0  # replayed: applied once
+    assert (await state.stored_answers([("qa", "same")])) == [Stored("d1", first.payload)]
+
+
+async def test_a_look_up_with_redis_away_is_unavailable(redis_url) -> None:
+    state = RedisState(RedisSettings(prefix=unique_name("away")), "redis://127.0.0.1:1/0")
+    try:
+        with pytest.raises(StateUnavailable):
+            await state.stored_answers([("qa", "q1")])
+    finally:
+        await state.aclose()
 
 
 async def test_keys_none_empty_and_star_have_an_index_each(bounded, client) -> None:

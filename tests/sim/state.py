@@ -7,13 +7,14 @@ It stands where `RedisState` does: under the pipeline's Redis sink (`State` in s
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Sequence
 
 import orjson
 
 from streamer.contracts import Answer, WindowResult
-from streamer.state.redis import StateUnavailable, Written
+from streamer.state.redis import StateUnavailable, Stored, Written
 
 
 class SimState:
@@ -26,6 +27,8 @@ class SimState:
         self.fence: dict[str, int] = {}
         self.windows: dict[str, tuple[bool, bytes]] = {}  # id -> (final, result JSON)
         self.answers: dict[str, bytes] = {}
+        self.kept: dict[tuple[str, str], Stored] = {}  # (route, id) -> the answer kept for reuse
+        self.slow_lookups: asyncio.Event | None = None  # set: look-ups answer only once it is set
         self.up = True
         self.lose_replies = False  # apply a write, then fail as if its reply never came
 
@@ -69,6 +72,8 @@ class SimState:
         per_key["events"] += 1
         if isinstance(record, Answer):
             self.answers[record.id] = outcome.payload
+            if outcome.digest is not None:
+                self.kept[(outcome.route, record.id)] = Stored(outcome.digest, outcome.payload)
             self.counters.update({"answers": 1, "tokens_in": record.tokens_in, "tokens_out": record.tokens_out})
             per_key.update({"answers": 1})
         else:
@@ -86,6 +91,13 @@ class SimState:
         if result.final:
             self.counters["windows"] += 1
         return True
+
+    async def stored_answers(self, wanted: Sequence[tuple[str, str]]) -> list[Stored | None]:
+        if self.slow_lookups is not None:
+            await self.slow_lookups.wait()
+        if not self.up:
+            raise StateUnavailable("Connection refused")
+        return [self.kept.get(pair) for pair in wanted]
 
     async def windows_final(self, window_ids: Sequence[str]) -> list[bool]:
         if not self.up:

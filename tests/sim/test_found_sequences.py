@@ -4,6 +4,7 @@ guarantee once, and each runs every check of the simulation (after every poll, a
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import orjson
@@ -104,3 +105,69 @@ def test_a_model_server_away_is_waited_out_with_the_input_paused_not_reported_as
     sim.instance.pool.away = False  # the server is back: everything is answered (teardown checks it all)
     for _ in range(5):
         sim.pump()
+
+
+@pytest.mark.parametrize(("exactly_once", "shape"), [(False, "classify+tumbling"), (True, "answer")],
+                         ids=["at least once", "exactly once"])
+def test_a_replay_after_a_crash_asks_the_model_only_for_the_events_without_a_kept_answer(sim, exactly_once,
+                                                                                         shape) -> None:
+    """Issue 17, part 1: four of six events are answered and their answers reach Redis (exactly once: Redis
+    applied, the transaction never ended), then the process dies before any commit. The replay answers
+    those four from Redis, with the bytes first written, and asks the model for the other two only; a
+    classify route's labels still count in its window (teardown checks them against the oracle)."""
+    sim.configure(shape=shape, exactly_once=exactly_once, lateness_ms=0)
+    for i in range(6):
+        produce(sim, i % 3, BASE_MS + 10 * i)
+    sim.poll(batch=500)
+    instance = sim.instance
+    assert instance is not None and instance.pool.calls == 6, "nothing kept yet: every event asks the model"
+    for _ in range(4):
+        instance.pool.finish(0, ok=True)
+    sim.loop.settle()
+    if exactly_once:
+        sim.loop.advance(0.15)  # a commit interval: Redis applied, the transaction left open
+    else:
+        sim.deliver(count=100)  # acknowledged, then written to Redis
+    assert len(sim.state.kept) == 4
+    sim.crash()
+    sim.restart()
+    sim.pump()
+    replay = sim.instance
+    assert replay is not None
+    assert replay.pool.calls == 2, "the four kept answers cost no model call"
+    hits = replay.pipeline.metrics.registry.get_sample_value("streamer_answer_cache_hits_total", {"route": "r"})
+    assert hits == 4
+    kept = {doc_id: stored.answer for (_, doc_id), stored in sim.state.kept.items()}
+    again = [w.value for w in sim.cluster.out if w.topic == "answers" and orjson.loads(w.value)["id"] in kept]
+    assert len(again) >= 4 and all(value == kept[orjson.loads(value)["id"]] for value in again), "the same bytes"
+
+
+def test_an_event_whose_text_changed_under_the_same_id_is_answered_afresh(sim) -> None:
+    """The kept answer is keyed by route and id and checked by a digest of what it answered: a producer
+    reusing an id for another text gets the model's answer to that text, not the old one."""
+    sim.configure(shape="answer", exactly_once=False, lateness_ms=0)
+    for text in ("what is kafka?", "what is kafka?", "what is redis?"):
+        doc = {"id": "same", "key": "a", "text": text, "ts": BASE_MS}
+        sim.cluster.append(0, Stored(b"a", orjson.dumps(doc), sim.cluster_now_ms()))
+        sim.events.append(Event(0, len(sim.events), "a", BASE_MS, text, None))
+        sim.pump()
+    assert sim.instance is not None and sim.instance.pool.calls == 2, "the second send of a text is reused"
+    outputs = [orjson.loads(w.value)["output"] for w in sim.cluster.out if w.topic == "answers"]
+    assert outputs[0] == outputs[1] != outputs[2]
+
+
+def test_events_waiting_for_their_look_up_hold_model_slots_so_the_loop_polls_no_more(sim) -> None:
+    """A look-up may miss, and every miss takes a slot of the model's queue (max_queue 8): while eight
+    events wait for a slow Redis, the consume loop takes no more, however often it turns."""
+    sim.configure(shape="answer", exactly_once=False, lateness_ms=0)
+    for i in range(20):
+        produce(sim, 0, BASE_MS + i)
+    sim.state.slow_lookups = asyncio.Event()
+    for _ in range(3):
+        sim.poll(batch=500)
+    assert sim.instance is not None and sim.instance.source is not None
+    assert sim.instance.source.position[("in", 0)] == 8 and sim.instance.pool.calls == 0
+    sim.state.slow_lookups.set()
+    sim.loop.settle()
+    assert sim.instance.pool.calls == 8
+    sim.state.slow_lookups = None

@@ -38,6 +38,7 @@ K8S = ROOT / "ops" / "k8s"
 METRICS: dict[str, set[str]] = {
     "streamer_events_in_total": {"route"},
     "streamer_answered_total": {"route"},
+    "streamer_answer_cache_hits_total": {"route"},
     "streamer_dead_lettered_total": {"route", "code"},
     "streamer_late_total": {"route"},
     "streamer_batch_size": set(),

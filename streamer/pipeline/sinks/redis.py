@@ -47,7 +47,7 @@ class RedisOutcomes:
 
 
 def _written(batch: list[Outcome]) -> list[Written]:
-    return [Written(o.record, o.payload, _key_text(o), o.route) for o in batch]
+    return [Written(o.record, o.payload, _key_text(o), o.route, o.digest) for o in batch]
 
 
 def _key_text(outcome: Outcome) -> str | None:
