@@ -56,14 +56,16 @@ if keyed then redis.call('EXPIRE', KEYS[4], ttl) end
 # ARGV[5] id, ARGV[6] tokens in, ARGV[7] out, ARGV[8] maxlen, ARGV[9] the digest of what the answer answered.
 _ANSWER = _CLAIM + """
 redis.call('SET', KEYS[5], ARGV[4], 'EX', ttl)
-if KEYS[7] ~= '' then
-  redis.call('HSET', KEYS[7], 'digest', ARGV[9], 'answer', ARGV[4])
-  redis.call('EXPIRE', KEYS[7], ttl)
-end
 count('answers', 1)
 count('tokens_in', ARGV[6])
 count('tokens_out', ARGV[7])
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[8], '*', 'id', ARGV[5], 'answer', ARGV[4])
+-- Last and never fatal: Lua writes are not rolled back, so a key of another type in the entry's place
+-- (a leftover, a foreign writer) must cost only its reuse, not the answer's counters after the claim.
+if KEYS[7] ~= '' then
+  local kept = redis.pcall('HSET', KEYS[7], 'digest', ARGV[9], 'answer', ARGV[4])
+  if type(kept) ~= 'table' then redis.call('EXPIRE', KEYS[7], ttl) end  -- an error reply is a table
+end
 return 1
 """
 
@@ -118,7 +120,11 @@ return 1
 # entries; returns (digest, answer) per key, nils where none is kept.
 _LOOKUP = """
 local found = {}
-for i, key in ipairs(KEYS) do found[i] = redis.call('HMGET', key, 'digest', 'answer') end
+for i, key in ipairs(KEYS) do  -- a key of another type is no kept answer, not a failed poll
+  local pair = redis.pcall('HMGET', key, 'digest', 'answer')
+  if pair['err'] then pair = {false, false} end  -- a reply array has no 'err' field
+  found[i] = pair
+end
 return found
 """
 

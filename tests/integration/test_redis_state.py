@@ -124,6 +124,17 @@ async def test_an_answer_is_kept_for_reuse_per_route_with_its_digest_in_the_same
     assert (await state.stored_answers([("qa", "same")])) == [Stored("d1", first.payload)]
 
 
+async def test_a_key_of_another_type_where_an_answer_is_kept_costs_only_its_reuse(bounded, client) -> None:
+    state, keys = bounded
+    client.set(keys.reuse("qa", "odd"), "not a hash")  # a leftover or a foreign writer
+    odd = answer(1, id_="odd", digest="d1", output="one")
+    assert await state.write([odd, answer(2, id_="fine", digest="d2", output="two")]) == 2
+    assert client.hget(keys.counters, "answers") == "2"  # the answer's own state is whole
+    assert client.get(keys.answer("odd")) is not None and client.xlen(keys.answers) == 2
+    found = await state.stored_answers([("qa", "odd"), ("qa", "fine")])
+    assert found[0] is None and found[1] is not None  # the poll's other look-ups still hit
+
+
 async def test_a_look_up_with_redis_away_is_unavailable(redis_url) -> None:
     state = RedisState(RedisSettings(prefix=unique_name("away")), "redis://127.0.0.1:1/0")
     try:
