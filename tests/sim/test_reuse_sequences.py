@@ -7,12 +7,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
-import orjson
 import pytest
 
-from tests.sim.kafka import Stored
 from tests.sim.machine import BASE_MS, FAULTS, Simulation, quiet_logs
-from tests.sim.oracle import Event
+from tests.sim.test_found_sequences import produce
 
 
 @pytest.fixture
@@ -23,13 +21,6 @@ def sim() -> Iterator[Simulation]:
             yield machine
         finally:
             machine.teardown()
-
-
-def produce(sim: Simulation, partition: int, ts_ms: int, key: str = "a") -> None:
-    n = len(sim.events)
-    doc = {"id": f"e{n}", "key": key, "text": f"event {n}", "ts": ts_ms}
-    offset = sim.cluster.append(partition, Stored(key.encode(), orjson.dumps(doc), sim.cluster_now_ms()))
-    sim.events.append(Event(partition, offset, key, ts_ms, f"event {n}", None))
 
 
 def keep_some(sim: Simulation, shape: str, exactly_once: bool) -> None:
