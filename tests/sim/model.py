@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from streamer.engine.backend import BackendInfo
+from streamer.engine.backend import BackendInfo, stream_pieces
 from streamer.engine.requests import Generated, GenRequest, GenResult, Request, ScoreRequest, ScoreResult
 
 MODEL_NAME = "sim-model"
@@ -27,6 +27,7 @@ def label_of(text: str, labels: tuple[str, ...]) -> str:
 class _Pending:
     request: Request
     future: asyncio.Future[Generated]
+    on_piece: Callable[[str], None] | None = None
 
 
 class SimPool:
@@ -72,10 +73,11 @@ class SimPool:
             self._room.clear()
             await self._room.wait()
 
-    def submit(self, request: Request, deadline_ms: float | None = None) -> asyncio.Future[Generated]:
+    def submit(self, request: Request, deadline_ms: float | None = None,
+               on_piece: Callable[[str], None] | None = None) -> asyncio.Future[Generated]:
         assert self.free_slots() > 0, "the pipeline submitted past its room"
         future: asyncio.Future[Generated] = asyncio.get_running_loop().create_future()
-        self.pending.append(_Pending(request, future))
+        self.pending.append(_Pending(request, future, on_piece))
         self.calls += 1
         return future
 
@@ -83,14 +85,19 @@ class SimPool:
         await self.wait_for_room()
         return await self.submit(request, deadline_ms)
 
-    async def stream(self, request: GenRequest, deadline_ms: float | None = None) -> AsyncIterator[str | Generated]:
-        yield await self.generate(request, deadline_ms)
+    def stream(self, request: GenRequest, deadline_ms: float | None = None) -> AsyncIterator[str | Generated]:
+        return stream_pieces(self, request, deadline_ms)
 
     def finish(self, index: int, *, ok: bool) -> None:
         """Complete (or fail) the request at `index` of those pending."""
         call = self.pending.pop(index % len(self.pending))
         if not call.future.done():
-            call.future.set_result(Generated(_result(call.request, ok), 0.0, 0.0, 1))
+            result = _result(call.request, ok)
+            if call.on_piece is not None and isinstance(result, GenResult) and result.error is None:
+                words = result.text.split(" ")  # in two pieces, as a streaming model would
+                call.on_piece(words[0])
+                call.on_piece(result.text[len(words[0]):])
+            call.future.set_result(Generated(result, 0.0, 0.0, 1))
         assert self._room is not None
         self._room.set()
 
