@@ -38,6 +38,7 @@ from streamer.observe.metrics import Metrics
 from streamer.outcomes import Sealer
 from streamer.pipeline.events import EventHandler
 from streamer.pipeline.parse import RawMessage
+from streamer.pipeline.partials import PartialWriter
 from streamer.pipeline.sinks.kafka import KafkaRecords, KafkaTransaction
 from streamer.pipeline.sinks.redis import RedisOutcomes
 from streamer.pipeline.window_stage import WindowStage
@@ -120,7 +121,8 @@ def _topics_out(settings: Settings) -> list[str]:
     topics = {settings.kafka.dead_letter_topic}
     for route in settings.routes:
         window = route.window
-        topics |= {t for t in (route.output, window and window.output, window and window.late_topic) if t}
+        topics |= {t for t in (route.output, route.partial_output, window and window.output,
+                               window and window.late_topic) if t}
     return sorted(topics)
 
 
@@ -151,8 +153,9 @@ class Pipeline(Listener):
         self.stages = {r.name: WindowStage(r, self._pool, self._writer, self._tracker, self._state, sealer,
                                            on_mixed=self.metrics.window_mixed, clock=self._clock)
                        for r in settings.routes if r.window is not None}
+        self.partials = self._partial_writer(settings, edges)
         self._handler = EventHandler(settings, self._pool, self._writer, self._tracker, self.stages, self.metrics,
-                                     sealer, clock=self._clock)
+                                     sealer, clock=self._clock, partials=self.partials)
         self.source: Source | None = None
         self.liveness = Liveness(settings.processing.stall_timeout_s)
         self._stage_of_topic = {r.input: self.stages[r.name] for r in settings.routes if r.window is not None}
@@ -162,6 +165,16 @@ class Pipeline(Listener):
         self._next_tick_s = self._next_commit_s = 0.0
         self._consumed = self._commits = 0
         self._owned: set[TP] = set()  # partitions assigned to this member now
+
+    def _partial_writer(self, settings: Settings, edges: Edges) -> PartialWriter | None:
+        """The progress of `stream: true` routes' answers; delta records go through the at-least-once producer
+        (config refuses partial_output with exactly_once)."""
+        if not any(r.stream for r in settings.routes):
+            return None
+        topics = {r.name: r.partial_output for r in settings.routes if r.partial_output is not None}
+        send = edges.sink.send if topics else None  # type: ignore[union-attr]  # at least once: its producer
+        return PartialWriter(settings.partials, self._state, send, topics, self.metrics,
+                             settings.limits.max_new_tokens)
 
     @property
     def written(self) -> int:
@@ -190,6 +203,8 @@ class Pipeline(Listener):
         self.source = self._edges.open_source(self)
         await self._pool.start()
         self._background = [asyncio.create_task(self._writer.run()), asyncio.create_task(self._serve_sink())]
+        if self.partials is not None:
+            self._background.append(asyncio.create_task(self.partials.run()))
         self._next_tick_s = self._next_commit_s = self._clock.monotonic_s()
 
     def probes(self) -> dict[str, Callable[[], object]]:
@@ -358,6 +373,8 @@ class Pipeline(Listener):
                 for stage in self.stages.values():
                     await stage.drain()
                 await self._pool.aclose()
+                if self.partials is not None:  # the last pieces and final markers, best effort
+                    await self.partials.flush()
                 if writer_alive:  # a dead writer never drains: do not wait for it
                     await self._writer.drain()
         except TimeoutError:

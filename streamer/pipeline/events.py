@@ -6,6 +6,11 @@ The parts of an event in the OffsetTracker, each with its releaser:
 - one per window it joins (`WindowStage.add` holds them; the window's result releases them);
 - one for its late record, when every window it belongs to has closed (released by that record).
 The event's offset is committable when no part is left.
+
+A `stream: true` route's answer also streams out as it is generated (`pipeline/partials.py`): the model
+hands its pieces to the event's `Progress` beside the future, and the event's final marker follows its
+outcome. Progress holds no part: an answer's outcome, its Redis state and the commit rules are the same
+whether or not its pieces were written.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from streamer.clock import Clock, SystemClock
 from streamer.config import Route, Settings
 from streamer.contracts import Answer, DeadLetter, ErrorCode, InputEvent
 from streamer.engine.backend import Backend
-from streamer.engine.requests import Generated, GenResult
+from streamer.engine.requests import Generated, GenRequest, GenResult
 from streamer.kafka.offsets import OffsetTracker, Ref
 from streamer.observe.metrics import Metrics
 from streamer.outcomes import Sealer
 from streamer.pipeline.parse import RawMessage, dead_letter, decode
+from streamer.pipeline.partials import PartialWriter, Progress
 from streamer.pipeline.window_stage import WindowStage
 from streamer.pipeline.writer import Outputs
 from streamer.tasks.event import route_tasks, task_of
@@ -34,8 +40,11 @@ log = logging.getLogger(__name__)
 
 class EventHandler:
     def __init__(self, settings: Settings, pool: Backend, writer: Outputs, tracker: OffsetTracker,
-                 stages: dict[str, WindowStage], metrics: Metrics, sealer: Sealer, clock: Clock | None = None) -> None:
+                 stages: dict[str, WindowStage], metrics: Metrics, sealer: Sealer, clock: Clock | None = None,
+                 partials: PartialWriter | None = None) -> None:
+        """`partials` writes the progress of `stream: true` routes' answers (None: no route streams)."""
         self._settings, self._pool, self._writer, self._tracker = settings, pool, writer, tracker
+        self._partials = partials
         self._metrics = metrics
         self._sealer = sealer
         self._clock = clock or SystemClock()
@@ -63,9 +72,13 @@ class EventHandler:
             self._tracker.done(ref)
             return
         cap = self._settings.limits.max_new_tokens
-        future = self._pool.submit(request(decoded, route, cap), _deadline_ms(decoded, route))
+        built = request(decoded, route, cap)
+        progress = None
+        if route.stream and self._partials is not None and isinstance(built, GenRequest):
+            progress = self._partials.open(decoded.id, route.name, decoded.key, _key(decoded, raw))
+        future = self._pool.submit(built, _deadline_ms(decoded, route), progress.piece if progress else None)
         future.add_done_callback(functools.partial(self._answered, decoded, route, raw, ref, slot,
-                                                   self._clock.monotonic_s()))
+                                                   self._clock.monotonic_s(), progress))
 
     def _ahead(self, event: InputEvent, raw: RawMessage, now_ms: int) -> str | None:
         """Why the event's time is too far in the future to be believed, or None.
@@ -104,9 +117,10 @@ class EventHandler:
         return None
 
     def _answered(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, slot: LabelSlot | None,
-                  arrived_s: float, future: asyncio.Future[Generated]) -> None:
+                  arrived_s: float, progress: Progress | None, future: asyncio.Future[Generated]) -> None:
         """A done-callback: whatever goes wrong, the event ends in exactly one outcome and its label
-        slot resolves (a window waits for it), or the commit point would stay at it for ever."""
+        slot resolves (a window waits for it), or the commit point would stay at it for ever. A streaming
+        event's final marker names the dead letter's code where there is no answer."""
         generated: Generated | None = None
         error: str | None
         try:
@@ -118,6 +132,7 @@ class EventHandler:
             error = repr(exc)
         if slot is not None and not slot.resolved:
             slot.resolve(getattr(generated.result, "label", None) if generated is not None and error is None else None)
+        failed: ErrorCode | None = None
         try:
             if generated is None or error is not None:
                 raise _ModelFailed(error or "")
@@ -126,8 +141,10 @@ class EventHandler:
             if not isinstance(exc, _ModelFailed):
                 log.exception("answering event %s failed", event.id)
             code = generated.result.error_code if generated is not None else None
-            self._dead(raw, dead_letter(raw, ErrorCode(code or ErrorCode.MODEL_ERROR), str(exc) or repr(exc), event.id),
-                       route, ref)
+            failed = ErrorCode(code or ErrorCode.MODEL_ERROR)
+            self._dead(raw, dead_letter(raw, failed, str(exc) or repr(exc), event.id), route, ref)
+        if progress is not None:
+            progress.finish(failed.value if failed is not None else None)
 
     def _write_answer(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, generated: Generated,
                       arrived_s: float) -> None:

@@ -48,6 +48,11 @@ class Keys:
         return f"{self.prefix}:dead-letters"
 
     @property
+    def partials(self) -> str:
+        """Every streaming answer's deltas, capped: one stream a dashboard reads for all answers typing."""
+        return f"{self.prefix}:partials"
+
+    @property
     def fence(self) -> str:
         return f"{self.prefix}:fence"
 
@@ -58,6 +63,10 @@ class Keys:
 
     def answer(self, id: str) -> str:
         return f"{self.prefix}:answer:{id}"
+
+    def partial(self, id: str) -> str:
+        """One event's deltas as its answer is generated (a stream, expiring)."""
+        return f"{self.prefix}:partial:{id}"
 
     def per_key(self, key: str) -> str:
         return f"{self.prefix}:key:{encode_key(key)}"

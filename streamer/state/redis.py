@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from streamer.config import RedisSettings
 from streamer.contracts import Answer, DeadLetter, ErrorCode, WindowResult
 from streamer.errors import StreamerError
+from streamer.pipeline.pieces import Delta
 from streamer.state.keys import Keys, encode_key
 
 
@@ -198,6 +199,27 @@ class RedisState:
         keys = [k.fence, guard(src.topic, src.partition, src.offset), k.counters, per_key, k.dead_letters, k.late]
         return self._dead_letter, keys, [*claim, outcome.payload, record.error.value, outcome.route,
                                          s.stream_maxlen]
+
+    async def append_partials(self, deltas: Sequence[Delta], ttl_s: int, maxlen: int) -> None:
+        """Append deltas of streaming answers to each event's stream and to the capped stream of all, in one
+        pipeline. Not guarded: progress is best effort, and a replay's first delta restarts the event's stream
+        (so a reader never sees two runs of one event interleaved there)."""
+        k = self._keys
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for d in deltas:
+                    name = k.partial(d.id)
+                    fields: dict[str | bytes, str | bytes | int] = {
+                        "seq": d.seq, "delta": d.delta, "final": int(d.final), "error": d.error or ""}
+                    if d.first:
+                        pipe.delete(name)
+                    pipe.xadd(name, fields, maxlen=maxlen)
+                    pipe.expire(name, ttl_s)
+                    pipe.xadd(k.partials, {"id": d.id, "route": d.route, **fields},
+                              maxlen=self._settings.stream_maxlen, approximate=True)
+                await pipe.execute()
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
 
     async def windows_final(self, window_ids: Sequence[str]) -> list[bool]:
         """Which windows already have a final result (e.g. written before a crash and replay); one round trip."""
