@@ -3,12 +3,13 @@
 The model hands out a piece per token; writing each would be a Redis round trip and a Kafka record per
 token. Instead an event's pieces join into one pending delta until the next flush takes it, so however
 slow the writes, an event has at most one delta waiting and the text waiting is at most what the model
-generated since the last flush. `max_chars` bounds that text across events: a piece past it is dropped
-and counted, and the event's next delta skips a sequence number, so a reader sees the gap (the final
-answer, written as ever, is authoritative).
+generated since the last flush. `max_chars` bounds that text across events: a piece past it is dropped,
+and so is the rest of that event's text (its deltas would no longer join), and its final marker skips a
+sequence number, so a reader sees the gap where text is missing (the final answer, written as ever, is
+authoritative).
 
-Per event the deltas taken have sequence numbers 0, 1, 2, ... (a gap where pieces were dropped), and the
-last one, and only it, is final; without drops they join to the pieces handed in.
+Per event the deltas taken have sequence numbers 0, 1, 2, ... (a gap where text is missing), the last
+one, and only it, is final, and they join to the pieces taken in.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class _Open:
     pending: list[str] = field(default_factory=list)
     chars: int = 0
     seq: int = 0  # the next delta's
-    lost: bool = False  # pieces dropped since the last delta
+    lost: bool = False  # a piece was dropped: the rest of the text is too
+    started: bool = False  # a delta was taken
     final: bool = False
     error: str | None = None
 
@@ -66,9 +68,10 @@ class PieceBuffer:
         return handle
 
     def add(self, handle: int, piece: str) -> bool:
-        """Queue a piece of the event's text; False when dropped (the buffer is full, or the event finished)."""
+        """Queue a piece of the event's text; False when dropped (the buffer is full, or was for an earlier
+        piece of the event, or the event finished)."""
         entry = self._open.get(handle)
-        if entry is None or entry.final:
+        if entry is None or entry.final or entry.lost:
             return False
         if self.chars + len(piece) > self.max_chars:
             entry.lost = True
@@ -79,22 +82,32 @@ class PieceBuffer:
         return True
 
     def finish(self, handle: int, error: str | None = None) -> None:
-        """The event's answer (or, with `error`, its dead letter) is made: its next delta is its last."""
-        if (entry := self._open.get(handle)) is not None:
+        """The event's answer (or, with `error`, its dead letter) is made: its next delta is its last. The
+        first end counts."""
+        if (entry := self._open.get(handle)) is not None and not entry.final:
             entry.final, entry.error = True, error
 
     def take(self) -> list[Delta]:
-        """Every event's pending text as one delta each, finished events' final markers among them; the
-        finished events are forgotten."""
-        deltas = []
+        """Every event's pending text as one delta each, and finished events' final markers (in the same
+        delta where nothing is missing); the finished events are forgotten."""
+        deltas: list[Delta] = []
         for handle, entry in list(self._open.items()):
-            if not entry.pending and not entry.final:
-                continue
-            seq = entry.seq + (1 if entry.lost else 0)
-            deltas.append(Delta(entry.id, entry.route, entry.key, entry.record_key, seq, "".join(entry.pending),
-                                entry.final, first=entry.seq == 0, error=entry.error))
-            self.chars -= entry.chars
-            entry.pending, entry.chars, entry.seq, entry.lost = [], 0, seq + 1, False
+            ended = False  # its final marker is written
+            if entry.pending:
+                ended = entry.final and not entry.lost
+                deltas.append(self._delta(entry, "".join(entry.pending), final=ended))
+                self.chars -= entry.chars
+                entry.pending, entry.chars = [], 0
             if entry.final:
+                if not ended:
+                    entry.seq += int(entry.lost)  # the gap where the dropped text was
+                    deltas.append(self._delta(entry, "", final=True))
                 del self._open[handle]
         return deltas
+
+    @staticmethod
+    def _delta(entry: _Open, text: str, *, final: bool) -> Delta:
+        delta = Delta(entry.id, entry.route, entry.key, entry.record_key, entry.seq, text, final,
+                      first=not entry.started, error=entry.error if final else None)
+        entry.seq, entry.started = entry.seq + 1, True
+        return delta
