@@ -6,7 +6,8 @@ Progress is a side channel, best effort and at least once: the model hands piece
 waits; one flush at a time takes every event's pending text (one delta per event) and writes it, Kafka records
 queued first (they never wait), then one Redis pipeline bounded by `write_timeout_s`. While a write is slow the
 pieces coalesce; a failed or timed-out write, or a full buffer, drops its deltas and counts them
-(`streamer_partials_dropped_total`). Nothing here touches the answer, its Redis state or the offset ledger.
+(`streamer_partials_dropped_total`), and so are delta records past `MAX_UNACKED` waiting for the broker.
+Nothing here touches the answer, its Redis state or the offset ledger.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from streamer.pipeline.pieces import Delta, PieceBuffer
 from streamer.state.redis import StateUnavailable
 
 log = logging.getLogger(__name__)
+
+MAX_UNACKED = 10_000
+"""Delta records produced and not yet acknowledged, at most: with the broker away, more would fill the
+producer's queue that the answers share, and its producer would then make the answers wait."""
 
 Send = Callable[[str, bytes | None, bytes], asyncio.Future[None]]
 """Produce one record, acknowledged through the future (`KafkaSink.send`)."""
@@ -62,6 +67,7 @@ class PartialWriter:
         self._maxlen = max_pieces + 1
         self.buffer = PieceBuffer(settings.max_buffered_chars)
         self._flushing = asyncio.Lock()  # one flush at a time: an event's deltas reach Redis in order
+        self._unacked = 0
 
     def open(self, event_id: str, route: str, key: str | None, record_key: bytes | None) -> Progress:
         return Progress(self, self.buffer.open(event_id, route, key, record_key), route)
@@ -103,12 +109,17 @@ class PartialWriter:
         for d in deltas:
             if (topic := self._topics.get(d.route)) is None:
                 continue
+            if self._unacked >= MAX_UNACKED:
+                self._metrics.partials_dropped(d.route, "kafka")
+                continue
+            self._unacked += 1
             value = PartialDelta(id=d.id, route=d.route, key=d.key, seq=d.seq, delta=d.delta, final=d.final,
                                  error=d.error).model_dump_json().encode()
             self._send(topic, d.record_key, value).add_done_callback(self._delivered(d.route))
 
     def _delivered(self, route: str) -> Callable[[asyncio.Future[None]], None]:
         def count(future: asyncio.Future[None]) -> None:
+            self._unacked -= 1
             if future.cancelled() or future.exception() is not None:
                 self._metrics.partials_dropped(route, "kafka")
         return count

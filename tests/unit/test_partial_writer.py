@@ -96,3 +96,31 @@ def test_a_full_buffer_drops_pieces_and_counts_them() -> None:
         assert [(d.seq, d.delta, d.final) for d in store.batches[0]] == [(0, "abc", False), (2, "", True)]
         assert sample(metrics, "streamer_partials_dropped_total", route="q", reason="buffer") == 2
     asyncio.run(scenario())
+
+
+def test_delta_records_the_broker_has_not_acknowledged_are_bounded(monkeypatch) -> None:
+    """With the broker away, records would pile up in the producer queue the answers share: past the bound
+    they are dropped and counted, and the Redis stream still gets every delta."""
+    monkeypatch.setattr("streamer.pipeline.partials.MAX_UNACKED", 2)
+
+    async def scenario() -> None:
+        store, metrics = Store(), Metrics()
+        pending: list[asyncio.Future[None]] = []
+
+        def send(topic: str, key: bytes | None, value: bytes) -> asyncio.Future[None]:
+            pending.append(asyncio.get_running_loop().create_future())  # never acknowledged
+            return pending[-1]
+
+        writer = PartialWriter(PartialSettings(), store, send, {"q": "p"}, metrics, 64)
+        progress = writer.open("e1", "q", None, None)
+        for piece in ("a", "b", "c"):
+            progress.piece(piece)
+            await writer.flush()
+        assert len(pending) == 2 and len(store.batches) == 3
+        assert sample(metrics, "streamer_partials_dropped_total", route="q", reason="kafka") == 1
+        pending[0].set_result(None)
+        await asyncio.sleep(0)
+        progress.finish()
+        await writer.flush()
+        assert len(pending) == 3  # room again
+    asyncio.run(scenario())
