@@ -168,8 +168,8 @@ class PartialDelta(_Strict):
     delta: str = Field(description="text that follows the previous deltas' (empty on a final marker that adds "
                        "nothing)")
     final: bool = Field(description="the last delta of this event: its answer (or dead letter) follows")
-    error: str | None = Field(None, description="on the final marker of an event that ended without an answer: "
-                              "the dead letter's code")
+    error: str | None = Field(None, description="on the final marker of an event the model gave no answer: its "
+                              "dead letter's code (an answer refused by its topic, e.g. too_large, is not known here)")
 
 
 CONTRACTS: dict[str, type[BaseModel]] = {

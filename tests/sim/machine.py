@@ -31,6 +31,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from streamer.config import Settings
 from streamer.observe.metrics import Metrics
 from streamer.pipeline.app import Edges, Pipeline
+from streamer.pipeline.pieces import Delta
 from streamer.state.redis import StateUnavailable
 from tests.sim.kafka import Cluster, SimProducer, SimSink, SimSource, Stored
 from tests.sim.loop import Stalled, VirtualLoop
@@ -59,7 +60,7 @@ ROUTES: dict[str, dict[str, Any]] = {
                                                         "update_every_events": 3, **WINDOW}},
     "none+summarize": {"task": "none", "window": {"kind": "tumbling", "size_ms": 1000, "task": "summarize",
                                                   **WINDOW}},
-    "answer": {"task": "answer", "output": "answers"},
+    "answer": {"task": "answer", "output": "answers", "stream": True},  # its pieces go to Redis as well
 }
 DEEP = b'{"id": "deep", "text": "x", "meta": {"x": ' + b"[" * 300 + b"]" * 300 + b"}}"
 HOSTILE: dict[str, tuple[bytes, str]] = {  # the message, and the dead-letter code it must end as
@@ -485,6 +486,21 @@ class Simulation(RuleBasedStateMachine):
         assert counters["events"] == len(per_event) + late, (counters, len(per_event), late)
         assert counters["dead_letters:late"] == late
         assert counters["windows"] == len(out.final_windows())
+        self._check_partials()
+
+    def _check_partials(self) -> None:
+        """A streaming answer's progress, run by run (a run ends at its final marker, and a replay's starts
+        again at its first delta or a lower number): a whole run, no delta missing, joins to the answer the
+        event got in Redis (a function of the prompt, so the same on every replay)."""
+        runs: dict[str, list[Delta]] = {}
+        for delta in self.state.partials:
+            run = runs.get(delta.id)
+            if delta.first or run is None or run[-1].final or delta.seq <= run[-1].seq:
+                runs[delta.id] = run = []
+            run.append(delta)
+            answer = self.state.answers.get(delta.id)
+            if delta.final and delta.error is None and [d.seq for d in run] == list(range(len(run))) and answer:
+                assert "".join(d.delta for d in run) == orjson.loads(answer)["output"], run
 
 
 class Output:

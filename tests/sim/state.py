@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import orjson
 
 from streamer.contracts import Answer, WindowResult
+from streamer.pipeline.pieces import Delta
 from streamer.state.redis import StateUnavailable, Written
 
 
@@ -26,6 +27,7 @@ class SimState:
         self.fence: dict[str, int] = {}
         self.windows: dict[str, tuple[bool, bytes]] = {}  # id -> (final, result JSON)
         self.answers: dict[str, bytes] = {}
+        self.partials: list[Delta] = []  # streaming answers' progress: best effort, never guarded
         self.up = True
         self.lose_replies = False  # apply a write, then fail as if its reply never came
 
@@ -86,6 +88,11 @@ class SimState:
         if result.final:
             self.counters["windows"] += 1
         return True
+
+    async def append_partials(self, deltas: Sequence[Delta], ttl_s: int, maxlen: int) -> None:
+        if not self.up:
+            raise StateUnavailable("Connection refused")
+        self.partials += deltas
 
     async def windows_final(self, window_ids: Sequence[str]) -> list[bool]:
         if not self.up:
