@@ -4,6 +4,8 @@
               ├─▶ model pool (continuous engine or static batches) ─▶ Writer (output topic + Redis)
               └─▶ WindowStage (per route) ─window closes─▶ model pool? ─▶ Writer (window topic + Redis)
   Writer ─"fully written"─▶ OffsetTracker ─▶ commit (the source; a transaction, exactly once)
+  model pool ─pieces of stream: true answers─▶ PartialWriter (Redis partial streams, partial topic;
+              best effort, beside the answer, holding no offset)
 
 The stages talk to the world only through `Edges` (the source, the sink, Redis, the model pool and
 the clock), so the simulation in tests/sim runs this very wiring on in-memory stand-ins; `connect`
