@@ -79,7 +79,8 @@ class Backend(Protocol):
                on_piece: Callable[[str], None] | None = None) -> asyncio.Future[Generated]:
         """Queue one request; `on_piece` (on the event loop, never after the future is done) hears the answer's
         text in pieces as it is generated, which join to the result's text (a backend that cannot stream
-        hands it the whole text once). The future is the answer either way: pieces are a side channel."""
+        hands it the whole text once), unless the last is `BROKEN`: text is missing. The future is the answer
+        either way: pieces are a side channel."""
         ...
 
     async def generate(self, request: Request, deadline_ms: float | None = None) -> Generated: ...
@@ -96,6 +97,16 @@ class Backend(Protocol):
     async def start(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+class Broken(str):
+    """The piece a backend hands `on_piece` when its stream broke: text is missing from the pieces handed
+    before, or the answer no longer continues them (a retry that sampled other text). It is empty, so it joins
+    harmlessly; a caller that tells it apart marks the gap (the partial writer's final marker skips a `seq`).
+    No more pieces of the request follow it."""
+
+
+BROKEN = Broken("")
 
 
 async def stream_pieces(backend: Backend, request: GenRequest,

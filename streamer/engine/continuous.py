@@ -23,8 +23,8 @@ from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from streamer.engine.backend import BackendInfo, BatcherClosed, KVStats, QueueFull, stream_pieces
-from streamer.engine.engine import Finished, TokenRequest, admit
+from streamer.engine.backend import BROKEN, BackendInfo, BatcherClosed, KVStats, QueueFull, stream_pieces
+from streamer.engine.engine import BROKEN_TOKEN, Finished, TokenRequest, admit
 from streamer.engine.requests import (
     Generated,
     GenRequest,
@@ -86,6 +86,7 @@ class _Call:
     on_piece: Callable[[str], None] | None = None  # a streaming caller's
     sampled: list[int] = field(default_factory=list)  # its tokens so far
     shown: str = ""  # their text already handed to on_piece
+    broken: bool = False  # on_piece was handed BROKEN: no more pieces
 
 
 class ContinuousPool(AsyncLifecycle):
@@ -237,9 +238,27 @@ class ContinuousPool(AsyncLifecycle):
         """Hand a streaming caller the text its new token adds: stripped like the final text, and a split
         multi-byte character waits for its other bytes."""
         assert call.on_piece is not None
+        if call.broken:
+            return
+        if token == BROKEN_TOKEN:  # the engine's retry no longer continues the tokens streamed
+            call.broken = True
+            call.on_piece(BROKEN)
+            return
         call.sampled.append(token)
         text = self.worker.decode(call.sampled)
         if len(text) > len(call.shown) and text.startswith(call.shown) and not text.endswith("\ufffd"):
+            call.on_piece(text[len(call.shown):])
+            call.shown = text
+
+    @staticmethod
+    def _last_piece(call: _Call, text: str) -> None:
+        """What of the answer's text the pieces have not shown yet (the end of a character cut by the token
+        cap, which `_piece` held back); `BROKEN` where the answer does not continue what was shown."""
+        assert call.on_piece is not None
+        if not text.startswith(call.shown):
+            call.broken = True
+            call.on_piece(BROKEN)
+        elif len(text) > len(call.shown):
             call.on_piece(text[len(call.shown):])
             call.shown = text
 
@@ -252,8 +271,11 @@ class ContinuousPool(AsyncLifecycle):
         self.inflight_tokens -= call.tokens
         self._room.set()
         finished_s = time.monotonic()
+        result = self._result(call, done)
+        if call.on_piece is not None and not call.broken and isinstance(result, GenResult) and result.error is None:
+            self._last_piece(call, result.text)
         generated = Generated(
-            result=self._result(call, done),
+            result=result,
             queued_ms=(done.admitted_s - call.submitted_s) * 1000,
             model_ms=(finished_s - done.admitted_s) * 1000,
             batch_size=self.engine.last_step_size,
