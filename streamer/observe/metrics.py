@@ -160,7 +160,8 @@ def _stream_series(registry: CollectorRegistry) -> _StreamSeries:
                                  "(to Redis, and to Kafka where the route has a partial_output).", ["route"],
                                  registry=registry),
         partials_dropped=Counter("streamer_partials_dropped", "Pieces or deltas of answers not written as progress "
-                                 "(the answer itself is written as ever), by why: buffer (full), redis, kafka.",
+                                 "(the answer itself is written as ever), by why: buffer (full), redis, kafka, "
+                                 "unwritable, superseded (a newer run of the event).",
                                  ["route", "reason"], registry=registry),
     )
 

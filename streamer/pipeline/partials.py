@@ -7,13 +7,17 @@ waits; one flush at a time takes every event's pending text (one delta per event
 queued first (they never wait), then one Redis pipeline bounded by `write_timeout_s`. While a write is slow the
 pieces coalesce; a failed or timed-out write, or a full buffer, drops its deltas and counts them
 (`streamer_partials_dropped_total`), and so are delta records past `MAX_UNACKED` waiting for the broker.
-Nothing here touches the answer, its Redis state or the offset ledger.
+Nothing here touches the answer, its Redis state or the offset ledger, and nothing here can stop the pipeline:
+a delta that cannot be written for any other reason (text Redis or JSON cannot encode, a bug) is dropped and
+counted too (`unwritable`), and a piece holding a lone surrogate is written with U+FFFD in its place.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,8 +26,9 @@ from redis.exceptions import RedisError
 
 from streamer.config import PartialSettings
 from streamer.contracts import PartialDelta
+from streamer.engine.backend import Broken
 from streamer.observe.metrics import Metrics
-from streamer.pipeline.pieces import Delta, PieceBuffer
+from streamer.pipeline.pieces import ENDED, Delta, PieceBuffer
 from streamer.state.redis import StateUnavailable
 
 log = logging.getLogger(__name__)
@@ -31,6 +36,8 @@ log = logging.getLogger(__name__)
 MAX_UNACKED = 10_000
 """Delta records produced and not yet acknowledged, at most: with the broker away, more would fill the
 producer's queue that the answers share, and its producer would then make the answers wait."""
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 Send = Callable[[str, bytes | None, bytes], asyncio.Future[None]]
 """Produce one record, acknowledged through the future (`KafkaSink.send`)."""
@@ -53,6 +60,10 @@ class Progress:
     def piece(self, text: str) -> None:
         self.writer.piece(self, text)
 
+    def broken(self) -> None:
+        """Text is missing from the pieces (their source's stream broke): the final marker shows a gap."""
+        self.writer.buffer.broken(self.handle)
+
     def finish(self, error: str | None = None) -> None:
         self.writer.buffer.finish(self.handle, error)
 
@@ -65,16 +76,27 @@ class PartialWriter:
         self._settings, self._store, self._send, self._topics = settings, store, send, topics
         self._metrics = metrics
         self._maxlen = max_pieces + 1
-        self.buffer = PieceBuffer(settings.max_buffered_chars)
+        self.buffer = PieceBuffer(settings.max_buffered_chars, run_prefix=f"{os.urandom(6).hex()}-")
         self._flushing = asyncio.Lock()  # one flush at a time: an event's deltas reach Redis in order
         self._unacked = 0
 
     def open(self, event_id: str, route: str, key: str | None, record_key: bytes | None) -> Progress:
-        return Progress(self, self.buffer.open(event_id, route, key, record_key), route)
+        """A run of the event's progress; an older run of the id still open is retired (`superseded`)."""
+        handle, retired = self.buffer.open(event_id, route, key, record_key)
+        if retired:
+            self._metrics.partials_dropped(route, "superseded", retired)
+        return Progress(self, handle, route)
 
     def piece(self, progress: Progress, text: str) -> None:
-        if not self.buffer.add(progress.handle, text):
-            self._metrics.partials_dropped(progress.route, "buffer")
+        if isinstance(text, Broken):
+            progress.broken()
+            return
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # a lone surrogate (json.loads accepts "\ud83d"): neither Redis nor JSON take it
+            text = _SURROGATE.sub("\ufffd", text)
+        if (dropped := self.buffer.add(progress.handle, text)) is not None and dropped != ENDED:
+            self._metrics.partials_dropped(progress.route, dropped)
 
     async def run(self) -> None:
         """Flush every flush_ms, for as long as the pipeline runs."""
@@ -86,7 +108,11 @@ class PartialWriter:
         """Write what the buffer holds now; whatever fails is dropped and counted, never retried (the next
         flush has newer text, and the answer has all of it)."""
         async with self._flushing:
-            deltas = self.buffer.take()
+            try:
+                deltas = self.buffer.take()
+            except Exception:  # a bug: progress is lost, never the pipeline
+                log.exception("could not take the pieces of streaming answers")
+                return
             if deltas:
                 self._produce(deltas)
                 await self._append(deltas)
@@ -100,6 +126,11 @@ class PartialWriter:
             for route, n in _per_route(deltas).items():
                 self._metrics.partials_dropped(route, "redis", n)
             return
+        except Exception as exc:  # what Redis cannot take, or a bug: dropped and counted, never fatal
+            log.warning("dropped %d deltas of streaming answers that could not be written: %r", len(deltas), exc)
+            for route, n in _per_route(deltas).items():
+                self._metrics.partials_dropped(route, "unwritable", n)
+            return
         for route, n in _per_route(deltas).items():
             self._metrics.partials_written(route, n)
 
@@ -112,10 +143,16 @@ class PartialWriter:
             if self._unacked >= MAX_UNACKED:
                 self._metrics.partials_dropped(d.route, "kafka")
                 continue
+            try:
+                value = PartialDelta(id=d.id, route=d.route, key=d.key, seq=d.seq, delta=d.delta, final=d.final,
+                                     error=d.error).model_dump_json().encode()
+                future = self._send(topic, d.record_key, value)
+            except Exception as exc:  # what JSON cannot encode, a producer refusing: dropped, never fatal
+                log.warning("dropped a delta record of %s that could not be produced: %r", d.id, exc)
+                self._metrics.partials_dropped(d.route, "unwritable")
+                continue
             self._unacked += 1
-            value = PartialDelta(id=d.id, route=d.route, key=d.key, seq=d.seq, delta=d.delta, final=d.final,
-                                 error=d.error).model_dump_json().encode()
-            self._send(topic, d.record_key, value).add_done_callback(self._delivered(d.route))
+            future.add_done_callback(self._delivered(d.route))
 
     def _delivered(self, route: str) -> Callable[[asyncio.Future[None]], None]:
         def count(future: asyncio.Future[None]) -> None:

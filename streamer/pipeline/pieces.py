@@ -9,7 +9,12 @@ sequence number, so a reader sees the gap where text is missing (the final answe
 authoritative).
 
 Per event the deltas taken have sequence numbers 0, 1, 2, ... (a gap where text is missing), the last
-one, and only it, is final, and they join to the pieces taken in.
+one, and only it, is final, and they join to the pieces taken in. Each opening of an event is a run with its
+own token (`run`), which every delta carries: where a run's deltas land (`partial:{id}` in Redis) an entry of
+another run is replaced, not appended to, so two runs of an event never mix there however their writes fare.
+One id has one run open at a time: opening an id already open (a replay in the same process while the
+earlier assignment's request still streams, or a producer's duplicate) retires the older run, whose pieces
+and final marker are dropped from then on (`superseded`).
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ class Delta:
     seq: int
     delta: str
     final: bool
-    first: bool  # this event's first delta in this process (a replay's restarts the event's Redis stream)
+    first: bool  # this run's first delta taken
     error: str | None = None  # final: the dead letter's code when the event ended without an answer
+    run: str = ""  # the run's token: unique per opening of an event (per process, with the buffer's prefix)
 
 
 @dataclass
 class _Open:
+    run: str
     id: str
     route: str
     key: str | None
@@ -46,40 +53,71 @@ class _Open:
     started: bool = False  # a delta was taken
     final: bool = False
     error: str | None = None
+    retired: bool = False  # a newer run of the id is open: this one's pieces and marker are dropped
+
+
+BUFFER = "buffer"
+"""Why `add` drops a piece: the buffer is full (or was, for an earlier piece of the event)."""
+SUPERSEDED = "superseded"
+"""Why a piece or a final marker is dropped: its run was retired by a newer run of the same id."""
+ENDED = "ended"
+"""Why `add` drops a piece: the event finished (not counted: nothing was missing from its deltas)."""
 
 
 class PieceBuffer:
-    """Open events by handle; `take` empties it into at most one delta per event."""
+    """Open events by handle, one per id; `take` empties it into at most one delta per event."""
 
-    def __init__(self, max_chars: int) -> None:
+    def __init__(self, max_chars: int, run_prefix: str = "") -> None:
+        """`run_prefix` makes run tokens unique beyond this buffer (the writer's: random per process)."""
         self.max_chars = max_chars
         self.chars = 0  # text waiting, all events together
         self._open: dict[int, _Open] = {}
+        self._by_id: dict[str, int] = {}  # id -> the handle of its open run
         self._handles = itertools.count()
+        self._run_prefix = run_prefix
 
     def __len__(self) -> int:
         """Events open: streaming, or finished with their final delta not taken yet."""
         return len(self._open)
 
-    def open(self, event_id: str, route: str, key: str | None, record_key: bytes | None) -> int:
-        """Start an event's answer; its handle (events may share an id: a producer's duplicate)."""
+    def open(self, event_id: str, route: str, key: str | None, record_key: bytes | None) -> tuple[int, int]:
+        """Start a run of an event's answer: its handle, and how many deltas of an older run of the id this
+        retires (its pending text and its final marker, dropped: the caller counts them)."""
+        retired = 0
+        if (older := self._by_id.pop(event_id, None)) is not None:
+            entry = self._open[older]
+            retired = 1 + int(bool(entry.pending) and not entry.final)  # its pending delta, its marker
+            self.chars -= entry.chars
+            entry.pending, entry.chars, entry.retired = [], 0, True
         handle = next(self._handles)
-        self._open[handle] = _Open(event_id, route, key, record_key)
-        return handle
+        self._open[handle] = _Open(f"{self._run_prefix}{handle}", event_id, route, key, record_key)
+        self._by_id[event_id] = handle
+        return handle, retired
 
-    def add(self, handle: int, piece: str) -> bool:
-        """Queue a piece of the event's text; False when dropped (the buffer is full, or was for an earlier
-        piece of the event, or the event finished)."""
+    def add(self, handle: int, piece: str) -> str | None:
+        """Queue a piece of the event's text; None when queued, else why it was dropped: `BUFFER` (the buffer
+        is full, or was for an earlier piece of the event), `SUPERSEDED` (a newer run of the id is open) or
+        `ENDED` (the event finished)."""
         entry = self._open.get(handle)
-        if entry is None or entry.final or entry.lost:
-            return False
+        if entry is not None and entry.retired:
+            return SUPERSEDED
+        if entry is None or entry.final:
+            return ENDED
+        if entry.lost:
+            return BUFFER
         if self.chars + len(piece) > self.max_chars:
             entry.lost = True
-            return False
+            return BUFFER
         entry.pending.append(piece)
         entry.chars += len(piece)
         self.chars += len(piece)
-        return True
+        return None
+
+    def broken(self, handle: int) -> None:
+        """Text of the event is missing (its source's stream broke): its final marker shows a gap, and its
+        further pieces are dropped, so its deltas still join."""
+        if (entry := self._open.get(handle)) is not None and not entry.final:
+            entry.lost = True
 
     def finish(self, handle: int, error: str | None = None) -> None:
         """The event's answer (or, with `error`, its dead letter) is made: its next delta is its last. The
@@ -92,6 +130,10 @@ class PieceBuffer:
         delta where nothing is missing); the finished events are forgotten."""
         deltas: list[Delta] = []
         for handle, entry in list(self._open.items()):
+            if entry.retired:  # kept only to tell its late pieces from an ended event's
+                if entry.final:
+                    del self._open[handle]
+                continue
             ended = False  # its final marker is written
             if entry.pending:
                 ended = entry.final and not entry.lost
@@ -103,11 +145,13 @@ class PieceBuffer:
                     entry.seq += int(entry.lost)  # the gap where the dropped text was
                     deltas.append(self._delta(entry, "", final=True))
                 del self._open[handle]
+                if self._by_id.get(entry.id) == handle:
+                    del self._by_id[entry.id]
         return deltas
 
     @staticmethod
     def _delta(entry: _Open, text: str, *, final: bool) -> Delta:
         delta = Delta(entry.id, entry.route, entry.key, entry.record_key, entry.seq, text, final,
-                      first=not entry.started, error=entry.error if final else None)
+                      first=not entry.started, error=entry.error if final else None, run=entry.run)
         entry.seq, entry.started = entry.seq + 1, True
         return delta

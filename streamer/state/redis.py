@@ -109,6 +109,23 @@ return 1
 """
 
 
+# One delta of a streaming answer onto its event's stream, which holds one run: an entry of another run (a
+# replay's, or the run this one replays) is deleted first, whichever of either run's writes were dropped.
+# KEYS[1] partial:{id}; ARGV run, seq, delta, final, error, maxlen, ttl_s.
+_PARTIAL = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last > 0 then
+  local fields, run = last[1][2], nil
+  for i = 1, #fields, 2 do
+    if fields[i] == 'run' then run = fields[i + 1] end
+  end
+  if run ~= ARGV[1] then redis.call('DEL', KEYS[1]) end
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[6], '*', 'seq', ARGV[2], 'delta', ARGV[3], 'final', ARGV[4],
+           'error', ARGV[5], 'run', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+"""
+
 # Fences only move forward: a late-committing zombie cannot pull one back. KEYS[1] fence; ARGV field, point...
 _FENCE = """
 for i = 1, #ARGV, 2 do
@@ -147,6 +164,7 @@ class RedisState:
         self._window = self._client.register_script(_WINDOW)
         self._result_letter = self._client.register_script(_RESULT_LETTER)
         self._fence = self._client.register_script(_FENCE)
+        self._partial = self._client.register_script(_PARTIAL)
 
     async def ping(self) -> None:
         """Fail fast, with a clear error, when Redis is unreachable at start."""
@@ -202,20 +220,19 @@ class RedisState:
 
     async def append_partials(self, deltas: Sequence[Delta], ttl_s: int, maxlen: int) -> None:
         """Append deltas of streaming answers to each event's stream and to the capped stream of all, in one
-        pipeline. Not guarded: progress is best effort, and a replay's first delta restarts the event's stream
-        (so a reader never sees two runs of one event interleaved there)."""
+        pipeline. Not guarded: progress is best effort. An event's stream holds one run (`Delta.run`): a delta
+        of another run than its last entry's deletes it first, so a reader never sees two runs of one event
+        mixed there, even where a run's first deltas were dropped."""
         k = self._keys
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for d in deltas:
-                    name = k.partial(d.id)
                     fields: dict[str | bytes, str | bytes | int] = {
                         "seq": d.seq, "delta": d.delta, "final": int(d.final), "error": d.error or ""}
-                    if d.first:
-                        pipe.delete(name)
-                    pipe.xadd(name, fields, maxlen=maxlen)
-                    pipe.expire(name, ttl_s)
-                    pipe.xadd(k.partials, {"id": d.id, "route": d.route, **fields},
+                    await self._partial(keys=[k.partial(d.id)],
+                                        args=[d.run, d.seq, d.delta, int(d.final), d.error or "", maxlen, ttl_s],
+                                        client=pipe)
+                    pipe.xadd(k.partials, {"id": d.id, "route": d.route, "run": d.run, **fields},
                               maxlen=self._settings.stream_maxlen, approximate=True)
                 await pipe.execute()
         except RedisError as exc:

@@ -18,7 +18,7 @@ ops = st.lists(st.one_of(
 @given(ops, st.integers(1, 60))
 def test_deltas_number_each_event_and_end_it_once(script, max_chars) -> None:
     buffer = PieceBuffer(max_chars)
-    handles = [buffer.open(f"e{i}", "r", None, None) for i in range(4)]
+    handles = [buffer.open(f"e{i}", "r", None, None)[0] for i in range(4)]
     sent: dict[int, list[str]] = {i: [] for i in range(4)}
     dropped = {i: False for i in range(4)}
     finished: dict[int, str | None] = {}
@@ -26,7 +26,7 @@ def test_deltas_number_each_event_and_end_it_once(script, max_chars) -> None:
     for op, event, arg in [*script, *(("finish", i, None) for i in range(4)), ("take", 0, None)]:
         if op == "piece":
             assert isinstance(arg, str)
-            if buffer.add(handles[event], arg):
+            if buffer.add(handles[event], arg) is None:
                 sent[event].append(arg)
             elif event not in finished:
                 dropped[event] = True
@@ -53,7 +53,7 @@ def test_deltas_number_each_event_and_end_it_once(script, max_chars) -> None:
 
 def test_pieces_between_two_takes_coalesce_into_one_delta() -> None:
     buffer = PieceBuffer(100)
-    handle = buffer.open("e", "r", "k", b"k")
+    handle, _ = buffer.open("e", "r", "k", b"k")
     for piece in ("The", " capital", " is"):
         buffer.add(handle, piece)
     [delta] = buffer.take()
@@ -67,10 +67,10 @@ def test_pieces_between_two_takes_coalesce_into_one_delta() -> None:
 
 def test_past_the_bound_the_rest_of_the_text_is_dropped_and_the_final_marker_shows_the_gap() -> None:
     buffer = PieceBuffer(5)
-    handle = buffer.open("e", "r", None, None)
-    assert buffer.add(handle, "abcd")
-    assert not buffer.add(handle, "efgh")  # 8 > 5: dropped, counted by the caller
-    assert not buffer.add(handle, "i")  # it would fit, but would not join to "abcd"
+    handle, _ = buffer.open("e", "r", None, None)
+    assert buffer.add(handle, "abcd") is None
+    assert buffer.add(handle, "efgh") == "buffer"  # 8 > 5: dropped, counted by the caller
+    assert buffer.add(handle, "i") == "buffer"  # it would fit, but would not join to "abcd"
     assert [(d.seq, d.delta) for d in buffer.take()] == [(0, "abcd")]
     buffer.finish(handle)
     assert [(d.seq, d.delta, d.final) for d in buffer.take()] == [(2, "", True)]  # seq 1: the missing text
@@ -78,8 +78,26 @@ def test_past_the_bound_the_rest_of_the_text_is_dropped_and_the_final_marker_sho
 
 def test_a_piece_after_the_end_is_refused() -> None:
     buffer = PieceBuffer(100)
-    handle = buffer.open("e", "r", None, None)
+    handle, _ = buffer.open("e", "r", None, None)
     buffer.finish(handle, "model_error")
-    assert not buffer.add(handle, "late")
+    assert buffer.add(handle, "late") == "ended"  # not counted: nothing of the event is missing
     [marker] = buffer.take()
     assert (marker.seq, marker.delta, marker.final, marker.error) == (0, "", True, "model_error")
+
+
+def test_opening_an_open_id_retires_the_older_run() -> None:
+    """A replay in the same process while the earlier run still streams: one run per id, the newer; the
+    older's pending text and final marker are never taken, and its later pieces are refused as superseded."""
+    buffer = PieceBuffer(100, run_prefix="p-")
+    old, _ = buffer.open("e", "r", None, None)
+    buffer.add(old, "The answer")
+    new, retired = buffer.open("e", "r", None, None)
+    assert retired == 2  # its pending delta and its final marker
+    assert buffer.chars == 0
+    assert buffer.add(old, " is") == "superseded"
+    buffer.add(new, "The")
+    buffer.finish(old)
+    buffer.finish(new)
+    deltas = buffer.take()
+    assert [(d.seq, d.delta, d.final, d.run) for d in deltas] == [(0, "The", True, f"p-{new}")]
+    assert len(buffer) == 0

@@ -89,12 +89,15 @@ function mergeStream(list, items, max) {
   list.length = Math.min(list.length, max);
 }
 
-// An answer typing: its deltas in order; seq 0 (again) starts over (a replay). It leaves when its answer
+// An answer typing: its deltas in order; another run (a replay) starts over, at seq 0 or later where its
+// first deltas were dropped. It leaves when its answer
 // arrives, or at its final marker when it ended without one (a dead letter).
 function addPartial(p) {
   if (state.answers.some(({ answer }) => answer.id === p.id)) return;  // its final marker came after the answer
   const typing = state.typing.get(p.id);
-  if (p.seq === 0 || !typing) state.typing.set(p.id, { id: p.id, route: p.route, seq: p.seq, text: p.delta });
+  if (p.seq === 0 || !typing || p.run !== typing.run) {
+    state.typing.set(p.id, { id: p.id, route: p.route, run: p.run, seq: p.seq, text: p.delta });
+  }
   else if (p.seq > typing.seq) Object.assign(typing, { seq: p.seq, text: typing.text + p.delta });
   if (p.final && p.error) state.typing.delete(p.id);
   while (state.typing.size > MAX_TYPING) state.typing.delete(state.typing.keys().next().value);
