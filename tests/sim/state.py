@@ -7,6 +7,7 @@ It stands where `RedisState` does: under the pipeline's Redis sink (`State` in s
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Sequence
 
@@ -27,7 +28,9 @@ class SimState:
         self.fence: dict[str, int] = {}
         self.windows: dict[str, tuple[bool, bytes]] = {}  # id -> (final, result JSON)
         self.answers: dict[str, bytes] = {}
-        self.partials: list[Delta] = []  # streaming answers' progress: best effort, never guarded
+        self.partials: list[Delta] = []  # streaming answers' progress as applied, in order (the `partials` stream)
+        self.streams: dict[str, list[Delta]] = {}  # partial:{id}: one run, as RedisState.append_partials keeps it
+        self.slow_partials = False  # partial writes hang (past partials.write_timeout_s: dropped, never applied)
         self.up = True
         self.lose_replies = False  # apply a write, then fail as if its reply never came
 
@@ -90,9 +93,22 @@ class SimState:
         return True
 
     async def append_partials(self, deltas: Sequence[Delta], ttl_s: int, maxlen: int) -> None:
+        """As RedisState's: each delta onto its event's stream, which a delta of another run replaces (the
+        Lua script's DEL), trimmed to `maxlen`; refused while Redis is away, hanging while slow, applied and
+        then failed while replies are lost."""
         if not self.up:
             raise StateUnavailable("Connection refused")
+        if self.slow_partials:
+            await asyncio.sleep(3600)
+        for d in deltas:
+            stream = self.streams.setdefault(d.id, [])
+            if stream and stream[-1].run != d.run:
+                stream.clear()
+            stream.append(d)
+            del stream[:-maxlen]
         self.partials += deltas
+        if self.lose_replies:
+            raise StateUnavailable("Timeout reading from socket")
 
     async def windows_final(self, window_ids: Sequence[str]) -> list[bool]:
         if not self.up:
