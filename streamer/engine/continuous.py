@@ -272,7 +272,8 @@ class ContinuousPool(AsyncLifecycle):
         self._room.set()
         finished_s = time.monotonic()
         result = self._result(call, done)
-        if call.on_piece is not None and not call.broken and isinstance(result, GenResult) and result.error is None:
+        if (call.on_piece is not None and not call.broken and not call.future.done()
+                and isinstance(result, GenResult) and result.error is None):
             self._last_piece(call, result.text)
         generated = Generated(
             result=result,
