@@ -15,9 +15,11 @@ import uuid
 from collections.abc import Callable, Hashable
 from types import SimpleNamespace
 
+import pytest
 import redis
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from streamer.api import GenerationError, LLMPool
 from streamer.config import PartialSettings, RedisSettings
 from streamer.engine.backend import BROKEN
 from streamer.engine.continuous import ContinuousPool
@@ -371,3 +373,24 @@ def test_a_retry_on_another_worker_process_that_diverges_breaks_the_stream_not_t
     assert streamed == [11, 12, 13, BROKEN_TOKEN]
     assert retried([11, 12, 13, 14, 15, 16]) == [[11, 12, 13, 14, 15, 16]]  # greedy: repeats, then goes on
     assert streamed == [11, 12, 13, 14, 15, 16]
+
+
+def test_a_broken_stream_is_an_error_to_a_client_of_the_pool() -> None:
+    """`LLMPool.stream` (the OpenAI-compatible server's source) never shows text that does not lead to the
+    answer as if it did: BROKEN raises GenerationError (the server answers 500), as the openai backend's
+    `_Diverged` does."""
+    class _Backend:
+        async def stream(self, request, deadline_ms=None):
+            yield "Hel"
+            yield BROKEN
+
+    async def scenario() -> list[str]:
+        pool = LLMPool(_Backend())  # type: ignore[arg-type]
+        pool._started = True
+        shown = []
+        with pytest.raises(GenerationError, match="broke"):
+            async for item in pool.stream("hi"):
+                shown.append(item)
+        return shown
+
+    assert asyncio.run(scenario()) == ["Hel"]
