@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import orjson
 import pytest
 
 from tests.sim.machine import FAULTS, Simulation, quiet_logs
@@ -89,5 +90,44 @@ def test_the_end_check_refuses_two_runs_spliced_or_two_final_markers() -> None:
             with pytest.raises(AssertionError, match="written again after a newer run"):
                 sim._check_partials()
             sim.state.partials[-3:] = []
+        finally:
+            sim.teardown()
+
+
+def test_a_reused_answer_on_a_streaming_route_is_one_final_delta_of_a_new_run() -> None:
+    """A replay answered from a kept answer is not generated again, so the model streams nothing for it: its
+    progress is a new run whose one delta, seq 0 and final, is the kept answer's whole text. A reader of
+    partial:{id} sees the answer it would have seen typed (the run the crash cut off replaced), and a final
+    marker follows every answered event, hit or miss."""
+    with quiet_logs():
+        sim = Simulation.only(*FAULTS)()
+        try:
+            sim.configure(shape="answer", exactly_once=False, lateness_ms=0)
+            for i in range(3):
+                produce(sim, i, sim.cluster_now_ms(), key="abc"[i])
+            sim.poll(batch=500)
+            sim.loop.advance(0.06)  # a flush of the pieces: each answer's head
+            assert sim.instance is not None
+            sim.instance.pool.finish(0, ok=True)
+            sim.instance.pool.finish(0, ok=True)  # two answered, one still streaming
+            sim.loop.settle()
+            sim.deliver(count=100)  # acknowledged, so written to Redis (and kept); not yet committed
+            sim.loop.advance(0.06)  # the two answers' tails and final markers
+            kept = {event_id for _, event_id in sim.state.kept}
+            assert len(kept) == 2
+            assert all(len(sim.state.streams[event_id]) == 2 for event_id in kept)  # head, tail: typed
+            before = {event_id: sim.state.streams[event_id][-1].run for event_id in kept}
+            sim.crash()
+            sim.restart()
+            sim.poll(batch=500)  # the replay: two hits, one miss for the model
+            sim.loop.settle()
+            assert sim.instance is not None and len(sim.instance.pool.pending) == 1
+            sim.loop.advance(0.06)
+            for event_id in kept:
+                [delta] = sim.state.streams[event_id]
+                output = orjson.loads(sim.state.kept[("r", event_id)].answer)["output"]
+                assert (delta.seq, delta.delta, delta.final, delta.error) == (0, output, True, None)
+                assert delta.first and delta.run != before[event_id]
+            sim.pump()
         finally:
             sim.teardown()
