@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from streamer.config import BatchingSettings, EngineSettings, ModelSettings
-from streamer.engine.backend import Backend
+from streamer.engine.backend import Backend, Broken
 from streamer.engine.requests import Generated, GenRequest, GenResult, ScoreRequest, ScoreResult
 from streamer.errors import StreamerError
 from streamer.lifecycle import AsyncLifecycle
@@ -113,12 +113,16 @@ class LLMPool(AsyncLifecycle):
                      deadline_ms: float | None = None) -> AsyncIterator[str | Completion]:
         """`generate`, but the text arrives in pieces as the backend produces it, then the Completion.
 
-        A backend that cannot stream (static micro-batches) yields the whole text in one piece.
+        A backend that cannot stream (static micro-batches) yields the whole text in one piece. A stream that
+        broke (`Broken`: the text shown does not lead to the answer) raises GenerationError, as a stream must
+        join to its text.
         """
         started_s = time.monotonic()
         request = GenRequest(to_messages(prompt), max_new_tokens=max_new_tokens, temperature=temperature)
         self._check_started()
         async for item in self.backend.stream(request, deadline_ms):
+            if isinstance(item, Broken):
+                raise GenerationError("the model's stream broke: a retry sampled other text than was shown")
             if isinstance(item, str):
                 yield item
             else:

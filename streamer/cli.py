@@ -403,6 +403,8 @@ def render_schemas() -> dict[str, str]:
 
 def _describe_route(route: Route) -> str:
     text = f"{route.input} -[{route.task}]-> {route.output or '(no answers)'}"
+    if route.stream:
+        text += f" (streamed to Redis{' and ' + route.partial_output if route.partial_output else ''})"
     if route.window is not None:
         text += f" + {route.window.kind} {route.window.task} windows -> {route.window.output}"
     return text

@@ -254,6 +254,10 @@ class Route(_Section):
         False, description="order admission by the events' own params.deadline_ms; off: by slo_ms, so no producer "
         "can jump the queue")
     window: WindowSettings | None = None
+    stream: bool = Field(False, description="write answers out as they are generated: a Redis stream per event "
+                         "(`partial:{id}`) and, with partial_output, delta records; the answer is written as ever")
+    partial_output: str | None = Field(None, description="stream: topic of the delta records (key = event key); "
+                                       "at-least-once only")
 
     @model_validator(mode="after")
     def _task_needs(self) -> Route:
@@ -271,6 +275,16 @@ class ObserveSettings(_Section):
         None, description="bearer token the dashboard (/ and /api/*) asks for; null: none (metrics, probes stay open)")
     max_live_streams: int = Field(16, ge=1, description="dashboard live-update streams served at once; more get 503")
     json_logs: bool = Field(False, description="one JSON object per log line, with the run id")
+
+
+class PartialSettings(_Section):
+    """How the pieces of streaming routes' answers are written: batched per event, best effort, bounded."""
+
+    flush_ms: float = Field(50.0, gt=0, description="pieces of an event are written together this often at most")
+    max_buffered_chars: int = Field(1_000_000, ge=1, description="text waiting to be written; pieces past it are "
+                                    "dropped (counted), so a slow Redis or broker never grows memory")
+    write_timeout_s: float = Field(2.0, gt=0, description="a write of pieces that takes longer is dropped (counted)")
+    ttl_s: int = Field(3600, ge=1, description="lifetime of an event's `partial:{id}` stream after its last piece")
 
 
 class ProcessingSettings(_Section):
@@ -310,6 +324,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = LimitsSettings()
     observe: ObserveSettings = ObserveSettings()
     processing: ProcessingSettings = ProcessingSettings()
+    partials: PartialSettings = PartialSettings()
     routes: list[Route] = Field(default_factory=_default_routes, min_length=1)
     shutdown_timeout_s: float = Field(30.0, gt=0)
 
@@ -332,6 +347,7 @@ class Settings(BaseSettings):
             raise ValueError(f"kafka.dead_letter_topic {self.kafka.dead_letter_topic!r} is also a route's input: "
                              "every dead letter would come back as input and make another, for ever")
         for route in self.routes:
+            self._partials_apart(route, inputs)
             own = {"output": route.output}
             if route.window is not None:
                 own |= {"window.output": route.window.output, "window.late_topic": route.window.late_topic}
@@ -339,6 +355,22 @@ class Settings(BaseSettings):
                 if topic is not None and (topic in inputs if field == "window.late_topic" else topic == route.input):
                     raise ValueError(f"route {route.name}: {field} {topic!r} is also an input topic; "
                                      "its records would come back as invalid input")
+
+    def _partials_apart(self, route: Route, inputs: set[str]) -> None:
+        """Delta records are progress, not results: read back as input they would be invalid events, in the
+        dead-letter topic they would read as failures. Exactly once, the producer is transactional and a
+        delta inside a transaction would show only at the commit, when the answer does: nothing streams."""
+        topic = route.partial_output
+        if topic is None:
+            return
+        if topic in inputs or topic == self.kafka.dead_letter_topic:
+            what = "an input topic" if topic in inputs else "the dead-letter topic"
+            raise ValueError(f"route {route.name}: partial_output {topic!r} is {what}")
+        if topic in {route.output, route.window and route.window.output}:
+            raise ValueError(f"route {route.name}: partial_output {topic!r} is also where its results go")
+        if self.processing.guarantee == "exactly_once":
+            raise ValueError(f"route {route.name}: partial_output is not offered with processing.guarantee "
+                             "exactly_once (its partial:{id} stream in Redis is)")
 
     @classmethod
     def settings_customise_sources(

@@ -156,9 +156,26 @@ class WindowResult(_Strict):
     emitted_at: int = Field(description="epoch ms")
 
 
+class PartialDelta(_Strict):
+    """Progress of one event's answer on a `stream: true` route, produced to its `partial_output` topic (message
+    key = the event key). Best effort and at least once: the answer on the output topic is authoritative."""
+
+    id: str = Field(description="the event id")
+    route: str
+    key: str | None
+    seq: int = Field(ge=0, description="0, 1, 2, ... per event; a gap means pieces were dropped, a replay of the "
+                     "event starts again at 0 (possibly with other text, if sampled)")
+    delta: str = Field(description="text that follows the previous deltas' (empty on a final marker that adds "
+                       "nothing)")
+    final: bool = Field(description="the last delta of this event: its answer (or dead letter) follows")
+    error: str | None = Field(None, description="on the final marker of an event the model gave no answer: its "
+                              "dead letter's code (an answer refused by its topic, e.g. too_large, is not known here)")
+
+
 CONTRACTS: dict[str, type[BaseModel]] = {
     "input_event": InputEvent,
     "answer": Answer,
     "dead_letter": DeadLetter,
     "window_result": WindowResult,
+    "partial_delta": PartialDelta,
 }

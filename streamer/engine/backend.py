@@ -6,7 +6,7 @@ no model library."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -75,13 +75,19 @@ class Backend(Protocol):
 
     async def wait_for_room(self) -> None: ...
 
-    def submit(self, request: Request, deadline_ms: float | None = None) -> asyncio.Future[Generated]: ...
+    def submit(self, request: Request, deadline_ms: float | None = None,
+               on_piece: Callable[[str], None] | None = None) -> asyncio.Future[Generated]:
+        """Queue one request; `on_piece` (on the event loop, never after the future is done) hears the answer's
+        text in pieces as it is generated, which join to the result's text (a backend that cannot stream
+        hands it the whole text once), unless the last is `BROKEN`: text is missing. The future is the answer
+        either way: pieces are a side channel."""
+        ...
 
     async def generate(self, request: Request, deadline_ms: float | None = None) -> Generated: ...
 
     def stream(self, request: GenRequest, deadline_ms: float | None = None) -> AsyncIterator[str | Generated]:
         """The answer's text in pieces as they are generated, then the finished result (a backend that cannot
-        stream yields the whole text once)."""
+        stream yields the whole text once); `stream_pieces` implements it over `submit`."""
         ...
 
     def kv_stats(self) -> KVStats | None:
@@ -91,3 +97,26 @@ class Backend(Protocol):
     async def start(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+class Broken(str):
+    """The piece a backend hands `on_piece` when its stream broke: text is missing from the pieces handed
+    before, or the answer no longer continues them (a retry that sampled other text). It is empty, so it joins
+    harmlessly; a caller that tells it apart marks the gap (the partial writer's final marker skips a `seq`).
+    No more pieces of the request follow it."""
+
+
+BROKEN = Broken("")
+
+
+async def stream_pieces(backend: Backend, request: GenRequest,
+                        deadline_ms: float | None = None) -> AsyncIterator[str | Generated]:
+    """`Backend.stream` over `submit`'s `on_piece`: once there is room, the pieces, then the result. Pieces are
+    handed out before the future resolves, so the queue holds them all before its end marker."""
+    await backend.wait_for_room()
+    pieces: asyncio.Queue[str | None] = asyncio.Queue()
+    future = backend.submit(request, deadline_ms, on_piece=pieces.put_nowait)
+    future.add_done_callback(lambda _: pieces.put_nowait(None))
+    while (piece := await pieces.get()) is not None:
+        yield piece
+    yield await future

@@ -20,11 +20,11 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from streamer.engine.backend import BackendInfo, BatcherClosed, KVStats, QueueFull
-from streamer.engine.engine import Finished, TokenRequest, admit
+from streamer.engine.backend import BROKEN, BackendInfo, BatcherClosed, KVStats, QueueFull, stream_pieces
+from streamer.engine.engine import BROKEN_TOKEN, Finished, TokenRequest, admit
 from streamer.engine.requests import (
     Generated,
     GenRequest,
@@ -83,7 +83,10 @@ class _Call:
     submitted_s: float
     tokens: int
     future: asyncio.Future[Generated]
-    stream: asyncio.Queue[int | None] | None = None
+    on_piece: Callable[[str], None] | None = None  # a streaming caller's
+    sampled: list[int] = field(default_factory=list)  # its tokens so far
+    shown: str = ""  # their text already handed to on_piece
+    broken: bool = False  # on_piece was handed BROKEN: no more pieces
 
 
 class ContinuousPool(AsyncLifecycle):
@@ -164,32 +167,22 @@ class ContinuousPool(AsyncLifecycle):
             await asyncio.to_thread(self._on_close)
             self._on_close = None
 
-    def submit(self, request: Request, deadline_ms: float | None = None) -> asyncio.Future[Generated]:
-        """Queue one request; the earliest deadline is admitted first. Raises QueueFull when full."""
-        return self._submit(request, deadline_ms, stream=False).future
+    def submit(self, request: Request, deadline_ms: float | None = None,
+               on_piece: Callable[[str], None] | None = None) -> asyncio.Future[Generated]:
+        """Queue one request; the earliest deadline is admitted first. Raises QueueFull when full. `on_piece`
+        hears the text as tokens are sampled (see `Backend.submit`)."""
+        return self._submit(request, deadline_ms, on_piece).future
 
     async def generate(self, request: Request, deadline_ms: float | None = None) -> Generated:
         """Submit once there is room and wait for the result."""
         await self.wait_for_room()
         return await self.submit(request, deadline_ms)
 
-    async def stream(self, request: GenRequest, deadline_ms: float | None = None) -> AsyncIterator[str | Generated]:
+    def stream(self, request: GenRequest, deadline_ms: float | None = None) -> AsyncIterator[str | Generated]:
         """The text in pieces as the engine samples tokens, then the finished result."""
-        await self.wait_for_room()
-        call = self._submit(request, deadline_ms, stream=True)
-        assert call.stream is not None
-        tokens: list[int] = []
-        sent = ""
-        while (token := await call.stream.get()) is not None:
-            tokens.append(token)
-            # Stripped like the final text; a split multi-byte character waits for its other bytes.
-            text = self.worker.decode(tokens)
-            if len(text) > len(sent) and text.startswith(sent) and not text.endswith("\ufffd"):
-                yield text[len(sent) :]
-                sent = text
-        yield await call.future
+        return stream_pieces(self, request, deadline_ms)
 
-    def _submit(self, request: Request, deadline_ms: float | None, stream: bool) -> _Call:
+    def _submit(self, request: Request, deadline_ms: float | None, on_piece: Callable[[str], None] | None) -> _Call:
         if self._failure is not None:
             raise RuntimeError("the engine thread failed") from self._failure
         if self._closing:
@@ -201,8 +194,7 @@ class ContinuousPool(AsyncLifecycle):
         tokens = len(tokens_request.prompt) * max(1, len(tokens_request.labels))
         deadline_s = now + (deadline_ms / 1000 if deadline_ms is not None else self.default_deadline_s)
         loop = asyncio.get_running_loop()
-        call = _Call(request, tokens_request, deadline_s, now, tokens, loop.create_future(),
-                     stream=asyncio.Queue() if stream else None)
+        call = _Call(request, tokens_request, deadline_s, now, tokens, loop.create_future(), on_piece)
         key = next(self._keys)
         self._calls[key] = call
         self.inflight_tokens += tokens
@@ -239,8 +231,36 @@ class ContinuousPool(AsyncLifecycle):
 
     def _token_from_thread(self, key: Hashable, token: int) -> None:
         call = self._calls.get(key)  # type: ignore[call-overload]  # keys are the ints from _keys
-        if call is not None and call.stream is not None:
-            self._call_soon(call.stream.put_nowait, token)
+        if call is not None and call.on_piece is not None:
+            self._call_soon(self._piece, call, token)
+
+    def _piece(self, call: _Call, token: int) -> None:
+        """Hand a streaming caller the text its new token adds: stripped like the final text, and a split
+        multi-byte character waits for its other bytes."""
+        assert call.on_piece is not None
+        if call.broken:
+            return
+        if token == BROKEN_TOKEN:  # the engine's retry no longer continues the tokens streamed
+            call.broken = True
+            call.on_piece(BROKEN)
+            return
+        call.sampled.append(token)
+        text = self.worker.decode(call.sampled)
+        if len(text) > len(call.shown) and text.startswith(call.shown) and not text.endswith("\ufffd"):
+            call.on_piece(text[len(call.shown):])
+            call.shown = text
+
+    @staticmethod
+    def _last_piece(call: _Call, text: str) -> None:
+        """What of the answer's text the pieces have not shown yet (the end of a character cut by the token
+        cap, which `_piece` held back); `BROKEN` where the answer does not continue what was shown."""
+        assert call.on_piece is not None
+        if not text.startswith(call.shown):
+            call.broken = True
+            call.on_piece(BROKEN)
+        elif len(text) > len(call.shown):
+            call.on_piece(text[len(call.shown):])
+            call.shown = text
 
     def _call_soon(self, callback: Callable[..., object], *args: object) -> None:
         assert self._loop is not None
@@ -251,15 +271,17 @@ class ContinuousPool(AsyncLifecycle):
         self.inflight_tokens -= call.tokens
         self._room.set()
         finished_s = time.monotonic()
+        result = self._result(call, done)
+        if (call.on_piece is not None and not call.broken and not call.future.done()
+                and isinstance(result, GenResult) and result.error is None):
+            self._last_piece(call, result.text)
         generated = Generated(
-            result=self._result(call, done),
+            result=result,
             queued_ms=(done.admitted_s - call.submitted_s) * 1000,
             model_ms=(finished_s - done.admitted_s) * 1000,
             batch_size=self.engine.last_step_size,
             first_token_ms=None if done.first_token_s is None else (done.first_token_s - call.submitted_s) * 1000,
         )
-        if call.stream is not None:
-            call.stream.put_nowait(None)
         if not call.future.done():
             call.future.set_result(generated)
 
@@ -283,8 +305,6 @@ class ContinuousPool(AsyncLifecycle):
 
     def _fail_all(self, exc: BaseException) -> None:
         for call in self._calls.values():
-            if call.stream is not None:
-                call.stream.put_nowait(None)
             if not call.future.done():
                 call.future.set_exception(RuntimeError(f"the engine thread failed: {exc!r}"))
         self._calls.clear()

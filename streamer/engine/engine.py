@@ -38,6 +38,11 @@ class EngineConfig:
     target_step_s: float | None = None  # adaptive step budget; None: always max_step_tokens
 
 
+BROKEN_TOKEN = -1
+"""What an engine hands `on_token` in place of a token when the tokens it streamed for a request no longer lead
+to its answer (a retry that sampled others): no more tokens of the request follow (`ProcessEngines`)."""
+
+
 @dataclass(frozen=True)
 class TokenRequest:
     """What the engine runs: token ids in, token ids (or label log-probs) out; text stays with the worker.

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from streamer.batching.batcher import BatchRules, MicroBatcher
-from streamer.engine.backend import BackendInfo, KVStats
+from streamer.engine.backend import BackendInfo, KVStats, stream_pieces
 from streamer.engine.requests import Generated, GenRequest, GenResult, ScoreRequest
 from streamer.engine.worker import LLMWorker
 from streamer.lifecycle import AsyncLifecycle
@@ -24,6 +24,7 @@ class _Queued:
     request: GenRequest | ScoreRequest
     submitted_s: float
     tokens: int
+    on_piece: Callable[[str], None] | None = None
 
 
 class StaticPool(AsyncLifecycle):
@@ -80,14 +81,16 @@ class StaticPool(AsyncLifecycle):
     async def wait_for_room(self) -> None:
         await self._batcher.wait_for_room()
 
-    def submit(self, request: GenRequest | ScoreRequest, deadline_ms: float | None = None) -> asyncio.Future[Generated]:
+    def submit(self, request: GenRequest | ScoreRequest, deadline_ms: float | None = None,
+               on_piece: Callable[[str], None] | None = None) -> asyncio.Future[Generated]:
         """Queue one request (raises QueueFull when there is no room: the caller pauses its input).
+        `generate` cannot hand out tokens as it goes: `on_piece` hears the whole text once, when it is done.
 
         Generate and score requests share the queue; a mixed batch is split again by the worker.
         Static batches run in arrival order, so `deadline_ms` only matters to the continuous engine.
         """
         tokens = self.worker.prompt_tokens(request)
-        future = self._batcher.put(_Queued(request, time.monotonic(), tokens), tokens)
+        future = self._batcher.put(_Queued(request, time.monotonic(), tokens, on_piece), tokens)
         self.inflight_tokens += tokens
         return future
 
@@ -97,12 +100,9 @@ class StaticPool(AsyncLifecycle):
             await self.wait_for_room()
         return await self.submit(request, deadline_ms)
 
-    async def stream(self, request: GenRequest, deadline_ms: float | None = None) -> AsyncIterator[str | Generated]:
-        """`generate` cannot hand out tokens as it goes: the whole text in one piece, then the result."""
-        done = await self.generate(request, deadline_ms)
-        if isinstance(done.result, GenResult) and done.result.error is None:
-            yield done.result.text
-        yield done
+    def stream(self, request: GenRequest, deadline_ms: float | None = None) -> AsyncIterator[str | Generated]:
+        """The whole text in one piece, then the result."""
+        return stream_pieces(self, request, deadline_ms)
 
     async def _run_batch(self, batch: list[_Queued]) -> list[Generated]:
         started_s = time.monotonic()
@@ -114,6 +114,9 @@ class StaticPool(AsyncLifecycle):
         model_ms = (time.monotonic() - started_s) * 1000
         if self._on_batch is not None:
             self._on_batch(len(batch), model_ms / 1000)
+        for q, result in zip(batch, results, strict=True):
+            if q.on_piece is not None and isinstance(result, GenResult) and result.error is None and result.text:
+                q.on_piece(result.text)
         return [
             Generated(result, (started_s - q.submitted_s) * 1000, model_ms, len(batch))
             for q, result in zip(batch, results, strict=True)

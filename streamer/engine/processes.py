@@ -7,8 +7,9 @@ answer room of requests not finished yet). A child loads the model itself on its
 requests between steps and sends back, once per step, what finished and which tokens it sampled.
 
 A child that dies (killed, out of memory) does not hang its callers: the death is logged, its
-unfinished requests start over on a live child (tokens already streamed are not streamed twice; a
-sampled answer may then differ after them, a greedy one does not), and a new child replaces it after
+unfinished requests start over on a live child (tokens already streamed are not streamed twice: the
+retry's are compared with them, and where it samples others, or a batch-dependent step differs, the stream
+ends with `BROKEN_TOKEN`, so the pieces show the gap; the answer is the retry's), and a new child replaces it after
 a backoff: 1 s, doubled for each replacement that dies before it loaded, up to 30 s. While no child
 is alive, requests wait for one. A request in flight on two children that died is answered with an
 error instead, so an input that kills its worker (a device assert, an OOM kill) takes down two
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 
 from streamer.config import EngineSettings
-from streamer.engine.engine import Engine, Finished, TokenRequest, admit
+from streamer.engine.engine import BROKEN_TOKEN, Engine, Finished, TokenRequest, admit
 from streamer.engine.sizing import engine_config
 from streamer.engine.worker import LLMWorker
 from streamer.models.loader import load_model
@@ -156,8 +157,9 @@ class _Pending:
     request: TokenRequest
     deadline_s: float
     child: _Child | None = None  # None: parked, waiting for a child to come alive
-    streamed: int = 0  # tokens handed to on_token
-    skip: int = 0  # tokens a retry on another child will repeat: already streamed
+    streamed: list[int] = field(default_factory=list)  # tokens handed to on_token
+    skip: int = 0  # tokens of a retry on another child to compare with those streamed, not stream again
+    broken: bool = False  # a retry diverged from the tokens streamed: on_token had BROKEN_TOKEN, hears no more
     deaths: int = 0  # children that died while it was in flight on them
 
 
@@ -294,10 +296,17 @@ class ProcessEngines:
             pending = self._pending.get(key)
             if pending is None or pending.child is not child:
                 continue
-            if pending.skip:
-                pending.skip -= 1
+            if pending.broken:
                 continue
-            pending.streamed += 1
+            if pending.skip:  # a retry's token where one was streamed: sampled (or batch-dependent) may differ
+                at = len(pending.streamed) - pending.skip
+                pending.skip -= 1
+                if token != pending.streamed[at]:
+                    pending.broken, pending.skip = True, 0
+                    if self.on_token is not None:
+                        self.on_token(key, BROKEN_TOKEN)
+                continue
+            pending.streamed.append(token)
             if self.on_token is not None:
                 self.on_token(key, token)
         finished = []
@@ -332,7 +341,7 @@ class ProcessEngines:
                 del self._pending[key]
                 failed.append(Finished.failed(key, f"{pending.deaths} engine worker processes died running it"))
             else:
-                pending.skip = pending.streamed
+                pending.skip = len(pending.streamed)
                 self._route(key, pending)
         log.error("engine worker pid %s died (exit code %s); retrying its %d requests, failing %d that a dead "
                   "worker ran before; restarting it in %.0f s", child.process.pid, child.process.exitcode,

@@ -75,6 +75,8 @@ class _StreamSeries:
     windows_mixed: Counter
     offsets_pending: Gauge
     outcomes_held: Gauge
+    partials_written: Counter
+    partials_dropped: Counter
 
 
 def _event_series(registry: CollectorRegistry) -> _EventSeries:
@@ -157,6 +159,13 @@ def _stream_series(registry: CollectorRegistry) -> _StreamSeries:
         outcomes_held=Gauge("streamer_outcomes_held",
                             "Outcomes written only once earlier events of their partitions are (exactly once: "
                             "all; at least once: session windows).", registry=registry),
+        partials_written=Counter("streamer_partials_written", "Deltas of streaming routes' answers written "
+                                 "(to Redis, and to Kafka where the route has a partial_output).", ["route"],
+                                 registry=registry),
+        partials_dropped=Counter("streamer_partials_dropped", "Pieces or deltas of answers not written as progress "
+                                 "(the answer itself is written as ever), by why: buffer (full), redis, kafka, "
+                                 "unwritable, superseded (a newer run of the event).",
+                                 ["route", "reason"], registry=registry),
     )
 
 
@@ -270,6 +279,12 @@ class Metrics:
 
     def window_mixed(self, route: str) -> None:
         self._stream.windows_mixed.labels(route).inc()
+
+    def partials_written(self, route: str, n: int) -> None:
+        self._stream.partials_written.labels(route).inc(n)
+
+    def partials_dropped(self, route: str, reason: str, n: int = 1) -> None:
+        self._stream.partials_dropped.labels(route, reason).inc(n)
 
     def sample_device_memory(self) -> dict[str, int]:
         """Set the CUDA memory gauge from torch and return what was read ({} without CUDA)."""

@@ -5,6 +5,9 @@
               ├─▶ model pool (continuous engine or static batches) ─▶ Writer (output topic + Redis)
               └─▶ WindowStage (per route) ─window closes─▶ model pool? ─▶ Writer (window topic + Redis)
   Writer ─"fully written"─▶ OffsetTracker ─▶ commit (the source; a transaction, exactly once)
+  model pool ─pieces of stream: true answers─▶ PartialWriter (Redis partial streams, partial topic;
+              best effort, beside the answer, holding no offset); a kept answer reused on a stream: true
+              route goes there too, its whole text as one final delta
 
 The stages talk to the world only through `Edges` (the source, the sink, Redis, the model pool and
 the clock), so the simulation in tests/sim runs this very wiring on in-memory stand-ins; `connect`
@@ -12,7 +15,7 @@ builds the real ones.
 
 Shutdown order (after SIGTERM/SIGINT, within `shutdown_timeout_s`):
   1. stop fetching; 2. emit the windows already closed; 3. finish every look-up of a kept answer and
-  every queued request;
+  every queued request, then flush the streaming answers' last pieces and final markers (best effort);
   4. write every outcome to Kafka and Redis; 5. commit the offsets now fully written;
   6. flush the producer and close the clients. Open windows are not emitted: their offsets are
   not committed, so the next owner of the partition rebuilds them from Kafka.
@@ -40,6 +43,7 @@ from streamer.observe.metrics import Metrics
 from streamer.outcomes import Sealer
 from streamer.pipeline.events import EventHandler
 from streamer.pipeline.parse import RawMessage
+from streamer.pipeline.partials import PartialWriter
 from streamer.pipeline.reuse import Reuse
 from streamer.pipeline.sinks.kafka import KafkaRecords, KafkaTransaction
 from streamer.pipeline.sinks.redis import RedisOutcomes
@@ -123,7 +127,8 @@ def _topics_out(settings: Settings) -> list[str]:
     topics = {settings.kafka.dead_letter_topic}
     for route in settings.routes:
         window = route.window
-        topics |= {t for t in (route.output, window and window.output, window and window.late_topic) if t}
+        topics |= {t for t in (route.output, route.partial_output, window and window.output,
+                               window and window.late_topic) if t}
     return sorted(topics)
 
 
@@ -155,8 +160,9 @@ class Pipeline(Listener):
                                            on_mixed=self.metrics.window_mixed, clock=self._clock)
                        for r in settings.routes if r.window is not None}
         reuse = Reuse(self._state, self._pool) if settings.processing.reuse_answers else None
+        self.partials = self._partial_writer(settings, edges)
         self._handler = EventHandler(settings, self._pool, self._writer, self._tracker, self.stages, self.metrics,
-                                     sealer, clock=self._clock, reuse=reuse)
+                                     sealer, clock=self._clock, reuse=reuse, partials=self.partials)
         self.source: Source | None = None
         self.liveness = Liveness(settings.processing.stall_timeout_s)
         self._stage_of_topic = {r.input: self.stages[r.name] for r in settings.routes if r.window is not None}
@@ -166,6 +172,16 @@ class Pipeline(Listener):
         self._next_tick_s = self._next_commit_s = 0.0
         self._consumed = self._commits = 0
         self._owned: set[TP] = set()  # partitions assigned to this member now
+
+    def _partial_writer(self, settings: Settings, edges: Edges) -> PartialWriter | None:
+        """The progress of `stream: true` routes' answers; delta records go through the at-least-once producer
+        (config refuses partial_output with exactly_once)."""
+        if not any(r.stream for r in settings.routes):
+            return None
+        topics = {r.name: r.partial_output for r in settings.routes if r.partial_output is not None}
+        send = edges.sink.send if topics else None  # type: ignore[union-attr]  # at least once: its producer
+        return PartialWriter(settings.partials, self._state, send, topics, self.metrics,
+                             settings.limits.max_new_tokens)
 
     @property
     def written(self) -> int:
@@ -194,6 +210,8 @@ class Pipeline(Listener):
         self.source = self._edges.open_source(self)
         await self._pool.start()
         self._background = [asyncio.create_task(self._writer.run()), asyncio.create_task(self._serve_sink())]
+        if self.partials is not None:
+            self._background.append(asyncio.create_task(self.partials.run()))
         self._next_tick_s = self._next_commit_s = self._clock.monotonic_s()
 
     def probes(self) -> dict[str, Callable[[], object]]:
@@ -369,6 +387,8 @@ class Pipeline(Listener):
                     await stage.drain()
                 await self._handler.drain()  # misses still go to the model before it closes
                 await self._pool.aclose()
+                if self.partials is not None:  # the last pieces and final markers, best effort
+                    await self.partials.flush()
                 if writer_alive:  # a dead writer never drains: do not wait for it
                     await self._writer.drain()
         except TimeoutError:

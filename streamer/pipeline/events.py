@@ -11,6 +11,13 @@ Answers reused (`streamer.pipeline.reuse`) change none of this: the event is pla
 it is consumed, whatever its look-up finds, and its own part is released by its answer's outcome, whether
 that answer came from Redis or from the model. Only the model call is skipped on a hit; a classify
 answer's label then comes from the kept answer.
+
+A `stream: true` route's answer also streams out (`pipeline/partials.py`). Asked of the model (a look-up
+miss, or reuse off), the model hands its pieces to the event's `Progress` beside the future, and the
+event's final marker follows its outcome. Answered from Redis (a hit), a new run of the event's progress
+holds the kept answer's whole text in one final delta, so a reader sees the answer it would have seen
+typed. Progress holds no part either way: an answer's outcome, its Redis state and the commit rules are
+the same whether or not its pieces were written.
 """
 
 from __future__ import annotations
@@ -24,11 +31,12 @@ from streamer.clock import Clock, SystemClock
 from streamer.config import Route, Settings
 from streamer.contracts import Answer, DeadLetter, ErrorCode, InputEvent
 from streamer.engine.backend import Backend
-from streamer.engine.requests import Generated, GenResult, Request
+from streamer.engine.requests import Generated, GenRequest, GenResult, Request
 from streamer.kafka.offsets import OffsetTracker, Ref
 from streamer.observe.metrics import Metrics
 from streamer.outcomes import Sealer
 from streamer.pipeline.parse import RawMessage, dead_letter, decode
+from streamer.pipeline.partials import PartialWriter, Progress
 from streamer.pipeline.reuse import Lookup, Reuse, digest
 from streamer.pipeline.window_stage import WindowStage
 from streamer.pipeline.writer import Outputs
@@ -42,10 +50,11 @@ log = logging.getLogger(__name__)
 class EventHandler:
     def __init__(self, settings: Settings, pool: Backend, writer: Outputs, tracker: OffsetTracker,
                  stages: dict[str, WindowStage], metrics: Metrics, sealer: Sealer, clock: Clock | None = None,
-                 reuse: Reuse | None = None) -> None:
-        """`reuse`: look up kept answers before asking the model (None: always ask it)."""
+                 reuse: Reuse | None = None, partials: PartialWriter | None = None) -> None:
+        """`reuse`: look up kept answers before asking the model (None: always ask it). `partials` writes the
+        progress of `stream: true` routes' answers (None: no route streams)."""
         self._settings, self._pool, self._writer, self._tracker = settings, pool, writer, tracker
-        self._reuse = reuse
+        self._reuse, self._partials = reuse, partials
         self._metrics = metrics
         self._sealer = sealer
         self._clock = clock or SystemClock()
@@ -84,7 +93,7 @@ class EventHandler:
             return
         self._reuse.ask(Lookup(
             route.name, decoded.id, kept, miss=functools.partial(ask, kept),
-            hit=functools.partial(self._reused, decoded, route, raw, ref, slot, arrived_s, kept)))
+            hit=functools.partial(self._reused, decoded, route, raw, ref, slot, arrived_s, request, kept)))
 
     @property
     def looking_up(self) -> int:
@@ -107,15 +116,27 @@ class EventHandler:
 
     def _ask_model(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, slot: LabelSlot | None,
                    arrived_s: float, request: Request, kept: str | None) -> None:
-        future = self._pool.submit(request, _deadline_ms(event, route))
-        future.add_done_callback(functools.partial(self._answered, event, route, raw, ref, slot, arrived_s, kept))
+        """Submit the event to the model; a streaming route's run of progress opens here, as the model's
+        pieces are what it streams (a hit opens its own in `_reused`)."""
+        progress = self._progress(event, route, raw, request)
+        future = self._pool.submit(request, _deadline_ms(event, route), progress.piece if progress else None)
+        future.add_done_callback(functools.partial(self._answered, event, route, raw, ref, slot, arrived_s, kept,
+                                                   progress))
+
+    def _progress(self, event: InputEvent, route: Route, raw: RawMessage, request: Request) -> Progress | None:
+        """A new run of the event's progress where its route streams, else None."""
+        if route.stream and self._partials is not None and isinstance(request, GenRequest):
+            return self._partials.open(event.id, route.name, event.key, _key(event, raw))
+        return None
 
     def _reused(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, slot: LabelSlot | None,
-                arrived_s: float, kept: str, stored: Stored) -> bool:
+                arrived_s: float, request: Request, kept: str, stored: Stored) -> bool:
         """Answer the event with the kept answer; False when it is not an answer (the model answers then).
 
         A replay of the record it answered gets its very bytes. Another record of the event (a producer's
-        second send) gets the same answer naming its own `source`, as every record's outcome does."""
+        second send) gets the same answer naming its own `source`, as every record's outcome does. On a
+        streaming route the kept answer's whole text is a new run's one and final delta: a reader of the
+        event's progress sees the answer it would have seen typed, and a final marker after every answer."""
         try:
             answer = Answer.model_validate_json(stored.answer)
         except ValueError:
@@ -132,6 +153,9 @@ class EventHandler:
             answer = answer.model_copy(update={"source": raw.source})
             outcome = self._sealer.seal(topic, key, answer, (ref,), route.name, digest=kept)
         self._writer.add(outcome)
+        if (progress := self._progress(event, route, raw, request)) is not None:
+            progress.piece(answer.output)
+            progress.finish()
         return True
 
     def _ahead(self, event: InputEvent, raw: RawMessage, now_ms: int) -> str | None:
@@ -171,9 +195,11 @@ class EventHandler:
         return None
 
     def _answered(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, slot: LabelSlot | None,
-                  arrived_s: float, kept: str | None, future: asyncio.Future[Generated]) -> None:
+                  arrived_s: float, kept: str | None, progress: Progress | None,
+                  future: asyncio.Future[Generated]) -> None:
         """A done-callback: whatever goes wrong, the event ends in exactly one outcome and its label
-        slot resolves (a window waits for it), or the commit point would stay at it for ever."""
+        slot resolves (a window waits for it), or the commit point would stay at it for ever. A streaming
+        event's final marker names the dead letter's code where there is no answer."""
         generated: Generated | None = None
         error: str | None
         try:
@@ -185,6 +211,7 @@ class EventHandler:
             error = repr(exc)
         if slot is not None and not slot.resolved:
             slot.resolve(getattr(generated.result, "label", None) if generated is not None and error is None else None)
+        failed: ErrorCode | None = None
         try:
             if generated is None or error is not None:
                 raise _ModelFailed(error or "")
@@ -193,8 +220,10 @@ class EventHandler:
             if not isinstance(exc, _ModelFailed):
                 log.exception("answering event %s failed", event.id)
             code = generated.result.error_code if generated is not None else None
-            self._dead(raw, dead_letter(raw, ErrorCode(code or ErrorCode.MODEL_ERROR), str(exc) or repr(exc), event.id),
-                       route, ref)
+            failed = ErrorCode(code or ErrorCode.MODEL_ERROR)
+            self._dead(raw, dead_letter(raw, failed, str(exc) or repr(exc), event.id), route, ref)
+        if progress is not None:
+            progress.finish(failed.value if failed is not None else None)
 
     def _write_answer(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, generated: Generated,
                       arrived_s: float, kept: str | None) -> None:

@@ -53,6 +53,11 @@ class Keys:
         return f"{self.prefix}:dead-letters"
 
     @property
+    def partials(self) -> str:
+        """Every streaming answer's deltas, capped: one stream a dashboard reads for all answers typing."""
+        return f"{self.prefix}:partials"
+
+    @property
     def fence(self) -> str:
         return f"{self.prefix}:fence"
 
@@ -69,6 +74,10 @@ class Keys:
         see one id (`answer(id)` is the last written of them). The route's colons are escaped, so no
         (route, id) pair can name another's."""
         return f"{self.prefix}:reuse:{_segment(route)}:{id}"
+
+    def partial(self, id: str) -> str:
+        """One event's deltas as its answer is generated (a stream, expiring)."""
+        return f"{self.prefix}:partial:{id}"
 
     def per_key(self, key: str) -> str:
         return f"{self.prefix}:key:{encode_key(key)}"

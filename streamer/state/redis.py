@@ -1,5 +1,6 @@
 """Incremental state in Redis: answers by id, capped live streams, per-key and global counters, windows,
-and answers kept for reuse (written by the answer's own script, so kept exactly when applied).
+answers kept for reuse (written by the answer's own script, so kept exactly when applied), and the
+deltas of streaming answers (`append_partials`: progress, best effort, unguarded).
 
 Each outcome is applied by one Lua script that first claims a guard key for the event, so an event
 re-processed after a restart is never counted twice. A batch's outcomes go in one pipeline. Every name
@@ -30,6 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from streamer.config import RedisSettings
 from streamer.contracts import Answer, DeadLetter, ErrorCode, WindowResult
 from streamer.errors import StreamerError
+from streamer.pipeline.pieces import Delta
 from streamer.state.keys import Keys, encode_key
 
 
@@ -129,6 +131,24 @@ return found
 """
 
 
+# One delta of a streaming answer onto its event's stream, which holds one run: an entry of another run (a
+# replay's, or the run this one replays) is deleted first, whichever of either run's writes were dropped.
+# KEYS[1] partial:{id}; ARGV run, seq, delta, final, error, maxlen, ttl_s.
+_PARTIAL = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last > 0 then
+  local fields, run = last[1][2], nil
+  for i = 1, #fields, 2 do
+    if fields[i] == 'run' then run = fields[i + 1] end
+  end
+  if run ~= ARGV[1] then redis.call('DEL', KEYS[1]) end
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[6], '*', 'seq', ARGV[2], 'delta', ARGV[3], 'final', ARGV[4],
+           'error', ARGV[5], 'run', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+"""
+
+
 # Fences only move forward: a late-committing zombie cannot pull one back. KEYS[1] fence; ARGV field, point...
 _FENCE = """
 for i = 1, #ARGV, 2 do
@@ -178,6 +198,7 @@ class RedisState:
         self._result_letter = self._client.register_script(_RESULT_LETTER)
         self._fence = self._client.register_script(_FENCE)
         self._lookup = self._client.register_script(_LOOKUP)
+        self._partial = self._client.register_script(_PARTIAL)
 
     async def ping(self) -> None:
         """Fail fast, with a clear error, when Redis is unreachable at start."""
@@ -242,6 +263,26 @@ class RedisState:
             raise _unavailable(exc) from exc
         return [Stored(digest.decode(), answer) if digest is not None and answer is not None else None
                 for digest, answer in found]
+
+    async def append_partials(self, deltas: Sequence[Delta], ttl_s: int, maxlen: int) -> None:
+        """Append deltas of streaming answers to each event's stream and to the capped stream of all, in one
+        pipeline. Not guarded: progress is best effort. An event's stream holds one run (`Delta.run`): a delta
+        of another run than its last entry's deletes it first, so a reader never sees two runs of one event
+        mixed there, even where a run's first deltas were dropped."""
+        k = self._keys
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for d in deltas:
+                    fields: dict[str | bytes, str | bytes | int] = {
+                        "seq": d.seq, "delta": d.delta, "final": int(d.final), "error": d.error or ""}
+                    await self._partial(keys=[k.partial(d.id)],
+                                        args=[d.run, d.seq, d.delta, int(d.final), d.error or "", maxlen, ttl_s],
+                                        client=pipe)
+                    pipe.xadd(k.partials, {"id": d.id, "route": d.route, "run": d.run, **fields},
+                              maxlen=self._settings.stream_maxlen, approximate=True)
+                await pipe.execute()
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
 
     async def windows_final(self, window_ids: Sequence[str]) -> list[bool]:
         """Which windows already have a final result (e.g. written before a crash and replay); one round trip."""

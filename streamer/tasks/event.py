@@ -54,17 +54,24 @@ class Task:
     """Whether an event on an answering route of another task may ask for this one: the route has what it needs."""
     counts_labels: bool = False
     """Its answers are labels, counted per window of a route with this task (`LabelSlot`)."""
+    generates: bool = False
+    """It generates text token by token, which a `stream: true` route writes out as it comes."""
 
     @property
     def calls_model(self) -> bool:
         return self.request is not None
 
     def problem(self, route: Route) -> str | None:
-        """Why `route` cannot run this task: its own needs first, then an output topic for its answers."""
+        """Why `route` cannot run this task: its own needs first, then an output topic for its answers, then
+        text to stream where the route streams."""
         if (own := self.check(route)) is not None:
             return own
         if self.calls_model and route.output is None:
             return f"a `{self.name}` route needs an `output` topic"
+        if route.stream and not self.generates:
+            return f"`stream: true` needs a task that generates text; `{self.name}` does not"
+        if route.partial_output is not None and not route.stream:
+            return "`partial_output` needs `stream: true`"
         return None
 
 
@@ -113,11 +120,11 @@ def _needs_window(route: Route) -> str | None:
 
 
 TASKS: Mapping[str, Task] = MappingProxyType({task.name: task for task in (
-    Task("answer", _answer),
+    Task("answer", _answer, generates=True),
     Task("classify", _classify, answer=_label, check=_needs_labels, offered=lambda route: bool(route.labels),
          counts_labels=True),
-    Task("translate", _translate),
-    Task("prompt", _prompt, check=_needs_template, offered=lambda route: bool(route.template)),
+    Task("translate", _translate, generates=True),
+    Task("prompt", _prompt, check=_needs_template, offered=lambda route: bool(route.template), generates=True),
     Task("none", None, check=_needs_window, offered=lambda route: False),
 )})
 

@@ -21,6 +21,7 @@ from streamer.engine.build import resident
 from streamer.observe.dashboard import run_dashboard
 from streamer.observe.dashboard.routes import CLIENT_NAME
 from streamer.pipeline.app import connect
+from streamer.pipeline.pieces import Delta
 from streamer.state.redis import RedisState, Written
 from streamer.state.server import free_port
 from tests.integration.services import create_topic, produce_lines, unique_name
@@ -177,6 +178,40 @@ def test_the_dead_letter_of_a_refused_window_result_is_listed_without_breaking_t
                 await page.wait_for_selector("#dead-letters li[data-error='too_large']", timeout=15_000)
                 await state.write([written(answer(8), "k")])  # and the page keeps following
                 await page.wait_for_selector("#answers li[data-id='q8']", timeout=15_000)
+            finally:
+                await browser.close()
+                await state.aclose()
+        assert not errors, errors
+
+    asyncio.run(scenario())
+
+
+def test_an_answer_types_out_on_the_page_until_it_is_final(redis_url, chromium):
+    """Deltas of a streaming answer (`streamer:partials`) show as the answer typing; its answer replaces it."""
+    prefix = unique_name("dash-typing")
+
+    def delta(seq: int, text: str, final: bool = False) -> Delta:
+        return Delta("q9", "qa", "k", b"k", seq, text, final, first=seq == 0)
+
+    async def scenario() -> None:
+        errors: list[str] = []
+        state = RedisState(RedisSettings(prefix=prefix), redis_url)
+        async with dashboard(redis_url, prefix) as base, async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            try:
+                page = await browser.new_page()
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                await page.goto(base)
+                await page.wait_for_selector("body[data-live='true']", timeout=15_000)
+                typing = page.locator("#answers li.typing[data-id='q9'] .output")
+                await state.append_partials([delta(0, "The capital")], 60, 100)
+                await expect(typing).to_have_text("The capital", timeout=15_000)
+                await state.append_partials([delta(1, " of France is")], 60, 100)
+                await expect(typing).to_have_text("The capital of France is", timeout=15_000)
+                await state.append_partials([delta(2, " Paris.", final=True)], 60, 100)
+                await state.write([written(answer(9), "k")])
+                await page.wait_for_selector("#answers li:not(.typing)[data-id='q9']", timeout=15_000)
+                await expect(page.locator("#answers li.typing")).to_have_count(0)
             finally:
                 await browser.close()
                 await state.aclose()

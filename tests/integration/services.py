@@ -39,6 +39,7 @@ class Record:
     partition: int
     offset: int
     headers: list[tuple[str, bytes]] = field(default_factory=list)
+    timestamp_ms: int | None = None  # the record's timestamp (CreateTime: when its producer produced it)
 
 
 def unique_name(prefix: str) -> str:
@@ -239,7 +240,8 @@ def consume_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 30
                     if msg.error().code() == KafkaError._PARTITION_EOF:
                         continue
                     raise RuntimeError(f"consuming {topic}: {msg.error()}")
-                records.append(Record(msg.key(), msg.value(), msg.partition(), msg.offset(), list(msg.headers() or [])))
+                records.append(Record(msg.key(), msg.value(), msg.partition(), msg.offset(), list(msg.headers() or []),
+                                      msg.timestamp()[1]))
     finally:
         consumer.close()
     return records

@@ -59,7 +59,7 @@ ROUTES: dict[str, dict[str, Any]] = {
                                                         "update_every_events": 3, **WINDOW}},
     "none+summarize": {"task": "none", "window": {"kind": "tumbling", "size_ms": 1000, "task": "summarize",
                                                   **WINDOW}},
-    "answer": {"task": "answer", "output": "answers"},
+    "answer": {"task": "answer", "output": "answers", "stream": True},  # its pieces go to Redis as well
 }
 DEEP = b'{"id": "deep", "text": "x", "meta": {"x": ' + b"[" * 300 + b"]" * 300 + b"}}"
 HOSTILE: dict[str, tuple[bytes, str]] = {  # the message, and the dead-letter code it must end as
@@ -97,9 +97,10 @@ class SimClock:
 class Instance:
     """One `streamer run` process on the simulated edges; `crash` drops it without a goodbye."""
 
-    def __init__(self, settings: Settings, cluster: Cluster, state: SimState, loop: VirtualLoop) -> None:
+    def __init__(self, settings: Settings, cluster: Cluster, state: SimState, loop: VirtualLoop,
+                 attempts: Counter[str] | None = None) -> None:
         self.loop = loop
-        self.pool = SimPool(settings.batching.max_queue)
+        self.pool = SimPool(settings.batching.max_queue, attempts)
         exactly_once = settings.processing.guarantee == "exactly_once"
         self.sink: SimSink | SimProducer = SimProducer(cluster) if exactly_once else SimSink(cluster)
         self.source: SimSource | None = None
@@ -202,7 +203,8 @@ class Simulation(RuleBasedStateMachine):
         self.cluster = Cluster("in", PARTITIONS, 1_000_000, MAX_POLL_INTERVAL_S)
         self.cluster.committed_hook = self.no_commit_passes_an_unwritten_event
         self.state = SimState(kafka_decides_windows=exactly_once)
-        self.instance = Instance(self.settings, self.cluster, self.state, self.loop)
+        self.attempts: Counter[str] = Counter()  # the model's, per prompt: a replay streams other deltas
+        self.instance = Instance(self.settings, self.cluster, self.state, self.loop, self.attempts)
 
     # --- input ------------------------------------------------------------------------------------
     @rule(partition=st.integers(0, PARTITIONS - 1), key=st.sampled_from(KEYS), step_ms=st.integers(0, 400),
@@ -301,6 +303,12 @@ class Simulation(RuleBasedStateMachine):
     def redis_replies(self, lose: bool) -> None:
         self.state.lose_replies = lose
 
+    @precondition(lambda self: "redis" in self.faults)
+    @rule(slow=st.booleans())
+    def redis_partials_slow(self, slow: bool) -> None:
+        """Writes of streaming progress hang past partials.write_timeout_s (dropped, counted, never applied)."""
+        self.state.slow_partials = slow
+
     @precondition(lambda self: "broker" in self.faults)
     @rule(up=st.booleans())
     def broker(self, up: bool) -> None:
@@ -325,7 +333,7 @@ class Simulation(RuleBasedStateMachine):
     def restart(self) -> None:
         """A supervisor starts the process again; with Redis away it stops at once (and is restarted later)."""
         try:
-            self.instance = Instance(self.settings, self.cluster, self.state, self.loop)
+            self.instance = Instance(self.settings, self.cluster, self.state, self.loop, self.attempts)
         except StateUnavailable:
             for task in asyncio.all_tasks(self.loop):
                 task.cancel()
@@ -376,6 +384,7 @@ class Simulation(RuleBasedStateMachine):
 
     def _drain(self) -> None:
         self.state.up, self.state.lose_replies, self.cluster.up = True, False, True
+        self.state.slow_partials = False
         self.cluster.max_poll_interval_s = float("inf")
         if self.instance is None:
             self.restart()
@@ -485,6 +494,31 @@ class Simulation(RuleBasedStateMachine):
         assert counters["events"] == len(per_event) + late, (counters, len(per_event), late)
         assert counters["dead_letters:late"] == late
         assert counters["windows"] == len(out.final_windows())
+        self._check_partials()
+
+    def _check_partials(self) -> None:
+        """What readers of streaming progress were promised. Of `partial:{id}` (the stand-in keeps it as the
+        Lua script does): one run, its seq counting up (a gap where deltas were dropped, the first ones
+        included), at most one final marker and it last (a dropped marker is no marker), and a run shown from
+        seq 0 without a gap up to a final marker without an error joins to the answer in Redis. Of the
+        `partials` stream: one event's runs never mix (once a newer run of an id is written, no delta of an
+        older one follows: the process that ran it is gone, or retired it). The model splits each attempt's
+        answer elsewhere, so deltas of two runs spliced together would not join."""
+        for event_id, stream in self.state.streams.items():
+            assert len({d.run for d in stream}) == 1, stream
+            seqs = [d.seq for d in stream]
+            assert seqs == sorted(set(seqs)), stream
+            finals = [d.final for d in stream]
+            assert finals.count(True) <= 1 and (True not in finals or finals[-1]), stream
+            answer = self.state.answers.get(event_id)
+            if finals[-1] and stream[-1].error is None and seqs == list(range(len(stream))) and answer:
+                assert "".join(d.delta for d in stream) == orjson.loads(answer)["output"], stream
+        runs: dict[str, list[str]] = {}  # id -> its runs in the order they were first written
+        for delta in self.state.partials:
+            seen = runs.setdefault(delta.id, [])
+            if not seen or seen[-1] != delta.run:
+                assert delta.run not in seen, f"{delta.id}: run {delta.run} written again after a newer run"
+                seen.append(delta.run)
 
 
 class Output:

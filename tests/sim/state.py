@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import orjson
 
 from streamer.contracts import Answer, WindowResult
+from streamer.pipeline.pieces import Delta
 from streamer.state.redis import StateUnavailable, Stored, Written
 
 
@@ -29,6 +30,9 @@ class SimState:
         self.answers: dict[str, bytes] = {}
         self.kept: dict[tuple[str, str], Stored] = {}  # (route, id) -> the answer kept for reuse
         self.slow_lookups: asyncio.Event | None = None  # set: look-ups answer only once it is set
+        self.partials: list[Delta] = []  # streaming answers' progress as applied, in order (the `partials` stream)
+        self.streams: dict[str, list[Delta]] = {}  # partial:{id}: one run, as RedisState.append_partials keeps it
+        self.slow_partials = False  # partial writes hang (past partials.write_timeout_s: dropped, never applied)
         self.up = True
         self.lose_replies = False  # apply a write, then fail as if its reply never came
 
@@ -98,6 +102,24 @@ class SimState:
         if not self.up:
             raise StateUnavailable("Connection refused")
         return [self.kept.get(pair) for pair in wanted]
+
+    async def append_partials(self, deltas: Sequence[Delta], ttl_s: int, maxlen: int) -> None:
+        """As RedisState's: each delta onto its event's stream, which a delta of another run replaces (the
+        Lua script's DEL), trimmed to `maxlen`; refused while Redis is away, hanging while slow, applied and
+        then failed while replies are lost."""
+        if not self.up:
+            raise StateUnavailable("Connection refused")
+        if self.slow_partials:
+            await asyncio.sleep(3600)
+        for d in deltas:
+            stream = self.streams.setdefault(d.id, [])
+            if stream and stream[-1].run != d.run:
+                stream.clear()
+            stream.append(d)
+            del stream[:-maxlen]
+        self.partials += deltas
+        if self.lose_replies:
+            raise StateUnavailable("Timeout reading from socket")
 
     async def windows_final(self, window_ids: Sequence[str]) -> list[bool]:
         if not self.up:

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 
 from streamer.config import OpenAISettings
 from streamer.contracts import ErrorCode
-from streamer.engine.backend import BackendInfo, BatcherClosed, KVStats, QueueFull
+from streamer.engine.backend import BackendInfo, BatcherClosed, KVStats, QueueFull, stream_pieces
 from streamer.engine.openai import labels
 from streamer.engine.openai.circuit import Circuit, CircuitState
 from streamer.engine.openai.client import CallFailed, OpenAIClient
@@ -87,7 +87,7 @@ class _Call:
     prompt_tokens: int
     tokens: int  # prompt and answer room: what it holds of the token budget
     future: asyncio.Future[Generated]
-    pieces: asyncio.Queue[str | None] | None = None  # for a streaming caller
+    on_piece: Callable[[str], None] | None = None  # a streaming caller's
     failures: int = 0
     own_failures: int = 0  # failures while the server answered other requests
     answers_before: int | None = None  # the server's answers when this request's previous attempt began
@@ -173,22 +173,19 @@ class OpenAIBackend(AsyncLifecycle):
     def kv_stats(self) -> KVStats | None:
         return None
 
-    def submit(self, request: Request, deadline_ms: float | None = None) -> asyncio.Future[Generated]:
-        """Queue one request (earliest deadline first). Raises QueueFull past max_queue or with the circuit open."""
-        return self._submit(request, deadline_ms, stream=False).future
+    def submit(self, request: Request, deadline_ms: float | None = None,
+               on_piece: Callable[[str], None] | None = None) -> asyncio.Future[Generated]:
+        """Queue one request (earliest deadline first). Raises QueueFull past max_queue or with the circuit open.
+        `on_piece` hears the answer as the server streams it (see `Backend.submit`)."""
+        return self._submit(request, deadline_ms, on_piece).future
 
     async def generate(self, request: Request, deadline_ms: float | None = None) -> Generated:
         await self.wait_for_room()
         return await self.submit(request, deadline_ms)
 
-    async def stream(self, request: GenRequest, deadline_ms: float | None = None) -> AsyncIterator[str | Generated]:
+    def stream(self, request: GenRequest, deadline_ms: float | None = None) -> AsyncIterator[str | Generated]:
         """The answer in pieces as the server streams them, then the finished result."""
-        await self.wait_for_room()
-        call = self._submit(request, deadline_ms, stream=True)
-        assert call.pieces is not None
-        while (piece := await call.pieces.get()) is not None:
-            yield piece
-        yield await call.future
+        return stream_pieces(self, request, deadline_ms)
 
     async def start(self) -> None:
         """Check the key and the model, then serve. A server that is away now only opens the circuit: the
@@ -215,7 +212,7 @@ class OpenAIBackend(AsyncLifecycle):
 
     # --- admission -------------------------------------------------------------------------------------
 
-    def _submit(self, request: Request, deadline_ms: float | None, stream: bool) -> _Call:
+    def _submit(self, request: Request, deadline_ms: float | None, on_piece: Callable[[str], None] | None) -> _Call:
         if self._closing:
             raise BatcherClosed("the backend is closing; no new requests")
         if self._dispatcher is None:
@@ -226,7 +223,7 @@ class OpenAIBackend(AsyncLifecycle):
         prompt = self.count_tokens(_text(request))
         call = _Call(request, now + (deadline_ms / 1000 if deadline_ms is not None else self.default_deadline_s),
                      now, prompt, prompt + _answer_room(request, self.count_tokens),
-                     asyncio.get_running_loop().create_future(), asyncio.Queue() if stream else None)
+                     asyncio.get_running_loop().create_future(), on_piece)
         self._calls.add(call)
         self.inflight_tokens += call.tokens
         if self._server_counts is False:
@@ -382,8 +379,6 @@ class OpenAIBackend(AsyncLifecycle):
         self._calls.discard(call)
         self.inflight_tokens -= call.tokens
         self._room.set()
-        if call.pieces is not None:
-            call.pieces.put_nowait(None)
         if not call.future.done():
             call.future.set_result(Generated(
                 result=result, queued_ms=(sent_s - call.submitted_s) * 1000, model_ms=(now - sent_s) * 1000,
@@ -426,12 +421,12 @@ class OpenAIBackend(AsyncLifecycle):
         answer is streamed only where it goes on from what was shown, so the pieces always join to the final
         text; one that differs (sampling, a batch-dependent server) ends the call: `_Diverged`."""
         now = text.lstrip()
-        if call.pieces is None or call.shown.startswith(now):
+        if call.on_piece is None or call.shown.startswith(now):
             return
         if not now.startswith(call.shown):
             raise _Diverged(f"a retry's answer {now[:200]!r} differs from the text already streamed "
                             f"{call.shown[:200]!r}")
-        call.pieces.put_nowait(now[len(call.shown):])
+        call.on_piece(now[len(call.shown):])
         call.shown = now
 
     async def _score(self, request: ScoreRequest, prompt_tokens: int, sent_s: float) -> _Answer:

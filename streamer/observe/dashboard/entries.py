@@ -18,6 +18,15 @@ def answer(entry_id: str, fields: dict[str, str]) -> dict[str, Any] | None:
     return {"stream_id": entry_id, "answer": doc} if isinstance(doc, dict) else None
 
 
+def partial(entry_id: str, fields: dict[str, str]) -> dict[str, Any] | None:
+    """A delta of an answer being generated (`streamer.pipeline.partials`); the page types it out."""
+    if "id" not in fields or not fields.get("seq", "").isdigit():
+        return None
+    return {"stream_id": entry_id, "id": fields["id"], "route": fields.get("route"), "run": fields.get("run"),
+            "seq": int(fields["seq"]), "delta": fields.get("delta", ""), "final": fields.get("final") == "1",
+            "error": fields.get("error") or None}
+
+
 def dead_letter(entry_id: str, fields: dict[str, str]) -> dict[str, Any] | None:
     letter = parse(fields.get("dead_letter"))
     if not isinstance(letter, dict):

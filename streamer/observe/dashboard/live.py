@@ -63,7 +63,7 @@ class LiveFeed:
         """A new stream, starting now; raises RedisError when Redis cannot be read (before any response)."""
         async with self._lock:
             ends = {stream: await _stream_end(self._client, stream)
-                    for stream in (self._keys.answers, self._keys.dead_letters)}
+                    for stream in (self._keys.answers, self._keys.dead_letters, self._keys.partials)}
             if not self._readers:
                 await self._start(ends)
             listener = Listener(handler, {stream: _entry_id(end) for stream, end in ends.items()})
@@ -120,7 +120,8 @@ class LiveFeed:
                 listener.handler.cancel()
 
     async def _tail(self, after: dict[str, str]) -> None:
-        """Answers and dead letters as they are added, in one blocking XREAD over both streams."""
+        """Answers, dead letters and the pieces of streaming answers as they are added, in one blocking XREAD
+        over the three streams."""
         while True:
             try:
                 reply = await self._client.xread(after, count=_STREAM_BATCH, block=_BLOCK_MS)
@@ -133,6 +134,8 @@ class LiveFeed:
                     after[stream] = entry_id
                     if stream == self._keys.answers:
                         event, item = "answer", entries.answer(entry_id, fields)
+                    elif stream == self._keys.partials:
+                        event, item = "partial", entries.partial(entry_id, fields)
                     else:
                         event, item = "dead_letter", entries.dead_letter(entry_id, fields)
                     if item is not None:

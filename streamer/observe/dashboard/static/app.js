@@ -8,9 +8,11 @@ const MAX_WINDOWS = 2000;           // results kept in memory across all routes
 const MAX_DEAD_LETTERS = 15;
 const CHART_SPAN_MS = 120_000;      // the charts show the last two minutes
 const P50_SPAN_MS = 30_000;         // latency p50 over answers received in the last 30 s
+const MAX_TYPING = 20;              // answers shown typing at once
 
 const state = {
   answers: [],                      // {stream_id, answer}, newest first
+  typing: new Map(),                // event id -> {id, route, seq, text}: answers being generated
   deadLetters: [],                  // {stream_id, error, dead_letter}, newest first
   windows: new Map(),               // window id -> result
   counters: {},
@@ -87,9 +89,25 @@ function mergeStream(list, items, max) {
   list.length = Math.min(list.length, max);
 }
 
+// An answer typing: its deltas in order; another run (a replay) starts over, at seq 0 or later where its
+// first deltas were dropped. It leaves when its answer
+// arrives, or at its final marker when it ended without one (a dead letter).
+function addPartial(p) {
+  if (state.answers.some(({ answer }) => answer.id === p.id)) return;  // its final marker came after the answer
+  const typing = state.typing.get(p.id);
+  if (p.seq === 0 || !typing || p.run !== typing.run) {
+    state.typing.set(p.id, { id: p.id, route: p.route, run: p.run, seq: p.seq, text: p.delta });
+  }
+  else if (p.seq > typing.seq) Object.assign(typing, { seq: p.seq, text: typing.text + p.delta });
+  if (p.final && p.error) state.typing.delete(p.id);
+  while (state.typing.size > MAX_TYPING) state.typing.delete(state.typing.keys().next().value);
+  schedule("answers");
+}
+
 function addAnswers(items, arrivedAt) {
   mergeStream(state.answers, items, MAX_ANSWERS);
   for (const { answer } of items) {
+    state.typing.delete(answer.id);
     // Snapshot answers count as arrived when they were produced (ts_out, server clock vs page clock).
     const at = arrivedAt ?? Date.now() - Math.max(0, state.snapshotNow - num(answer.ts_out));
     if (Number.isFinite(answer.latency_ms)) state.recentLatencies.push({ at, ms: answer.latency_ms });
@@ -166,7 +184,14 @@ function renderCounters() {
 }
 
 function renderAnswers() {
-  const items = state.answers.map(({ stream_id, answer: a }) =>
+  const typing = [...state.typing.values()].reverse().map((t) =>
+    el("li", { class: "typing", "data-id": t.id },
+      el("div", { class: "meta" },
+        el("span", { class: "id" }, t.id),
+        el("span", { class: "task" }, t.route),
+        el("span", { class: "muted" }, "typing…")),
+      el("p", { class: "output" }, t.text)));
+  const answered = state.answers.map(({ stream_id, answer: a }) =>
     el("li", { "data-id": a.id, "data-stream-id": stream_id },
       el("div", { class: "meta" },
         el("span", { class: "id" }, a.id),
@@ -175,6 +200,7 @@ function renderAnswers() {
         el("span", { class: "latency", title: `queued ${fmtMs(a.queued_ms)}` }, fmtMs(a.latency_ms)),
         el("span", { class: "muted" }, `${a.tokens_out} tok`)),
       el("p", { class: "output" }, a.output)));
+  const items = [...typing, ...answered];
   document.getElementById("answers").replaceChildren(...items);
   document.getElementById("answers-empty").hidden = items.length > 0;
 }
@@ -324,6 +350,7 @@ function connect() {
     if (events.readyState === EventSource.CLOSED) setTimeout(connect, 3000);
   });
   on("answer", (item) => addAnswers([item], Date.now()));
+  on("partial", addPartial);
   on("dead_letter", (item) => { mergeStream(state.deadLetters, [item], MAX_DEAD_LETTERS); schedule("problems"); });
   on("window", addWindow);
   on("tick", (tick) => {
