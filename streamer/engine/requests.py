@@ -16,6 +16,9 @@ class GenRequest:
     max_new_tokens: int
     temperature: float = 0.0  # 0 = greedy
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    session: str | None = None
+    """A conversation this request continues: an engine that can keeps the KV blocks of its prompt and answer
+    for the session's next turn (pinned while the session is active, least recently used evicted first)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
