@@ -31,8 +31,9 @@ kafka-jars:
 llama-server:
 	ops/llama/llama.sh build
 
+# --durations: the slowest tests in every run's log, to keep the suite under its 25-minute budget.
 test: setup kafka-jars llama-server faust-venv lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit
