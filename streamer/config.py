@@ -161,6 +161,9 @@ class EngineSettings(_Section):
         None, gt=0, description="KV cache size; null: 90% of free GPU memory, or a quarter of free RAM up to 1 GiB")
     max_running: int = Field(32, ge=1, description="sequences decoding together")
     max_step_tokens: int = Field(512, ge=1, description="prefill + decode tokens per model step (chunked prefill)")
+    pinned_sessions: int = Field(
+        64, ge=0, description="chat sessions whose last turn's KV blocks are kept for their next turn (least "
+        "recently used unpinned first; pins also give way whenever running work needs the blocks); 0: none")
     target_step_ms: float | None = Field(
         None, gt=0, description="size steps from measured latency to stay under this; null: max_step_tokens")
     default_deadline_ms: float = Field(

@@ -36,6 +36,7 @@ class EngineConfig:
     max_running: int = 32
     max_step_tokens: int = 512
     target_step_s: float | None = None  # adaptive step budget; None: always max_step_tokens
+    pinned_sessions: int = 64  # conversations whose last turn's blocks are pinned (least recently used go)
 
 
 BROKEN_TOKEN = -1
@@ -48,6 +49,7 @@ class TokenRequest:
     """What the engine runs: token ids in, token ids (or label log-probs) out; text stays with the worker.
 
     With `labels`, a score request: no generation; each label's log-probs are returned instead.
+    With `session`, the conversation it continues: its blocks are pinned for the session's next turn.
     """
 
     prompt: tuple[int, ...]
@@ -55,6 +57,7 @@ class TokenRequest:
     temperature: float = 0.0
     stop_ids: frozenset[int] = frozenset()
     labels: tuple[tuple[int, ...], ...] = ()
+    session: str | None = None
 
     @property
     def longest(self) -> int:
@@ -116,7 +119,7 @@ class Engine:
         self.model = model
         self.config = config
         self.end_ids = sorted(end_ids)
-        self.allocator = BlockAllocator(config.num_blocks, config.block_size)
+        self.allocator = BlockAllocator(config.num_blocks, config.block_size, config.pinned_sessions)
         self.scheduler = Scheduler(self.allocator, config.max_running, config.max_step_tokens)
         device = next(model.parameters()).device
         kv = PagedKV(Shape.of(model), config.num_blocks, config.block_size, model.dtype, device)
@@ -154,7 +157,8 @@ class Engine:
         job = _Job(key, request, deadline_s)
         if not self.scheduler.fits(request.longest):
             return self._failed(job, f"prompt and answer ({request.longest} tokens) exceed the KV cache")
-        self.scheduler.add(self._sequence(job, list(request.prompt), request.max_new_tokens, 1))
+        prompt = list(request.prompt)
+        self.scheduler.add(self._sequence(job, prompt, request.max_new_tokens, 1, session=request.session))
         return None
 
     def step(self) -> list[Finished]:
@@ -249,8 +253,10 @@ class Engine:
         picked = [float(logprobs[i, token]) for i, token in enumerate(label)]
         return [*picked, float(torch.logsumexp(logprobs[-1, self.end_ids], dim=-1))]
 
-    def _sequence(self, job: _Job, tokens: list[int], max_new: int, tail: int, label: int | None = None) -> Sequence:
-        return Sequence(tokens, max_new, job.deadline_s, job.request.stop_ids, tail, payload=(job, label))
+    def _sequence(self, job: _Job, tokens: list[int], max_new: int, tail: int, label: int | None = None,
+                  session: str | None = None) -> Sequence:
+        return Sequence(tokens, max_new, job.deadline_s, job.request.stop_ids, tail, payload=(job, label),
+                        session=session)
 
     def _step_failed(self, plan: Plan, exc: Exception) -> list[Finished]:
         """Requeue every sequence of the failed step to run alone; one that failed alone is answered with the error."""

@@ -13,6 +13,9 @@ chunk of the prompt. Per step:
    token budget and in the cache (with one block held back per running sequence for its growth);
    the full blocks of a prompt already in the prefix cache are taken instead of computed.
 
+A sequence with a `session` (a conversation) pins its full blocks, prompt and answer, when it finishes:
+the session's next turn starts with them, and its admission takes them and releases the pin.
+
 Pure bookkeeping over the block allocator, no tensors: the engine runs the plan and reports back.
 """
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 from streamer.engine.blocks import BlockAllocator, OutOfBlocks, block_hashes
@@ -36,6 +39,7 @@ class Sequence:
     stop_ids: frozenset[int] = frozenset()
     logits_tail: int = 1  # positions at the end of the prompt whose logits the caller needs
     payload: object = None  # the engine's request, carried through untouched
+    session: Hashable | None = None  # the conversation whose next turn reuses this sequence's blocks
     prompt_len: int = field(init=False)
     computed: int = 0  # leading tokens whose KV is in the cache
     blocks: list[int] = field(default_factory=list)
@@ -167,6 +171,8 @@ class Scheduler:
             if token in seq.stop_ids or len(seq.tokens) - seq.prompt_len >= seq.max_new_tokens:
                 finished.append(seq)
         for seq in finished:
+            if seq.session is not None:
+                self.allocator.pin(seq.session, seq.blocks[: seq.published])
             self._release(seq)
             seq.finished = True
         return finished
@@ -223,6 +229,8 @@ class Scheduler:
             return False
         seq.blocks.extend(self.allocator.allocate() for _ in range(need))
         self.reused_tokens += seq.reused
+        if seq.session is not None:
+            self.allocator.unpin(seq.session)  # what matched is taken; the rest may go
         return True
 
     def _publish(self, seq: Sequence) -> None:

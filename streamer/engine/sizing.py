@@ -26,6 +26,7 @@ def engine_config(engine: EngineSettings, model: PreTrainedModel, dtype: torch.d
         max_running=engine.max_running,
         max_step_tokens=engine.max_step_tokens,
         target_step_s=None if engine.target_step_ms is None else engine.target_step_ms / 1000,
+        pinned_sessions=engine.pinned_sessions,
     )
 
 

@@ -1,5 +1,6 @@
 """The continuous-batching engine on a tiny random Llama: same greedy tokens as `generate`, whatever
-the chunking, preemption or prefix reuse; label scores equal a plain forward pass; failures isolated."""
+the chunking, preemption or prefix reuse (a chat session's pinned history included); label scores equal
+a plain forward pass; failures isolated."""
 
 from __future__ import annotations
 
@@ -83,6 +84,30 @@ def test_prompts_sharing_a_prefix_reuse_its_blocks_and_still_match_generate(mode
     for i, p in enumerate(batch[1:]):
         assert rest[i].tokens == reference(model, p, 5)
     assert engine.allocator.available == engine.allocator.num_blocks  # cached blocks count as available
+
+
+@pytest.mark.parametrize("session", ["chat", None], ids=["pinned", "unpinned"])
+def test_each_chat_turn_reuses_the_last_turns_prompt_and_answer_through_other_traffic(
+        model: LlamaForCausalLM, session: str | None) -> None:
+    # Between turns, other traffic (3 waves of 4 prompts of 24 tokens, 28 blocks a wave) churns the cached blocks;
+    # the history's pinned blocks (up to 58) and a wave fit together, so pins never have to give way.
+    engine = Engine(model, EngineConfig(block_size=4, num_blocks=96, pinned_sessions=2), end_ids=frozenset())
+    held: list[int] = []
+    reused: list[int] = []
+    for turn, message in enumerate(prompts(5, seed=11)):
+        prompt = [*held, *message]
+        before = engine.scheduler.reused_tokens
+        done = run_all(engine, [TokenRequest(tuple(prompt), 6, session=session)])
+        reused.append(engine.scheduler.reused_tokens - before)
+        assert done[0].tokens == reference(model, prompt, 6), f"turn {turn} diverged"
+        if session:
+            assert reused[-1] == max(len(held) - 1, 0) // 4 * 4, f"turn {turn} recomputed its history"
+        held = prompt + done[0].tokens
+        for wave in range(3):
+            run_all(engine, [TokenRequest(tuple(p * 24)[:24], 1) for p in prompts(4, seed=10 * turn + wave + 20)])
+    assert engine.allocator.pinned_sessions == (1 if session else 0)
+    if not session:
+        assert reused[-1] == 0, "without a pin the churn evicted the history"
 
 
 def test_a_stop_id_ends_the_answer_and_is_returned_last(model: LlamaForCausalLM) -> None:

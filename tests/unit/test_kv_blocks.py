@@ -1,4 +1,5 @@
-"""The KV block allocator: no block is ever owned twice or lost, and prefixes are found again."""
+"""The KV block allocator: no block is ever owned twice or lost, prefixes are found again, and a session's
+pinned blocks outlive ordinary cache churn but give way before anything would wait for memory."""
 
 from __future__ import annotations
 
@@ -13,29 +14,35 @@ from streamer.engine.blocks import BlockAllocator, OutOfBlocks, block_hashes
 
 
 def check_invariants(alloc: BlockAllocator, owned: list[int]) -> None:
-    free, cached, refs = alloc.states()
-    assert free.isdisjoint(cached) and free.isdisjoint(refs) and cached.isdisjoint(refs)
-    assert free | cached | set(refs) == set(range(alloc.num_blocks)), "a block was lost"
+    free, cached, pinned, refs = alloc.states()
+    states = [free, cached, pinned, set(refs)]
+    assert sum(map(len, states)) == len(set().union(*states)), "a block is in two states"
+    assert set().union(*states) == set(range(alloc.num_blocks)), "a block was lost"
     assert all(n >= 1 for n in refs.values())
     for block in set(owned):
         assert refs[block] == owned.count(block), "the reference count disagrees with the owners"
-    assert alloc.available == len(free) + len(cached)
+    pins = alloc.pins()
+    held = {block for blocks in pins.values() for block in blocks}
+    assert pinned == held - set(refs), "a pinned block nobody owns is not kept, or an unpinned one is"
+    assert len(pins) <= alloc.max_pinned
+    assert alloc.available == len(free) + len(cached) + len(pinned)
 
 
-ops = st.lists(st.tuples(st.sampled_from(["allocate", "free", "publish", "lookup"]),
+ops = st.lists(st.tuples(st.sampled_from(["allocate", "free", "publish", "lookup", "pin", "unpin"]),
                          st.integers(0, 1000)), max_size=200)
 
 
-@given(ops, st.integers(1, 12))
-def test_random_operations_never_lose_or_double_own_a_block(script: list[tuple[str, int]], num_blocks: int) -> None:
-    alloc = BlockAllocator(num_blocks, block_size=4)
+@given(ops, st.integers(1, 12), st.integers(0, 3))
+def test_random_operations_never_lose_or_double_own_a_block(script: list[tuple[str, int]], num_blocks: int,
+                                                            max_pinned: int) -> None:
+    alloc = BlockAllocator(num_blocks, block_size=4, max_pinned=max_pinned)
     owned: list[int] = []  # one entry per reference held by "sequences"
     for op, n in script:
         if op == "allocate":
             try:
                 block = alloc.allocate()
             except OutOfBlocks:
-                assert alloc.available == 0
+                assert alloc.available == 0, "pinned or cached blocks were left while allocation failed"
                 continue
             assert block not in owned, "a block handed out while still owned"
             owned.append(block)
@@ -47,10 +54,17 @@ def test_random_operations_never_lose_or_double_own_a_block(script: list[tuple[s
             block = alloc.lookup(bytes([n % 7]))
             if block is not None:
                 owned.append(block)
+        elif op == "pin" and owned:
+            alloc.pin(f"s{n % 4}", sorted(set(owned))[: n % 5])
+        elif op == "unpin":
+            alloc.unpin(f"s{n % 4}")
         check_invariants(alloc, owned)
     for block in list(owned):
         alloc.free(block)
+    for session in alloc.pins():
+        alloc.unpin(session)
     assert alloc.in_use == 0 and alloc.available == num_blocks, "blocks leaked once every owner let go"
+    assert alloc.pinned_blocks == 0
 
 
 def test_a_freed_published_block_is_reused_by_the_next_prompt_with_that_prefix() -> None:
@@ -71,6 +85,68 @@ def test_cached_blocks_are_evicted_least_recently_used_first_when_fresh_ones_run
     alloc.free(b)
     assert alloc.allocate() == a  # a was cached first, so it goes first
     assert alloc.lookup(b"1") is None and alloc.lookup(b"2") == b
+
+
+def pinned(alloc: BlockAllocator, session: str, count: int, tag: int) -> list[int]:
+    """`count` fresh blocks, published, pinned to `session` and then let go by their sequence."""
+    blocks = [alloc.allocate() for _ in range(count)]
+    for i, block in enumerate(blocks):
+        alloc.publish(block, bytes([tag, i]))
+    alloc.pin(session, blocks)
+    for block in blocks:
+        alloc.free(block)
+    return blocks
+
+
+def test_a_pinned_block_survives_cache_churn_that_evicts_an_unpinned_one() -> None:
+    alloc = BlockAllocator(3, block_size=2, max_pinned=4)
+    kept = pinned(alloc, "chat", 1, tag=1)
+    loose = alloc.allocate()
+    alloc.publish(loose, b"loose")
+    alloc.free(loose)
+    fresh = alloc.allocate(), alloc.allocate()  # one free block, then the cached one: never the pinned one
+    assert loose in fresh and kept[0] not in fresh
+    assert alloc.lookup(bytes([1, 0])) == kept[0]
+
+
+def test_the_least_recently_pinned_session_is_unpinned_beyond_the_session_limit() -> None:
+    alloc = BlockAllocator(8, block_size=2, max_pinned=2)
+    a = pinned(alloc, "a", 1, tag=1)
+    pinned(alloc, "b", 1, tag=2)
+    assert alloc.lookup(bytes([1, 0])) == a[0]  # a's next turn takes its block ...
+    alloc.pin("a", a)  # ... and finishes: a is now the most recently pinned
+    alloc.free(a[0])
+    pinned(alloc, "c", 1, tag=3)
+    assert list(alloc.pins()) == ["a", "c"], "b, the least recently pinned, went"
+    assert alloc.lookup(bytes([2, 0])) is not None, "b's block is only unpinned: still cached"
+
+
+def test_under_memory_pressure_pins_give_way_before_allocation_fails() -> None:
+    alloc = BlockAllocator(4, block_size=2, max_pinned=4)
+    old = pinned(alloc, "old", 2, tag=1)
+    new = pinned(alloc, "new", 2, tag=2)
+    assert alloc.available == 4 and alloc.in_use == 0
+    assert alloc.allocate() == old[1], "the least recently pinned session goes first, its last block first"
+    assert list(alloc.pins()) == ["new"]
+    got = [alloc.allocate() for _ in range(3)]
+    assert set(got) == {old[0], *new} and not alloc.pins()
+    with pytest.raises(OutOfBlocks):
+        alloc.allocate()
+
+
+def test_a_pin_on_blocks_running_sequences_own_frees_nothing_and_stays() -> None:
+    alloc = BlockAllocator(1, block_size=2, max_pinned=1)
+    block = alloc.allocate()
+    alloc.pin("chat", [block])
+    with pytest.raises(OutOfBlocks):
+        alloc.allocate()
+    assert alloc.pins() == {"chat": [block]}
+
+
+def test_only_owned_blocks_can_be_pinned() -> None:
+    alloc = BlockAllocator(2, block_size=2, max_pinned=1)
+    with pytest.raises(ValueError, match="not in use"):
+        alloc.pin("chat", [0])
 
 
 def test_allocating_past_the_last_block_raises_instead_of_overcommitting() -> None:

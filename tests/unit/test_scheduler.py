@@ -1,10 +1,12 @@
-"""The continuous-batching scheduler: deadlines, token budget, admission, preemption, prefix reuse.
+"""The continuous-batching scheduler: deadlines, token budget, admission, preemption, prefix reuse, and pins
+that keep a conversation's blocks for its next turn.
 
 Steps are simulated without a model: `run_step` samples token 7 for every sequence that asks.
 """
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -116,6 +118,69 @@ def test_a_cached_prefix_is_reused_instead_of_computed_again() -> None:
     assert b.reused == 8 and plan.chunks[0].start == 8 and plan.tokens == 3
 
 
+def finish(s: Scheduler, *seqs: Sequence) -> None:
+    for x in seqs:
+        s.add(x)
+    while not s.idle:
+        run_step(s)
+
+
+@pytest.mark.parametrize(("session", "reused"), [("chat", 12), (None, 0)], ids=["pinned", "unpinned"])
+def test_a_finished_turn_pins_its_prompt_and_answer_for_its_sessions_next_turn_through_cache_churn(
+    session: str | None, reused: int
+) -> None:
+    alloc = BlockAllocator(8, 4, max_pinned=4)
+    s = Scheduler(alloc, max_running=8, max_step_tokens=64)
+    turn = Sequence(list(range(10)), 4, 0.0, session=session)
+    finish(s, turn)  # 10 prompt + 4 answer tokens: 3 full blocks (the last token's KV is never computed)
+    assert alloc.pinned_blocks == (3 if session else 0)
+    for other in (100, 200):  # other traffic: 5 blocks each, so the second evicts least recently used ones
+        finish(s, Sequence(list(range(other, other + 20)), 1, 0.0))
+    after = Sequence([*turn.tokens, 90, 91], 2, 0.0, session=session)
+    s.add(after)
+    plan, _ = run_step(s)
+    assert after.reused == reused and plan.chunks[0].start == reused, "the next turn computes only what is new"
+    assert alloc.pins() == {}, "its admission took the pinned blocks and released the pin"
+
+
+def workload(specs: list[tuple[int, int, float]]) -> list[Sequence]:
+    return [Sequence(list(range(i * 3, i * 3 + p)), n, d) for i, (p, n, d) in enumerate(specs)]
+
+
+def trace(s: Scheduler, seqs: list[Sequence]) -> list[tuple[tuple[int, int, int], ...]]:
+    """Each step's chunks as (sequence, start, end), then the sequences preempted."""
+    index = {id(x): i for i, x in enumerate(seqs)}
+    steps = []
+    for _ in range(10_000):
+        if s.idle:
+            break
+        plan, _ = run_step(s)
+        steps.append(tuple((index[id(c.seq)], c.start, c.end) for c in plan.chunks)
+                     + tuple((index[id(x)], -1, -1) for x in plan.preempted))
+    assert s.idle, "the scheduler stalled"
+    return steps
+
+
+@given(st.lists(st.tuples(st.integers(1, 30), st.integers(0, 6), st.floats(0, 10)), min_size=1, max_size=8),
+       st.integers(6, 24), st.integers(1, 40), st.integers(1, 6))
+def test_a_cache_full_of_pins_schedules_exactly_like_an_empty_one(
+    specs: list[tuple[int, int, float]], num_blocks: int, budget: int, max_running: int
+) -> None:
+    traces = []
+    for pins in (False, True):
+        alloc = BlockAllocator(num_blocks, 4, max_pinned=num_blocks)
+        s = Scheduler(alloc, max_running, budget)
+        if pins:  # finished conversations that never come back hold every block
+            for i in range(num_blocks):
+                finish(s, Sequence(list(range(10_000 + 4 * i, 10_004 + 4 * i)), 1, 0.0, session=i))
+            assert alloc.pinned_blocks == num_blocks and alloc.available == num_blocks
+        seqs = [x for x in workload(specs) if s.fits(len(x.tokens) + x.max_new_tokens)]
+        for x in seqs:
+            s.add(x)
+        traces.append(trace(s, seqs))
+    assert traces[0] == traces[1], "pins made a sequence wait or be preempted"
+
+
 def test_the_logits_tail_of_a_label_row_is_never_split_across_steps() -> None:
     s = Scheduler(BlockAllocator(32, 4), max_running=8, max_step_tokens=6)
     row = seq(10, new=0, logits_tail=4)
@@ -152,7 +217,7 @@ def test_every_sequence_finishes_with_its_answer_and_no_block_leaks(
 ) -> None:
     alloc = BlockAllocator(num_blocks, 4)
     s = Scheduler(alloc, max_running, budget)
-    seqs = [Sequence(list(range(i * 3, i * 3 + p)), n, d) for i, (p, n, d) in enumerate(specs)]
+    seqs = workload(specs)
     admitted = [x for x in seqs if s.fits(len(x.tokens) + x.max_new_tokens)]
     for x in admitted:
         s.add(x)
