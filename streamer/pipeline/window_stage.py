@@ -162,13 +162,14 @@ class WindowStage:
         engine = self._engines.get(group)
         if engine is None:  # a partition's engine never needs its events back: it goes whole
             engine = self._engines[group] = WindowEngine(self._spec, self._aggregator, keep_events=group is None)
-        added = engine.add(key, item.ts_ms, item, ref, mark_ms if self.window.per_key else route_ms)
+        placed_ms = mark_ms if self.window.per_key else route_ms  # the watermark the event is placed under
+        added = engine.add(key, item.ts_ms, item, ref, placed_ms)
         if added.late:
             self.late += 1
             return False
         self._tracker.hold(ref, len(added.windows))
         if self._panes is not None:
-            self._maybe_fold(self._panes.add(group, key, item, ref, mark_ms if self.window.per_key else route_ms))
+            self._maybe_fold(self._panes.add(group, key, item, ref, placed_ms))
         elif self.window_task.summarizes:
             for open_window in engine.peek(key):
                 self._maybe_fold(open_window.state)

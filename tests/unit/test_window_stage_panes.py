@@ -44,12 +44,13 @@ def stage(pool: Summariser, writer: Outcomes, tracker: OffsetTracker, redis: Any
         redis = SlowRedis()
         redis.release.set()
     windows = WindowStage(route, pool, writer, tracker, redis, Sealer(1_000_000, "dlq"))  # type: ignore[arg-type]
-    windows.watermarks.assign([(TOPIC, 0)], now_ms=0)
+    windows.watermarks.assign([(TOPIC, 0), (TOPIC, 1)], now_ms=0)
     return windows
 
 
-def feed(windows: WindowStage, tracker: OffsetTracker, events: list[tuple[str, int]], first_offset: int) -> list[bool]:
-    refs = [tracker.track((TOPIC, 0), first_offset + n) for n in range(len(events))]
+def feed(windows: WindowStage, tracker: OffsetTracker, events: list[tuple[str, int]], first_offset: int,
+         partition: int = 0) -> list[bool]:
+    refs = [tracker.track((TOPIC, partition), first_offset + n) for n in range(len(events))]
     taken = [windows.add(WindowItem(text, ts_ms, "k", 4), ref, now_ms=1)
              for (text, ts_ms), ref in zip(events, refs, strict=True)]
     for ref in refs:
@@ -139,3 +140,32 @@ async def test_a_replay_of_windows_emitted_before_a_crash_summarises_only_the_fr
     windows.tick(now_ms=2)  # closes [-2000, 1000): its result exists, so only its offsets are released
     await windows.drain()
     assert writer.added == [] and pool.prompts == []
+
+
+async def test_a_partition_revoked_and_replayed_rebuilds_its_panes_each_text_summarised_once() -> None:
+    pool, writer, tracker = Summariser(), Outcomes(), OffsetTracker()
+    windows = stage(pool, writer, tracker)
+    windows.watermarks.revoke([(TOPIC, 1)])
+    events = [("a", 100), ("b", 1100)]
+    feed(windows, tracker, events, 0)
+    tracker.forget([(TOPIC, 0)])
+    windows.revoke([(TOPIC, 0)])  # its open windows and their panes go; the replay starts at offset 0
+    windows.watermarks.assign([(TOPIC, 0)], now_ms=1)
+    feed(windows, tracker, [*events, ("flush", 9000)], 0)
+    windows.tick(now_ms=2)
+    await windows.drain()
+    assert summaries(writer)[(0, 3000)] == (2, "[[a]+[b]]")
+    assert sorted(p for p in pool.prompts if not p[0].startswith("[")) == [["a"], ["b"]]
+
+
+async def test_a_revoke_takes_its_events_out_of_a_route_wide_pane_the_rest_stays() -> None:
+    pool, writer, tracker = Summariser(), Outcomes(), OffsetTracker()
+    windows = stage(pool, writer, tracker, per_key=False)
+    feed(windows, tracker, [("from 0", 100)], 0, partition=0)
+    feed(windows, tracker, [("from 1", 200), ("flush", 9000)], 0, partition=1)
+    tracker.forget([(TOPIC, 0)])
+    windows.revoke([(TOPIC, 0)])
+    windows.tick(now_ms=2)
+    await windows.drain()
+    assert summaries(writer)[(-2000, 1000)] == (1, "[from 1]")
+    assert ["from 0"] not in pool.prompts
