@@ -74,6 +74,7 @@ bench: setup kafka-jars llama-server $(FAUST_STAMP)
 	$(PY) -m bench.batching
 	$(PY) -m bench.windows
 	$(PY) -m bench.windows_kafka
+	$(PY) -m bench.panes
 	$(PY) -m bench.api
 	$(PY) -m bench.remote
 	$(PY) -m bench.chat_prefix --conversations 8

@@ -220,6 +220,8 @@ class WindowSettings(_Section):
     max_events: int = Field(1000, ge=2, description="summarize: texts held before they are folded into a summary")
     max_tokens: int = Field(1500, ge=16, description="summarize: prompt tokens held before folding")
     summary_tokens: int = Field(96, ge=8, description="summarize: max_new_tokens of a summary")
+    panes: bool = Field(True, description="sliding summarize, size a multiple of slide: summarise each slide-long "
+                        "pane once and combine a window's pane summaries (false: summarise each window's texts)")
     output: str = Field(description="topic of the window results (message key = window id)")
     late_topic: str | None = Field(None, description="null: the dead-letter topic, with code `late`")
 

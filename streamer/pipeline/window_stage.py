@@ -9,6 +9,11 @@ window topic and Redis; only then are the held offsets released. A session's res
 once every event it holds is below the commit point (`in_order`), so a replay never rebuilds part
 of it under another id.
 
+Sliding `summarize` windows whose size is a multiple of their slide take the paned plan by default
+(`window.panes`, streamer/pipeline/pane_summaries.py): their texts are kept per slide-long pane, each
+pane is summarised once and every window combines its panes' summaries; the windows themselves keep
+counts, labels and offsets exactly as in the plain plan.
+
 Per-key windows are partitioned: one engine per input partition, closed by that partition's own
 watermark (Kafka Streams keeps window state per task the same way). A window then never mixes
 partitions, a partition that moves between instances takes its windows along whole (the next owner
@@ -38,6 +43,7 @@ from streamer.engine.backend import Backend
 from streamer.engine.requests import GenRequest, GenResult
 from streamer.kafka.offsets import TP, OffsetTracker, Ref
 from streamer.outcomes import Sealer
+from streamer.pipeline.pane_summaries import PaneSummaries
 from streamer.pipeline.writer import Outputs
 from streamer.state.redis import RedisState
 from streamer.state.retry import retrying
@@ -47,6 +53,7 @@ from streamer.tasks.window import WINDOW_TASKS
 from streamer.windows.assign import WindowSpec
 from streamer.windows.content import Content, ContentAggregator, WindowItem
 from streamer.windows.engine import OpenWindow, WindowEngine, drop_from
+from streamer.windows.panes import paned
 from streamer.windows.watermark import Watermarks
 
 log = logging.getLogger(__name__)
@@ -77,8 +84,11 @@ class WindowStage:
         spec = WindowSpec(kind=w.kind, size_ms=w.size_ms or 0, slide_ms=w.slide_ms or w.size_ms or 0,
                           gap_ms=w.gap_ms or 0, max_duration_ms=w.max_duration_ms)
         self._spec = spec
-        self._aggregator = ContentAggregator(keep_texts=self.window_task.summarizes, keep_keys=not w.per_key,
-                                             keep_stats=self.window_task.stats)
+        self._panes = (PaneSummaries(spec, w.max_events, summarize=self._summarize_budgeted, settled=_settled,
+                                     digest=lambda texts: self._digest(self._budgeted(texts)))
+                       if self.window_task.summarizes and w.panes and paned(spec) else None)
+        self._aggregator = ContentAggregator(keep_texts=self.window_task.summarizes and self._panes is None,
+                                             keep_keys=not w.per_key, keep_stats=self.window_task.stats)
         self._engines: dict[TP | None, WindowEngine[Content, WindowItem]] = {}  # per partition; None: all
         self.watermarks: Watermarks[TP] = Watermarks(w.allowed_lateness_ms, w.idle_timeout_ms)
         self.late = 0  # late events of the route this process has seen
@@ -91,6 +101,8 @@ class WindowStage:
         self._emitting = asyncio.Lock()
         self._failure: BaseException | None = None
         self._warned_mixed = False
+        self.model_calls = 0  # summaries and folds asked of the model, and the prompt tokens it read for them
+        self.prompt_tokens = 0
 
     @property
     def open_windows(self) -> int:
@@ -132,6 +144,8 @@ class WindowStage:
         else:
             taken = self._engines[None].drop(lost) if None in self._engines else 0
         taken += sum(drop_from(window, self._aggregator, lost) for window in self._closing)
+        if self._panes is not None:
+            self._panes.revoke(gone, lost)
         if taken:
             log.info("route %s: %d windows (or parts) of revoked partitions dropped, their next owner replays them",
                      self.route.name, taken)
@@ -148,12 +162,15 @@ class WindowStage:
         engine = self._engines.get(group)
         if engine is None:  # a partition's engine never needs its events back: it goes whole
             engine = self._engines[group] = WindowEngine(self._spec, self._aggregator, keep_events=group is None)
-        added = engine.add(key, item.ts_ms, item, ref, mark_ms if self.window.per_key else route_ms)
+        placed_ms = mark_ms if self.window.per_key else route_ms  # the watermark the event is placed under
+        added = engine.add(key, item.ts_ms, item, ref, placed_ms)
         if added.late:
             self.late += 1
             return False
         self._tracker.hold(ref, len(added.windows))
-        if self.window_task.summarizes:
+        if self._panes is not None:
+            self._maybe_fold(self._panes.add(group, key, item, ref, placed_ms))
+        elif self.window_task.summarizes:
             for open_window in engine.peek(key):
                 self._maybe_fold(open_window.state)
         if self.window.emit == "update":
@@ -170,7 +187,12 @@ class WindowStage:
         marks: dict[TP | None, int | None] = {None: self.watermarks.current(now_ms)}
         if self.window.per_key:
             marks = {tp: mark_ms for tp, mark_ms in partition_marks.items()}
-        closed = [window for group, engine in self._engines.items() for window in engine.expire(marks.get(group))]
+        closed: list[OpenWindow[Content]] = []
+        for group, engine in self._engines.items():
+            expired = engine.expire(marks.get(group))
+            if self._panes is not None:
+                self._panes.close(group, expired, engine.watermark_ms)
+            closed += expired
         if closed:
             self._closing.update(closed)
             self._spawn(self._close_all(closed))
@@ -198,13 +220,23 @@ class WindowStage:
             self._spawn(self._fold(content, content.take_for_fold()))
 
     async def _fold(self, content: Content, texts: list[str]) -> None:
-        content.fold_done(await self._summarize(texts) or " ".join(texts)[:2000])
+        content.fold_done(await self._digest(texts))
+
+    async def _digest(self, texts: list[str]) -> str:
+        """A summary that never loses its texts: the model's, or (the call failed) the texts' start."""
+        return await self._summarize(texts) or " ".join(texts)[:2000]
+
+    async def _summarize_budgeted(self, texts: list[str]) -> str | None:
+        return await self._summarize(self._budgeted(texts))
 
     async def _summarize(self, texts: list[str]) -> str | None:
         request = GenRequest(summarize_messages(texts, self.route.system_prompt),
                              max_new_tokens=self.window.summary_tokens)
         generated = await self._pool.generate(request)
         result = generated.result
+        self.model_calls += 1
+        if isinstance(result, GenResult):
+            self.prompt_tokens += result.tokens_in
         return result.text if isinstance(result, GenResult) and result.error is None else None
 
     def _emit_updates(self, keys: list[str | None]) -> None:
@@ -235,6 +267,8 @@ class WindowStage:
                 await self._emit_closed(closed)
         finally:
             self._closing.difference_update(closed)
+            if self._panes is not None:
+                self._panes.release(closed)
 
     async def _emit_closed(self, closed: list[OpenWindow[Content]]) -> None:
         """One Redis read for all, summaries batched by the pool; a window a revoke emptied emits nothing."""
@@ -249,8 +283,7 @@ class WindowStage:
                     self._tracker.done(ref)
         summaries: list[str | None] = [None] * len(fresh)
         if self.window_task.summarizes:
-            summaries = await asyncio.gather(*(self._summarize(self._budgeted(w.state.chronological_texts()))
-                                               if w.count else _none() for w in fresh))
+            summaries = await asyncio.gather(*(self._window_summary(w) if w.count else _none() for w in fresh))
         for window, summary in zip(fresh, summaries, strict=True):
             if not window.count:
                 continue
@@ -259,6 +292,11 @@ class WindowStage:
             result = self._result(window, final=True, summary=summary)
             self._writer.add(self._sealer.seal(self.window.output, result.id.encode(), result, tuple(window.refs),
                                                self.route.name, in_order=self.window.kind == "session"))
+
+    async def _window_summary(self, window: OpenWindow[Content]) -> str | None:
+        if self._panes is not None:
+            return await self._panes.summary(window)
+        return await self._summarize_budgeted(window.state.chronological_texts())
 
     def _check_partitions(self, window: OpenWindow[Content]) -> None:
         """Count (and warn once of) a window across keys fed by several partitions: a rebalance moving
