@@ -3,6 +3,8 @@
   Source ─▶ EventHandler ─bad/late─▶ Writer (dead-letter / late topic)
               ├─▶ answer kept in Redis? (one look-up per poll) ─yes─▶ Writer (output topic + Redis)
               ├─▶ model pool (continuous engine or static batches) ─▶ Writer (output topic + Redis)
+              ├─▶ chat: behind its conversation's turn (per key) ─▶ history in Redis ─▶ model pool ─▶
+              │     history appended ─▶ Writer
               └─▶ WindowStage (per route) ─window closes─▶ model pool? ─▶ Writer (window topic + Redis)
   Writer ─"fully written"─▶ OffsetTracker ─▶ commit (the source; a transaction, exactly once)
   model pool ─pieces of stream: true answers─▶ PartialWriter (Redis partial streams, partial topic;
