@@ -43,12 +43,3 @@ class KeyedQueues(Generic[K, T]):
             waiting.clear()
             waiting.extend(kept)
         return dropped
-
-    @property
-    def waiting(self) -> int:
-        return sum(len(waiting) for waiting in self._waiting.values())
-
-    @property
-    def busy(self) -> int:
-        """Keys with an item out."""
-        return len(self._waiting)
