@@ -231,8 +231,9 @@ class Simulation(RuleBasedStateMachine):
         value, code = HOSTILE[kind]
         if code:
             self._append(partition, value, None, Event(partition, 0, None, 0, "", code))
-        else:
-            self._append(partition, value, None, Event(partition, 0, None, self.cluster_now_ms(), "x", None))
+        else:  # without a key: a chat route has no conversation to put it in
+            code = "no_key" if TASKS[self.route.task].converses else None
+            self._append(partition, value, None, Event(partition, 0, None, self.cluster_now_ms(), "x", code))
 
     @precondition(lambda self: "future" in self.faults)
     @rule(partition=st.integers(0, PARTITIONS - 1), years=st.sampled_from([1, 1000]))
