@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from streamer.tasks.chat import decode
+from streamer.contracts import Source
+from streamer.tasks.chat import History, Turn, decode, encode
 from tests.sim.kafka import Stored
 from tests.sim.machine import BASE_MS, FAULTS, Output, Simulation, quiet_logs
 from tests.sim.oracle import Event
@@ -160,3 +161,29 @@ def test_a_chat_event_without_a_key_is_a_dead_letter(sim) -> None:
     say(sim, None, "who am I talking to?", 0)
     step(sim, finish=1)
     assert [d["error"] for d in Output(sim.cluster).letters] == ["no_key"]
+
+
+def test_a_turn_another_writer_appended_first_is_written_with_that_writers_answer(sim) -> None:
+    """A zombie that lost the partition and its new owner answer one turn at once: the second to save finds the
+    history moved, reads it again, finds the turn, and writes the first writer's answer; the turn is in the
+    history once."""
+    sim.configure(shape="chat", exactly_once=False, lateness_ms=0)
+    turn = say(sim, "c", "conversation c turn 0", 0)
+    sim.poll(batch=500)
+    sim.loop.settle()
+    assert model_turns(sim) == ["c"]
+    theirs = orjson.dumps({**_answer_of(turn), "output": "the zombie's answer"})
+    other = History().append(Turn(turn, "conversation c turn 0", "the zombie's answer", 5), theirs.decode(),
+                             Source(topic="in", partition=0, offset=0))
+    sim.state.chats[("r", "c")] = (encode(other), 1)
+    step(sim, finish=1)
+    out = Output(sim.cluster)
+    assert [a["output"] for a in out.answers] == ["the zombie's answer"]
+    assert [i for i, _ in decode(sim.state.chats[("r", "c")][0]).answers] == [turn]
+
+
+def _answer_of(event_id: str) -> dict[str, object]:
+    return {"id": event_id, "key": "c", "task": "chat", "output": "", "model": "sim-model", "tokens_in": 1,
+            "tokens_out": 1, "queued_ms": 0.0, "latency_ms": 0.0, "source": {"topic": "in", "partition": 0,
+                                                                             "offset": 0},
+            "ts_in": BASE_MS, "ts_out": BASE_MS, "meta": None}
