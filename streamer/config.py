@@ -263,6 +263,8 @@ class Route(_Section):
                          "(`partial:{id}`) and, with partial_output, delta records; the answer is written as ever")
     partial_output: str | None = Field(None, description="stream: topic of the delta records (key = event key); "
                                        "at-least-once only")
+    max_history_tokens: int = Field(1024, ge=16, description="chat: tokens of a conversation's history (summary and "
+                                    "turns) past which its oldest turns are folded into the running summary")
 
     @model_validator(mode="after")
     def _task_needs(self) -> Route:

@@ -27,6 +27,8 @@ class ErrorCode(StrEnum):
     UNSERIALIZABLE = "unserializable"  # its output holds a value JSON cannot
     REJECTED = "rejected"  # the broker refused its output for good (e.g. the topic's max.message.bytes)
     CONTEXT_TOO_LONG = "context_too_long"  # the prompt exceeds the remote model server's context
+    NO_KEY = "no_key"  # a `chat` event without a key: it names no conversation
+    STALE_TURN = "stale_turn"  # a replayed `chat` turn its conversation's history has moved past
 
 
 MAX_TS_MS = 253_402_300_799_999

@@ -74,7 +74,7 @@ class Sealer:
         return Outcome(topic, kafka_key, record, payload, releases, route, in_order, digest)
 
     def reused(self, topic: str, kafka_key: bytes | None, answer: Answer, payload: bytes, releases: tuple[Ref, ...],
-               route: str, digest: str) -> Outcome:
+               route: str, digest: str | None) -> Outcome:
         """The outcome of an answer kept in Redis, `answer` parsed from its `payload`: the stored bytes as they
         are (a replay writes what the first run wrote), still checked against today's size limit."""
         try:

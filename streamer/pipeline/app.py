@@ -3,6 +3,8 @@
   Source ─▶ EventHandler ─bad/late─▶ Writer (dead-letter / late topic)
               ├─▶ answer kept in Redis? (one look-up per poll) ─yes─▶ Writer (output topic + Redis)
               ├─▶ model pool (continuous engine or static batches) ─▶ Writer (output topic + Redis)
+              ├─▶ chat: behind its conversation's turn (per key) ─▶ history in Redis ─▶ model pool ─▶
+              │     history appended ─▶ Writer
               └─▶ WindowStage (per route) ─window closes─▶ model pool? ─▶ Writer (window topic + Redis)
   Writer ─"fully written"─▶ OffsetTracker ─▶ commit (the source; a transaction, exactly once)
   model pool ─pieces of stream: true answers─▶ PartialWriter (Redis partial streams, partial topic;
@@ -161,8 +163,10 @@ class Pipeline(Listener):
                        for r in settings.routes if r.window is not None}
         reuse = Reuse(self._state, self._pool) if settings.processing.reuse_answers else None
         self.partials = self._partial_writer(settings, edges)
+        chats = any(TASKS[r.task].converses for r in settings.routes)
         self._handler = EventHandler(settings, self._pool, self._writer, self._tracker, self.stages, self.metrics,
-                                     sealer, clock=self._clock, reuse=reuse, partials=self.partials)
+                                     sealer, clock=self._clock, reuse=reuse, partials=self.partials,
+                                     conversations=self._state if chats else None)
         self.source: Source | None = None
         self.liveness = Liveness(settings.processing.stall_timeout_s)
         self._stage_of_topic = {r.input: self.stages[r.name] for r in settings.routes if r.window is not None}
@@ -256,6 +260,7 @@ class Pipeline(Listener):
         """Nothing commits or waits on these partitions any more: their next owner replays them."""
         self._owned.difference_update(tps)
         self._writer.forget(tps)
+        self._handler.forget(tps)
         self.metrics.forget_partitions(tps)
         for stage in self.stages.values():
             stage.revoke(tps)

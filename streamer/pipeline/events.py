@@ -18,6 +18,11 @@ event's final marker follows its outcome. Answered from Redis (a hit), a new run
 holds the kept answer's whole text in one final delta, so a reader sees the answer it would have seen
 typed. Progress holds no part either way: an answer's outcome, its Redis state and the commit rules are
 the same whether or not its pieces were written.
+
+A `chat` event is a turn of the conversation its key names (`streamer.pipeline.chat`): placed in its
+windows as it is consumed like any event, then queued behind its conversation's turn in progress, its
+own part held until it is answered or dead-lettered. The model call and the outcomes are this handler's
+(`submit`, `replay`, `dead`), only the order and the history are the conversations'.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ from streamer.config import Route, Settings
 from streamer.contracts import Answer, DeadLetter, ErrorCode, InputEvent
 from streamer.engine.backend import Backend
 from streamer.engine.requests import Generated, GenRequest, GenResult, Request
-from streamer.kafka.offsets import OffsetTracker, Ref
+from streamer.kafka.offsets import TP, OffsetTracker, Ref
 from streamer.observe.metrics import Metrics
 from streamer.outcomes import Sealer
+from streamer.pipeline.chat import ChatStore, Conversations, PendingTurn
 from streamer.pipeline.parse import RawMessage, dead_letter, decode
 from streamer.pipeline.partials import PartialWriter, Progress
 from streamer.pipeline.reuse import Lookup, Reuse, digest
@@ -50,9 +56,11 @@ log = logging.getLogger(__name__)
 class EventHandler:
     def __init__(self, settings: Settings, pool: Backend, writer: Outputs, tracker: OffsetTracker,
                  stages: dict[str, WindowStage], metrics: Metrics, sealer: Sealer, clock: Clock | None = None,
-                 reuse: Reuse | None = None, partials: PartialWriter | None = None) -> None:
+                 reuse: Reuse | None = None, partials: PartialWriter | None = None,
+                 conversations: ChatStore | None = None) -> None:
         """`reuse`: look up kept answers before asking the model (None: always ask it). `partials` writes the
-        progress of `stream: true` routes' answers (None: no route streams)."""
+        progress of `stream: true` routes' answers (None: no route streams). `conversations`: where chat
+        routes keep their histories (None: no route chats)."""
         self._settings, self._pool, self._writer, self._tracker = settings, pool, writer, tracker
         self._reuse, self._partials = reuse, partials
         self._metrics = metrics
@@ -61,6 +69,8 @@ class EventHandler:
         self._routes = {route.input: route for route in settings.routes}
         self._tasks = {route.input: route_tasks(route) for route in settings.routes}
         self._stages = stages
+        self._chat = (Conversations(conversations, pool, self, writer, tracker, settings.limits.max_new_tokens)
+                      if conversations is not None else None)
 
     def accept(self, raw: RawMessage, now_ms: int) -> None:
         ref = self._tracker.track((raw.topic, raw.partition), raw.offset)
@@ -76,12 +86,20 @@ class EventHandler:
         if (ahead := self._ahead(decoded, raw, now_ms)) is not None:
             self._dead(raw, dead_letter(raw, ErrorCode.FUTURE, ahead, decoded.id), route, ref)
             return
-        slot = self._windows(decoded, route, raw, ref, now_ms)
         task = task_of(decoded, route)
+        if task.converses and decoded.key is None:
+            detail = "a chat event needs a key, its conversation's id: the event's `key` or the Kafka message key"
+            self._dead(raw, dead_letter(raw, ErrorCode.NO_KEY, detail, decoded.id), route, ref)
+            return
+        slot = self._windows(decoded, route, raw, ref, now_ms)
+        arrived_s = self._clock.monotonic_s()
+        if task.converses:
+            assert self._chat is not None, "a chat route's pipeline keeps conversations"
+            self._chat.accept(PendingTurn(decoded, route, raw, ref, arrived_s))
+            return
         if task.request is None:  # window-only: nothing to answer
             self._tracker.done(ref)
             return
-        arrived_s = self._clock.monotonic_s()
         request = task.request(decoded, route, self._settings.limits.max_new_tokens)
         ask = functools.partial(self._ask_model, decoded, route, raw, ref, slot, arrived_s, request)
         if self._reuse is None:
@@ -93,16 +111,24 @@ class EventHandler:
             return
         self._reuse.ask(Lookup(
             route.name, decoded.id, kept, miss=functools.partial(ask, kept),
-            hit=functools.partial(self._reused, decoded, route, raw, ref, slot, arrived_s, request, kept)))
+            hit=functools.partial(self._reused, decoded, route, raw, ref, slot, arrived_s, kept)))
 
     @property
     def looking_up(self) -> int:
-        """Events waiting for their look-up: each will take a slot of the model's queue on a miss."""
-        return self._reuse.pending if self._reuse is not None else 0
+        """Events waiting for their look-up, or chat turns for their conversation's turn: each will take a slot
+        of the model's queue."""
+        return ((self._reuse.pending if self._reuse is not None else 0)
+                + (self._chat.pending if self._chat is not None else 0))
 
     @property
     def failure(self) -> BaseException | None:
-        return self._reuse.failure if self._reuse is not None else None
+        reuse = self._reuse.failure if self._reuse is not None else None
+        return reuse or (self._chat.failure if self._chat is not None else None)
+
+    def forget(self, tps: list[TP]) -> None:
+        """Partitions went away: their chat turns waiting for their conversation are dropped (replayed)."""
+        if self._chat is not None:
+            self._chat.forget(tps)
 
     def flush(self) -> None:
         """Look up the kept answers of the events accepted since the last flush, together."""
@@ -110,27 +136,46 @@ class EventHandler:
             self._reuse.flush()
 
     async def drain(self) -> None:
-        """Every event accepted so far answered from Redis or handed to the model."""
+        """Every event accepted so far answered from Redis or handed to the model; chat turns still waiting
+        for their conversation are left to the replay, the turns out finish."""
         if self._reuse is not None:
             await self._reuse.drain()
+        if self._chat is not None:
+            await self._chat.drain()
 
+    # --- what a chat turn needs (`streamer.pipeline.chat.TurnHost`) -----------------------------------------
+    def submit(self, turn: PendingTurn, request: GenRequest, out: Outputs) -> asyncio.Future[Generated]:
+        return self._submit(turn.event, turn.route, turn.raw, turn.ref, None, turn.arrived_s, request, None, out)
+
+    def replay(self, turn: PendingTurn, answer: bytes) -> bool:
+        return self._reused(turn.event, turn.route, turn.raw, turn.ref, None, turn.arrived_s, None, Stored("", answer))
+
+    def dead(self, turn: PendingTurn, code: ErrorCode, detail: str) -> None:
+        self._dead(turn.raw, dead_letter(turn.raw, code, detail, turn.event.id), turn.route, turn.ref)
+
+    # --- answers ----------------------------------------------------------------------------------------------
     def _ask_model(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, slot: LabelSlot | None,
                    arrived_s: float, request: Request, kept: str | None) -> None:
-        """Submit the event to the model; a streaming route's run of progress opens here, as the model's
-        pieces are what it streams (a hit opens its own in `_reused`)."""
-        progress = self._progress(event, route, raw, request)
+        self._submit(event, route, raw, ref, slot, arrived_s, request, kept, self._writer)
+
+    def _submit(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, slot: LabelSlot | None,
+                arrived_s: float, request: Request, kept: str | None, out: Outputs) -> asyncio.Future[Generated]:
+        """Submit the event to the model, its one outcome to `out`; a streaming route's run of progress opens
+        here, as the model's pieces are what it streams (a hit opens its own in `_reused`)."""
+        progress = self._progress(event, route, raw)
         future = self._pool.submit(request, _deadline_ms(event, route), progress.piece if progress else None)
         future.add_done_callback(functools.partial(self._answered, event, route, raw, ref, slot, arrived_s, kept,
-                                                   progress))
+                                                   progress, out))
+        return future
 
-    def _progress(self, event: InputEvent, route: Route, raw: RawMessage, request: Request) -> Progress | None:
-        """A new run of the event's progress where its route streams, else None."""
-        if route.stream and self._partials is not None and isinstance(request, GenRequest):
+    def _progress(self, event: InputEvent, route: Route, raw: RawMessage) -> Progress | None:
+        """A new run of the event's progress where its route streams and its task generates text, else None."""
+        if route.stream and self._partials is not None and task_of(event, route).generates:
             return self._partials.open(event.id, route.name, event.key, _key(event, raw))
         return None
 
     def _reused(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, slot: LabelSlot | None,
-                arrived_s: float, request: Request, kept: str, stored: Stored) -> bool:
+                arrived_s: float, kept: str | None, stored: Stored) -> bool:
         """Answer the event with the kept answer; False when it is not an answer (the model answers then).
 
         A replay of the record it answered gets its very bytes. Another record of the event (a producer's
@@ -153,7 +198,7 @@ class EventHandler:
             answer = answer.model_copy(update={"source": raw.source})
             outcome = self._sealer.seal(topic, key, answer, (ref,), route.name, digest=kept)
         self._writer.add(outcome)
-        if (progress := self._progress(event, route, raw, request)) is not None:
+        if (progress := self._progress(event, route, raw)) is not None:
             progress.piece(answer.output)
             progress.finish()
         return True
@@ -195,7 +240,7 @@ class EventHandler:
         return None
 
     def _answered(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, slot: LabelSlot | None,
-                  arrived_s: float, kept: str | None, progress: Progress | None,
+                  arrived_s: float, kept: str | None, progress: Progress | None, out: Outputs,
                   future: asyncio.Future[Generated]) -> None:
         """A done-callback: whatever goes wrong, the event ends in exactly one outcome and its label
         slot resolves (a window waits for it), or the commit point would stay at it for ever. A streaming
@@ -215,18 +260,18 @@ class EventHandler:
         try:
             if generated is None or error is not None:
                 raise _ModelFailed(error or "")
-            self._write_answer(event, route, raw, ref, generated, arrived_s, kept)
+            self._write_answer(event, route, raw, ref, generated, arrived_s, kept, out)
         except Exception as exc:  # the model's failure, or a bug building the answer: a dead letter either way
             if not isinstance(exc, _ModelFailed):
                 log.exception("answering event %s failed", event.id)
             code = generated.result.error_code if generated is not None else None
             failed = ErrorCode(code or ErrorCode.MODEL_ERROR)
-            self._dead(raw, dead_letter(raw, failed, str(exc) or repr(exc), event.id), route, ref)
+            self._dead(raw, dead_letter(raw, failed, str(exc) or repr(exc), event.id), route, ref, out=out)
         if progress is not None:
             progress.finish(failed.value if failed is not None else None)
 
     def _write_answer(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, generated: Generated,
-                      arrived_s: float, kept: str | None) -> None:
+                      arrived_s: float, kept: str | None, out: Outputs) -> None:
         answer = self._answer(event, route, raw, generated, arrived_s)
         self._metrics.answered(route.name, answer.latency_ms / 1000, answer.tokens_out)
         if generated.first_token_ms is not None:
@@ -234,8 +279,7 @@ class EventHandler:
         deadline_ms = _deadline_ms(event, route)
         if deadline_ms is not None and answer.latency_ms > deadline_ms:
             self._metrics.slo_miss(route.name)  # still answered: a late answer beats none
-        self._writer.add(self._sealer.seal(route.output or "", _key(event, raw), answer, (ref,), route.name,
-                                           digest=kept))
+        out.add(self._sealer.seal(route.output or "", _key(event, raw), answer, (ref,), route.name, digest=kept))
 
     def _answer(self, event: InputEvent, route: Route, raw: RawMessage, generated: Generated,
                 arrived_s: float) -> Answer:
@@ -249,12 +293,13 @@ class EventHandler:
             ts_in=_event_ms(event, raw), ts_out=self._clock.now_ms(), meta=event.meta,
         )
 
-    def _dead(self, raw: RawMessage, letter: DeadLetter, route: Route, ref: Ref, topic: str | None = None) -> None:
+    def _dead(self, raw: RawMessage, letter: DeadLetter, route: Route, ref: Ref, topic: str | None = None,
+              out: Outputs | None = None) -> None:
         target = topic or self._settings.kafka.dead_letter_topic
         self._metrics.dead_lettered(route.name, letter.error.value)
         if letter.error is ErrorCode.LATE:
             self._metrics.late(route.name)
-        self._writer.add(self._sealer.seal(target, raw.key, letter, (ref,), route.name))
+        (out or self._writer).add(self._sealer.seal(target, raw.key, letter, (ref,), route.name))
 
 
 class _ModelFailed(Exception):

@@ -75,6 +75,11 @@ class Keys:
         (route, id) pair can name another's."""
         return f"{self.prefix}:reuse:{_segment(route)}:{id}"
 
+    def chat(self, route: str, key: str) -> str:
+        """A conversation of a `task: chat` route: its history document and revision (`streamer.tasks.chat`).
+        The route's colons are escaped and the key encoded, so no (route, key) pair names another's."""
+        return f"{self.prefix}:chat:{_segment(route)}:{encode_key(key)}"
+
     def partial(self, id: str) -> str:
         """One event's deltas as its answer is generated (a stream, expiring)."""
         return f"{self.prefix}:partial:{id}"

@@ -149,6 +149,18 @@ redis.call('EXPIRE', KEYS[1], ARGV[7])
 """
 
 
+# A conversation's history replaced only where it is still the revision it was read at: of two writers (a
+# zombie and the partition's new owner, say) the second re-reads and finds the turn the first appended.
+# KEYS[1] chat:{route}:{key}; ARGV revision read, new document, ttl.
+_CONVERSATION = """
+local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
+if rev ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'doc', ARGV[2], 'rev', rev + 1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
 # Fences only move forward: a late-committing zombie cannot pull one back. KEYS[1] fence; ARGV field, point...
 _FENCE = """
 for i = 1, #ARGV, 2 do
@@ -199,6 +211,7 @@ class RedisState:
         self._fence = self._client.register_script(_FENCE)
         self._lookup = self._client.register_script(_LOOKUP)
         self._partial = self._client.register_script(_PARTIAL)
+        self._conversation = self._client.register_script(_CONVERSATION)
 
     async def ping(self) -> None:
         """Fail fast, with a clear error, when Redis is unreachable at start."""
@@ -263,6 +276,24 @@ class RedisState:
             raise _unavailable(exc) from exc
         return [Stored(digest.decode(), answer) if digest is not None and answer is not None else None
                 for digest, answer in found]
+
+    async def conversation(self, route: str, key: str) -> tuple[bytes | None, int]:
+        """A conversation's history document (None: none yet) and its revision, for `save_conversation`."""
+        try:
+            doc, rev = await self._client.hmget(self._keys.chat(route, key), ["doc", "rev"])
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
+        return doc, int(rev or 0)
+
+    async def save_conversation(self, route: str, key: str, doc: bytes, rev: int) -> bool:
+        """Replace the history if it is still at revision `rev`; False: another writer moved it (read again).
+        It expires `answer_ttl_s` after its last turn."""
+        try:
+            saved = await self._conversation(keys=[self._keys.chat(route, key)],
+                                             args=[rev, doc, self._settings.answer_ttl_s])
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
+        return bool(saved)
 
     async def append_partials(self, deltas: Sequence[Delta], ttl_s: int, maxlen: int) -> None:
         """Append deltas of streaming answers to each event's stream and to the capped stream of all, in one

@@ -23,7 +23,7 @@ from streamer.tasks.prompts import (
 if TYPE_CHECKING:  # config validates routes through this registry, so it imports it
     from streamer.config import Route
 
-TaskName = Literal["answer", "classify", "translate", "prompt", "none"]
+TaskName = Literal["answer", "classify", "translate", "prompt", "chat", "none"]
 """What `Route.task` accepts: the keys of `TASKS` (a test keeps the two equal)."""
 
 RequestBuilder = Callable[[InputEvent, "Route", int], Request]
@@ -56,10 +56,13 @@ class Task:
     """Its answers are labels, counted per window of a route with this task (`LabelSlot`)."""
     generates: bool = False
     """It generates text token by token, which a `stream: true` route writes out as it comes."""
+    converses: bool = False
+    """A turn of the conversation its key names: its request is built from the conversation's history once the
+    previous turn is answered (`streamer.pipeline.chat`), so `request` is None though it calls the model."""
 
     @property
     def calls_model(self) -> bool:
-        return self.request is not None
+        return self.request is not None or self.converses
 
     def problem(self, route: Route) -> str | None:
         """Why `route` cannot run this task: its own needs first, then an output topic for its answers, then
@@ -125,6 +128,7 @@ TASKS: Mapping[str, Task] = MappingProxyType({task.name: task for task in (
          counts_labels=True),
     Task("translate", _translate, generates=True),
     Task("prompt", _prompt, check=_needs_template, offered=lambda route: bool(route.template), generates=True),
+    Task("chat", None, offered=lambda route: False, generates=True, converses=True),
     Task("none", None, check=_needs_window, offered=lambda route: False),
 )})
 

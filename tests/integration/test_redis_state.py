@@ -124,6 +124,20 @@ async def test_an_answer_is_kept_for_reuse_per_route_with_its_digest_in_the_same
     assert (await state.stored_answers([("qa", "same")])) == [Stored("d1", first.payload)]
 
 
+async def test_a_conversation_is_saved_only_over_the_revision_it_was_read_at_and_expires(bounded, client) -> None:
+    """Of two writers of one conversation (a zombie and the partition's new owner), the second to save finds
+    the history moved and reads it again, so a turn is never appended twice."""
+    state, keys = bounded
+    assert await state.conversation("q:a", "user-7") == (None, 0)
+    assert await state.save_conversation("q:a", "user-7", b"one", 0)
+    assert not await state.save_conversation("q:a", "user-7", b"stale", 0), "read at 0, moved to 1 meanwhile"
+    assert await state.conversation("q:a", "user-7") == (b"one", 1)
+    assert await state.save_conversation("q:a", "user-7", b"two", 1)
+    assert await state.conversation("q:a", "user-7") == (b"two", 2)
+    assert await state.conversation("q", "a:user-7") == (None, 0), "no (route, key) pair names another's"
+    assert 0 < client.ttl(keys.chat("q:a", "user-7")) <= TTL_S
+
+
 async def test_a_key_of_another_type_where_an_answer_is_kept_costs_only_its_reuse(bounded, client) -> None:
     state, keys = bounded
     client.set(keys.reuse("qa", "odd"), "not a hash")  # a leftover or a foreign writer

@@ -32,6 +32,8 @@ from streamer.config import Settings
 from streamer.observe.metrics import Metrics
 from streamer.pipeline.app import Edges, Pipeline
 from streamer.state.redis import StateUnavailable
+from streamer.tasks.chat import decode
+from streamer.tasks.event import TASKS
 from tests.sim.kafka import Cluster, SimProducer, SimSink, SimSource, Stored
 from tests.sim.loop import Stalled, VirtualLoop
 from tests.sim.model import SimPool, label_of
@@ -60,7 +62,11 @@ ROUTES: dict[str, dict[str, Any]] = {
     "none+summarize": {"task": "none", "window": {"kind": "tumbling", "size_ms": 1000, "task": "summarize",
                                                   **WINDOW}},
     "answer": {"task": "answer", "output": "answers", "stream": True},  # its pieces go to Redis as well
+    "chat": {"task": "chat", "output": "answers", "max_history_tokens": 16},  # a fold every few turns
 }
+EXCUSED = frozenset({"model_error", "stale_turn"})
+"""Dead letters a valid event may end in instead of its answer: the model failed it; a chat turn dead-lettered so
+and replayed after its conversation moved on."""
 DEEP = b'{"id": "deep", "text": "x", "meta": {"x": ' + b"[" * 300 + b"]" * 300 + b"}}"
 HOSTILE: dict[str, tuple[bytes, str]] = {  # the message, and the dead-letter code it must end as
     "deep meta, just allowed": (b'{"id": "d32", "text": "x", "meta": {"x": ' + b"[" * 31 + b"]" * 31 + b"}}", ""),
@@ -215,7 +221,8 @@ class Simulation(RuleBasedStateMachine):
         n = len(self.events)
         ts_ms = self.event_ms - (behind_ms if self.out_of_order else 0)
         doc = {"id": f"e{n}", "key": key, "text": f"event {n}", "ts": ts_ms}
-        self._append(partition, orjson.dumps(doc), key, Event(partition, 0, key, ts_ms, f"event {n}", None))
+        code = "no_key" if key is None and TASKS[self.route.task].converses else None
+        self._append(partition, orjson.dumps(doc), key, Event(partition, 0, key, ts_ms, f"event {n}", code))
 
     @precondition(lambda self: "hostile" in self.faults)
     @rule(partition=st.integers(0, PARTITIONS - 1), kind=st.sampled_from(sorted(HOSTILE)))
@@ -224,8 +231,9 @@ class Simulation(RuleBasedStateMachine):
         value, code = HOSTILE[kind]
         if code:
             self._append(partition, value, None, Event(partition, 0, None, 0, "", code))
-        else:
-            self._append(partition, value, None, Event(partition, 0, None, self.cluster_now_ms(), "x", None))
+        else:  # without a key: a chat route has no conversation to put it in
+            code = "no_key" if TASKS[self.route.task].converses else None
+            self._append(partition, value, None, Event(partition, 0, None, self.cluster_now_ms(), "x", code))
 
     @precondition(lambda self: "future" in self.faults)
     @rule(partition=st.integers(0, PARTITIONS - 1), years=st.sampled_from([1, 1000]))
@@ -465,6 +473,33 @@ class Simulation(RuleBasedStateMachine):
             late = out.late()
             assert late == expected.late, f"late: {sorted(late ^ expected.late)[:5]} disagree with the oracle"
         self._check_redis(out, expected)
+        self._check_conversations(out)
+
+    def _check_conversations(self, out: Output) -> None:
+        """Each conversation's history in Redis holds each turn at most once, a partition's turns in offset
+        order, every turn answered on the topic (the history is written before the answer), and no turn is lost:
+        each is in the history or dead-lettered. Every answer on the topic of a turn in the history is the
+        history's, byte for byte (a replay writes the first answer again)."""
+        if not TASKS[self.route.task].converses:
+            return
+        by_id = {f"e{n}": event for n, event in enumerate(self.events)}
+        held: dict[str, str] = {}
+        for (_, key), (doc, _) in self.state.chats.items():
+            ids = [event_id for event_id, _ in decode(doc).answers]
+            assert len(ids) == len(set(ids)), f"conversation {key}: a turn twice in its history: {ids}"
+            assert all(by_id[i].key == key for i in ids), f"conversation {key}: another's turn in {ids}"
+            for partition in range(PARTITIONS):
+                offsets = [by_id[i].offset for i in ids if by_id[i].partition == partition]
+                assert offsets == sorted(offsets), f"conversation {key}: turns out of order: {ids}"
+            held |= dict(decode(doc).answers)
+        for event_id, event in by_id.items():
+            if event.code is not None:
+                continue
+            where = (event.partition, event.offset)
+            assert event_id in held or out.letters_of(where) & EXCUSED, f"turn {event_id} lost"
+        for answer in out.answers:
+            if answer["id"] in held:
+                assert answer == orjson.loads(held[answer["id"]]), f"turn {answer['id']}: not the history's answer"
 
     def _check_wall_clock_windows(self, out: Output) -> None:
         """Which events are late depends on timing here, and an event judged late just after its partition
@@ -536,6 +571,10 @@ class Output:
             self._codes.setdefault(_source(letter), set()).add(letter["error"])
         self._finals = {d["id"]: d for d in self.windows if d["final"]}
 
+    def letters_of(self, where: tuple[int, int]) -> set[str]:
+        """The dead-letter codes of the event at (partition, offset)."""
+        return self._codes.get(where, set())
+
     def late(self) -> set[tuple[int, int]]:
         return {where for where, codes in self._codes.items() if "late" in codes}
 
@@ -572,7 +611,7 @@ class Output:
             letters = codes - {"late"}
             if event.code is not None and event.code not in letters:
                 return f"no {event.code} dead letter (has {sorted(letters)})"
-            if event.code is None and where not in self._answered and "model_error" not in letters:
+            if event.code is None and where not in self._answered and not letters & EXCUSED:
                 return "no answer"
         if event.code is not None:
             return ""

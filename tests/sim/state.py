@@ -33,6 +33,7 @@ class SimState:
         self.partials: list[Delta] = []  # streaming answers' progress as applied, in order (the `partials` stream)
         self.streams: dict[str, list[Delta]] = {}  # partial:{id}: one run, as RedisState.append_partials keeps it
         self.slow_partials = False  # partial writes hang (past partials.write_timeout_s: dropped, never applied)
+        self.chats: dict[tuple[str, str], tuple[bytes, int]] = {}  # chat:{route}:{key} -> (doc, rev)
         self.up = True
         self.lose_replies = False  # apply a write, then fail as if its reply never came
 
@@ -120,6 +121,23 @@ class SimState:
         self.partials += deltas
         if self.lose_replies:
             raise StateUnavailable("Timeout reading from socket")
+
+    async def conversation(self, route: str, key: str) -> tuple[bytes | None, int]:
+        if not self.up:
+            raise StateUnavailable("Connection refused")
+        doc, rev = self.chats.get((route, key), (None, 0))
+        return doc, rev
+
+    async def save_conversation(self, route: str, key: str, doc: bytes, rev: int) -> bool:
+        """As the Lua script: replaced only at the revision it was read at; a lost reply applies it and fails."""
+        if not self.up:
+            raise StateUnavailable("Connection refused")
+        saved = self.chats.get((route, key), (b"", 0))[1] == rev
+        if saved:
+            self.chats[(route, key)] = (doc, rev + 1)
+        if self.lose_replies:
+            raise StateUnavailable("Timeout reading from socket")
+        return saved
 
     async def windows_final(self, window_ids: Sequence[str]) -> list[bool]:
         if not self.up:

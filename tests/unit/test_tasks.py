@@ -57,6 +57,8 @@ def test_the_config_accepts_exactly_the_registered_tasks() -> None:
      "a `prompt` route needs a `template` containing {text}"),
     ({"task": "prompt", "template": "Q: {text}", "output": None}, "a `prompt` route needs an `output` topic"),
     ({"task": "prompt", "template": "Q: {text}"}, None),
+    ({"task": "chat", "output": None}, "a `chat` route needs an `output` topic"),
+    ({"task": "chat"}, None),
     ({"task": "none", "output": None}, "a route with task `none` needs a `window`"),
     ({"task": "none", "output": None, "window": WINDOW}, None),
 ])
