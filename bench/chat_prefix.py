@@ -3,9 +3,10 @@
     .venv/bin/python -m bench.chat_prefix [--conversations 4] [--turns 5] [--max-new-tokens 48]
 
 The real default model (SmolLM2-135M-Instruct) on the native engine, driven directly (one request at a time,
-so batching does not blur the figures). Each turn is built as the `task: chat` pipeline builds it: the chat
-template over (system, user1, assistant1, ..., user_n), where assistant_i is the answer text of turn i as
-the worker returns it (special tokens dropped, outer whitespace stripped). The conversations' turns are
+so batching does not blur the figures). Each turn's messages are the `task: chat` pipeline's own
+(`streamer.tasks.chat.chat_messages` over the conversation's `History`): (system, user1, assistant1, ...,
+user_n), where assistant_i is the answer text of turn i as the worker returns it (special tokens dropped,
+outer whitespace stripped). The conversations' turns are
 interleaved (turn 1 of each, then turn 2 ...), so every conversation's blocks live beside the others'.
 
   with reuse:    one engine for the whole run; each request carries its conversation as `session`, so its
@@ -34,6 +35,8 @@ from streamer.config import ModelSettings
 from streamer.engine.engine import Engine, EngineConfig, Finished, TokenRequest
 from streamer.engine.load import load_worker
 from streamer.engine.worker import LLMWorker, trim_generated
+from streamer.tasks.chat import History, chat_messages
+from streamer.tasks.chat import Turn as Said
 
 SYSTEM = "You are a concise assistant for a stream-processing team. Answer in two or three sentences."
 TOPICS = ["Kafka", "Redis", "the KV cache of a language model", "consistent hashing", "backpressure",
@@ -55,7 +58,7 @@ class Turn:
 class Conversation:
     session: str
     topic: str
-    messages: list[dict[str, str]] = field(default_factory=list)
+    history: History = field(default_factory=History)
     held: int = 0  # tokens the engine held at the end of the last turn (prompt + answer)
 
 
@@ -87,14 +90,13 @@ def main() -> None:
           f"{args.conversations} conversations x {args.turns} turns, answers up to {args.max_new_tokens} tokens")
     engine = Engine(worker.model, config, worker.eos_ids)
     run_one(Engine(worker.model, config, worker.eos_ids), TokenRequest((1, 2, 3), 2))  # warm up
-    chats = [Conversation(f"chat-{i}", TOPICS[i % len(TOPICS)], [{"role": "system", "content": SYSTEM}])
-             for i in range(args.conversations)]
+    chats = [Conversation(f"chat-{i}", TOPICS[i % len(TOPICS)]) for i in range(args.conversations)]
     turns: list[list[Turn]] = [[] for _ in range(args.turns)]
     same_first = 0
     for n in range(args.turns):
         for chat in chats:
-            chat.messages.append({"role": "user", "content": ASKS[n % len(ASKS)].format(chat.topic)})
-            prompt = tuple(worker.prompt_ids([chat.messages])[0])
+            said = ASKS[n % len(ASKS)].format(chat.topic)
+            prompt = tuple(worker.prompt_ids([chat_messages(chat.history, said, SYSTEM)])[0])
             request = TokenRequest(prompt, args.max_new_tokens, stop_ids=worker.eos_ids, session=chat.session)
             before = engine.scheduler.reused_tokens
             done, ttft_reuse = run_one(engine, request)
@@ -106,7 +108,8 @@ def main() -> None:
             turns[n].append(Turn(len(prompt), reusable, reused, ttft_reuse, ttft_fresh))
             chat.held = len(prompt) + len(done.tokens)
             answer = worker.decode(trim_generated(done.tokens, args.max_new_tokens, worker.eos_ids, False))
-            chat.messages.append({"role": "assistant", "content": answer})
+            turn = Said(f"{chat.session}-{n}", said, answer, tokens=0)
+            chat.history = replace(chat.history, turns=(*chat.history.turns, turn))
     print("| turn | prompt tokens (median) | reused / reusable tokens (sum) | TTFT with reuse ms (median) "
           "| TTFT without ms (median) | ratio |")
     print("| --- | --- | --- | --- | --- | --- |")
