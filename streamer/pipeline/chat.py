@@ -11,8 +11,9 @@ event's does. A turn, once out:
    partition was appended: it was dead-lettered, or answered longer ago than the kept answers) is a
    `stale_turn` dead letter, so a replay never appends a turn out of order;
 2. folds the oldest turns into the running summary where the history is over `max_history_tokens` (one
-   model call over the old summary and those turns; a failed summary makes the turn a `model_error` dead
-   letter and the next turn tries again);
+   model call over the old summary and those turns; where the model fails it or answers nothing, those turns
+   are dropped and the old summary stays: a greedy model fails that same request every time, so a dead letter
+   that left the history as it was would dead-letter every later turn of the conversation too);
 3. asks the model, under the conversation's `session` (an engine keeps its KV prefix);
 4. appends the turn to the history, then hands the answer to the writer. Every change is saved only over
    the revision it was read at (a zombie and the partition's new owner cannot both append a turn: the
@@ -175,11 +176,12 @@ class Conversations:
             if not fold:
                 return history, rev
             summary = await self._summarise(turn, history, fold)
-            if summary is None:
-                self._host.dead(turn, ErrorCode.MODEL_ERROR,
-                                "summarising the conversation's earlier turns failed; the next turn tries again")
-                return None
-            folded = history.fold(fold, summary, self._pool.count_tokens(summary))
+            if summary is None:  # a greedy model fails this request every time: drop the turns, keep the old summary
+                log.warning("conversation %s of route %s: its oldest %d turns are dropped without a summary",
+                            turn.key, turn.route.name, fold)
+                folded = history.fold(fold, history.summary, history.summary_tokens)
+            else:
+                folded = history.fold(fold, summary, self._pool.count_tokens(summary))
             if await self._save(turn, folded, rev):
                 history, rev = folded, rev + 1
             else:
