@@ -48,7 +48,16 @@ from streamer.pipeline.keyed import KeyedQueues
 from streamer.pipeline.parse import RawMessage
 from streamer.pipeline.writer import Outputs
 from streamer.state.retry import retrying
-from streamer.tasks.chat import History, Turn, decode, encode, reply_request, summary_cap, summary_request
+from streamer.tasks.chat import (
+    History,
+    Turn,
+    asked_of,
+    decode,
+    encode,
+    reply_request,
+    summary_cap,
+    summary_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +199,7 @@ class Conversations:
     def _finished(self, turn: PendingTurn, history: History) -> bool:
         """Whether the history already settles the turn: answered before (its first answer is written
         again), or passed (a dead letter: appending it now would put it out of order)."""
-        kept = history.answer_of(turn.event.id)
+        kept = history.answer_of(turn.event.id, asked_of(turn.event))
         if kept is not None and self._host.replay(turn, kept.encode()):
             return True
         if history.behind(turn.raw.source):
@@ -203,10 +212,10 @@ class Conversations:
     async def _append(self, turn: PendingTurn, said: Turn, outcome: Outcome, history: History, rev: int) -> None:
         """The turn into the history, then its answer to the writer; where another writer appended it first,
         that writer's answer is the one written."""
-        source = turn.raw.source
-        while not await self._save(turn, history.append(said, outcome.payload.decode(), source), rev):
+        source, asked = turn.raw.source, asked_of(turn.event)
+        while not await self._save(turn, history.append(said, outcome.payload.decode(), source, asked), rev):
             history, rev = await self._read(turn)
-            kept = history.answer_of(said.id)
+            kept = history.answer_of(said.id, asked)
             if kept is not None and self._host.replay(turn, kept.encode()):
                 return
             if history.behind(source):  # passed meanwhile: answered, but not part of the conversation

@@ -3,12 +3,15 @@ a guarantee of RELIABILITY.md once, and each runs every check of the simulation 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
+import orjson
 import pytest
 
 from streamer.tasks.chat import SUMMARY_SYSTEM, decode
-from tests.sim.machine import FAULTS, Output, Simulation, quiet_logs
+from tests.sim.kafka import Stored
+from tests.sim.machine import BASE_MS, FAULTS, Output, Simulation, quiet_logs
 from tests.sim.test_chat_sequences import say
 
 
@@ -53,3 +56,35 @@ def test_a_fold_the_model_always_fails_does_not_dead_letter_every_later_turn(sim
     history = decode(sim.state.chats[("r", "c")][0])
     assert [i for i, _ in history.answers] == turns
     assert history.tokens <= sim.route.max_history_tokens + history.turns[-1].tokens
+
+
+@pytest.fixture
+def bare() -> Iterator[Simulation]:
+    """A simulation whose end checks are not run: they assume every event's id is its own."""
+    with quiet_logs():
+        machine = Simulation.only(*FAULTS)()
+        try:
+            yield machine
+        finally:
+            if machine.instance is not None:
+                machine.instance.crash()
+            machine.loop.close()
+            asyncio.set_event_loop(None)
+
+
+def test_a_later_turn_that_reuses_an_earlier_turns_id_is_asked_of_the_model(bare) -> None:
+    """Finding 2: a replay was told by its event id alone, so a later turn of the conversation that reused an id
+    (a client whose message counter restarts, a constant id) was answered with the earlier turn's answer, without
+    the model, and never joined the history: its question was lost. The answer-reuse cache checks a digest of
+    what the event asked for exactly this; the history now keeps one per kept answer."""
+    sim = bare
+    sim.configure(shape="chat", exactly_once=False, lateness_ms=0)
+    for text in ("what is two and two", "and what is three and three"):
+        doc = {"id": "m-1", "key": "c", "text": text, "ts": BASE_MS}
+        sim.cluster.append(0, Stored(b"c", orjson.dumps(doc), sim.cluster_now_ms()))
+        answer_all(sim, fail_summaries=False)
+    out = Output(sim.cluster)
+    assert sim.attempts["and what is three and three"] == 1, "the second turn is asked of the model"
+    assert len({a["output"] for a in out.answers}) == 2
+    history = decode(sim.state.chats[("r", "c")][0])
+    assert [t.user for t in history.turns] == ["what is two and two", "and what is three and three"]
