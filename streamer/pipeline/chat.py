@@ -11,8 +11,9 @@ event's does. A turn, once out:
    partition was appended: it was dead-lettered, or answered longer ago than the kept answers) is a
    `stale_turn` dead letter, so a replay never appends a turn out of order;
 2. folds the oldest turns into the running summary where the history is over `max_history_tokens` (one
-   model call over the old summary and those turns; a failed summary makes the turn a `model_error` dead
-   letter and the next turn tries again);
+   model call over the old summary and those turns; where the model fails it or answers nothing, those turns
+   are dropped and the old summary stays: a greedy model fails that same request every time, so a dead letter
+   that left the history as it was would dead-letter every later turn of the conversation too);
 3. asks the model, under the conversation's `session` (an engine keeps its KV prefix);
 4. appends the turn to the history, then hands the answer to the writer. Every change is saved only over
    the revision it was read at (a zombie and the partition's new owner cannot both append a turn: the
@@ -47,7 +48,16 @@ from streamer.pipeline.keyed import KeyedQueues
 from streamer.pipeline.parse import RawMessage
 from streamer.pipeline.writer import Outputs
 from streamer.state.retry import retrying
-from streamer.tasks.chat import History, Turn, decode, encode, reply_request, summary_cap, summary_request
+from streamer.tasks.chat import (
+    History,
+    Turn,
+    asked_of,
+    decode,
+    encode,
+    reply_request,
+    summary_cap,
+    summary_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +185,12 @@ class Conversations:
             if not fold:
                 return history, rev
             summary = await self._summarise(turn, history, fold)
-            if summary is None:
-                self._host.dead(turn, ErrorCode.MODEL_ERROR,
-                                "summarising the conversation's earlier turns failed; the next turn tries again")
-                return None
-            folded = history.fold(fold, summary, self._pool.count_tokens(summary))
+            if summary is None:  # a greedy model fails this request every time: drop the turns, keep the old summary
+                log.warning("conversation %s of route %s: its oldest %d turns are dropped without a summary",
+                            turn.key, turn.route.name, fold)
+                folded = history.fold(fold, history.summary, history.summary_tokens)
+            else:
+                folded = history.fold(fold, summary, self._pool.count_tokens(summary))
             if await self._save(turn, folded, rev):
                 history, rev = folded, rev + 1
             else:
@@ -188,7 +199,7 @@ class Conversations:
     def _finished(self, turn: PendingTurn, history: History) -> bool:
         """Whether the history already settles the turn: answered before (its first answer is written
         again), or passed (a dead letter: appending it now would put it out of order)."""
-        kept = history.answer_of(turn.event.id)
+        kept = history.answer_of(turn.event.id, asked_of(turn.event))
         if kept is not None and self._host.replay(turn, kept.encode()):
             return True
         if history.behind(turn.raw.source):
@@ -201,10 +212,10 @@ class Conversations:
     async def _append(self, turn: PendingTurn, said: Turn, outcome: Outcome, history: History, rev: int) -> None:
         """The turn into the history, then its answer to the writer; where another writer appended it first,
         that writer's answer is the one written."""
-        source = turn.raw.source
-        while not await self._save(turn, history.append(said, outcome.payload.decode(), source), rev):
+        source, asked = turn.raw.source, asked_of(turn.event)
+        while not await self._save(turn, history.append(said, outcome.payload.decode(), source, asked), rev):
             history, rev = await self._read(turn)
-            kept = history.answer_of(said.id)
+            kept = history.answer_of(said.id, asked)
             if kept is not None and self._host.replay(turn, kept.encode()):
                 return
             if history.behind(source):  # passed meanwhile: answered, but not part of the conversation

@@ -15,6 +15,7 @@ the history to half its budget, so they are rare.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -58,13 +59,19 @@ class History:
     """(event id, answer record JSON) of the latest `KEPT_ANSWERS` turns, oldest first."""
     marks: Mapping[str, int] = field(default_factory=dict)
     """"topic:partition" -> offset of the last turn appended from that partition."""
+    asked: Mapping[str, str] = field(default_factory=dict)
+    """Event id -> `asked_of` the turn, for the ids of `answers`: a later turn that reuses an id but asks something
+    else is not the turn kept (as the answer-reuse cache checks its digest, `streamer.pipeline.reuse`)."""
 
     @property
     def tokens(self) -> int:
         return self.summary_tokens + sum(turn.tokens for turn in self.turns)
 
-    def answer_of(self, event_id: str) -> str | None:
-        """The answer record the turn with this id got, if it is one of the latest turns."""
+    def answer_of(self, event_id: str, asked: str | None = None) -> str | None:
+        """The answer record the turn with this id got, if it is one of the latest turns (and, given `asked`,
+        the turn asked that: another turn with a recycled id is a turn of its own)."""
+        if asked is not None and self.asked.get(event_id, asked) != asked:
+            return None
         return next((answer for kept, answer in reversed(self.answers) if kept == event_id), None)
 
     def behind(self, source: Source) -> bool:
@@ -72,9 +79,13 @@ class History:
         mark = self.marks.get(_partition(source))
         return mark is not None and source.offset <= mark
 
-    def append(self, turn: Turn, answer: str, source: Source) -> History:
-        return replace(self, turns=(*self.turns, turn), answers=(*self.answers, (turn.id, answer))[-KEPT_ANSWERS:],
-                       marks={**self.marks, _partition(source): source.offset})
+    def append(self, turn: Turn, answer: str, source: Source, asked: str | None = None) -> History:
+        answers = (*self.answers, (turn.id, answer))[-KEPT_ANSWERS:]
+        kept = {event_id for event_id, _ in answers}
+        digests = {**self.asked, **({turn.id: asked} if asked is not None else {})}
+        return replace(self, turns=(*self.turns, turn), answers=answers,
+                       marks={**self.marks, _partition(source): source.offset},
+                       asked={event_id: d for event_id, d in digests.items() if event_id in kept})
 
     def overflow(self, budget: int, summary_room: int) -> int:
         """How many of the oldest turns to fold before the next turn: none while the history fits `budget`
@@ -136,10 +147,17 @@ def session_of(route: str, key: str) -> str:
     return orjson.dumps([route, key]).decode()
 
 
+def asked_of(event: InputEvent) -> str:
+    """What a turn asked, as a digest (its text, meta and params): `History.answer_of` tells a replay of the turn
+    from another turn that reuses its id."""
+    shaped = orjson.dumps([event.text, event.meta, event.params.model_dump(mode="json")])
+    return hashlib.sha256(shaped).hexdigest()
+
+
 def encode(history: History) -> bytes:
     return orjson.dumps({"summary": history.summary, "summary_tokens": history.summary_tokens,
                          "turns": [[t.id, t.user, t.reply, t.tokens] for t in history.turns],
-                         "answers": history.answers, "marks": history.marks})
+                         "answers": history.answers, "marks": history.marks, "asked": history.asked})
 
 
 def decode(doc: bytes | None) -> History:
@@ -148,7 +166,7 @@ def decode(doc: bytes | None) -> History:
         return History()
     raw = orjson.loads(doc)
     return History(raw["summary"], raw["summary_tokens"], tuple(Turn(*t) for t in raw["turns"]),
-                   tuple((i, a) for i, a in raw["answers"]), dict(raw["marks"]))
+                   tuple((i, a) for i, a in raw["answers"]), dict(raw["marks"]), dict(raw.get("asked", {})))
 
 
 def _partition(source: Source) -> str:

@@ -11,6 +11,7 @@ from streamer.tasks.chat import (
     KEPT_ANSWERS,
     History,
     Turn,
+    asked_of,
     chat_messages,
     decode,
     encode,
@@ -94,6 +95,18 @@ def test_answers_are_kept_for_the_latest_turns_folded_or_not() -> None:
     history = history_of(*(turn(n) for n in range(KEPT_ANSWERS + 5)))
     assert history.answer_of("t4") is None and history.answer_of("t5") is not None
     assert history.fold(60, "s", 1).answer_of("t6") is not None, "a folded turn's answer is still found"
+
+
+def test_a_turn_that_reuses_a_kept_turns_id_but_asks_something_else_is_not_that_turn() -> None:
+    first = InputEvent(id="m", key="c", text="what is two and two")
+    other = InputEvent(id="m", key="c", text="and three and three")
+    history = History().append(Turn("m", first.text, " four", 3), '{"id": "m"}', at(0), asked_of(first))
+    assert history.answer_of("m", asked_of(first)) == '{"id": "m"}', "a replay of the turn"
+    assert history.answer_of("m", asked_of(first.model_copy(update={"meta": {"x": 1}}))) is None
+    assert history.answer_of("m", asked_of(other)) is None, "another turn with the id"
+    assert decode(encode(history)).answer_of("m", asked_of(other)) is None
+    older = decode(encode(history).replace(b',"asked":{"m":', b',"unknown":{"m":'))
+    assert older.answer_of("m", asked_of(other)) == '{"id": "m"}', "a history kept without digests: by id"
 
 
 def test_a_history_survives_its_round_trip_through_redis() -> None:
