@@ -532,7 +532,7 @@ class Simulation(RuleBasedStateMachine):
         self._check_partials()
 
     def _check_partials(self) -> None:
-        """What readers of streaming progress were promised. Of `partial:{id}` (the stand-in keeps it as the
+        """What readers of streaming progress were promised. Of `partial:{route}:{id}` (the stand-in keeps it as the
         Lua script does): one run, its seq counting up (a gap where deltas were dropped, the first ones
         included), at most one final marker and it last (a dropped marker is no marker), and a run shown from
         seq 0 without a gap up to a final marker without an error joins to the answer in Redis. Of the
