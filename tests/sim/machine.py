@@ -61,6 +61,8 @@ ROUTES: dict[str, dict[str, Any]] = {
                                                         "update_every_events": 3, **WINDOW}},
     "none+summarize": {"task": "none", "window": {"kind": "tumbling", "size_ms": 1000, "task": "summarize",
                                                   **WINDOW}},
+    "none+summarize+panes": {"task": "none", "window": {"kind": "sliding", "size_ms": 2000, "slide_ms": 500,
+                                                        "task": "summarize", **WINDOW}},  # shared pane summaries
     "answer": {"task": "answer", "output": "answers", "stream": True},  # its pieces go to Redis as well
     "chat": {"task": "chat", "output": "answers", "max_history_tokens": 16},  # a fold every few turns
 }
