@@ -260,7 +260,8 @@ class Route(_Section):
         "can jump the queue")
     window: WindowSettings | None = None
     stream: bool = Field(False, description="write answers out as they are generated: a Redis stream per event "
-                         "(`partial:{id}`) and, with partial_output, delta records; the answer is written as ever")
+                         "(`partial:{route}:{id}`) and, with partial_output, delta records; the answer is written "
+                         "as ever")
     partial_output: str | None = Field(None, description="stream: topic of the delta records (key = event key); "
                                        "at-least-once only")
     max_history_tokens: int = Field(1024, ge=16, description="chat: tokens of a conversation's history (summary and "
@@ -291,7 +292,8 @@ class PartialSettings(_Section):
     max_buffered_chars: int = Field(1_000_000, ge=1, description="text waiting to be written; pieces past it are "
                                     "dropped (counted), so a slow Redis or broker never grows memory")
     write_timeout_s: float = Field(2.0, gt=0, description="a write of pieces that takes longer is dropped (counted)")
-    ttl_s: int = Field(3600, ge=1, description="lifetime of an event's `partial:{id}` stream after its last piece")
+    ttl_s: int = Field(3600, ge=1, description="lifetime of an event's `partial:{route}:{id}` stream after its "
+                       "last piece")
 
 
 class ProcessingSettings(_Section):
@@ -377,7 +379,7 @@ class Settings(BaseSettings):
             raise ValueError(f"route {route.name}: partial_output {topic!r} is also where its results go")
         if self.processing.guarantee == "exactly_once":
             raise ValueError(f"route {route.name}: partial_output is not offered with processing.guarantee "
-                             "exactly_once (its partial:{id} stream in Redis is)")
+                             "exactly_once (its partial:{route}:{id} stream in Redis is)")
 
     @classmethod
     def settings_customise_sources(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Collection, Hashable
+from dataclasses import replace
 from typing import Any
 
 from streamer.windows.assign import WindowSpec
@@ -66,6 +67,21 @@ class PaneSummaries:
             self._stores.pop(group, None)
         if None in self._stores:
             self._stores[None].drop(lost)
+
+    def reseal(self, window: OpenWindow[Content]) -> None:
+        """A closed window not yet emitted lost events to a revoke (`drop_from` rebuilt it from the rest): the
+        pane versions it sealed still hold the lost texts, which their partition's next owner summarises
+        again. It sees fresh versions of its own kept events instead (summarised for it alone)."""
+        if window not in self._sealed:
+            return
+        panes: dict[int, Content] = {}
+        for item in window.events:  # a route-wide engine keeps its events; a partition's window is emptied whole
+            start_ms = item.ts_ms - item.ts_ms % self._spec.step_ms
+            content = panes.get(start_ms)
+            if content is None:
+                content = panes[start_ms] = self._aggregator.create()
+            self._aggregator.add(content, replace(item, slot=None))
+        self._sealed[window] = [PaneVersion(panes[start_ms], 0) for start_ms in sorted(panes)]
 
     def release(self, windows: Collection[OpenWindow[Content]]) -> None:
         """Windows emitted (or found emitted before a crash): forget what they sealed."""

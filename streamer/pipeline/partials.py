@@ -1,5 +1,5 @@
 """Answers that stream out: the pieces of `stream: true` routes' answers, written as progress while the model
-generates them, every `partials.flush_ms`, to Redis (`partial:{id}` per event, `partials` for all) and, where
+generates them, every `partials.flush_ms`, to Redis (`partial:{route}:{id}` per event, `partials` for all) and, where
 the route names a `partial_output` topic, as delta records to Kafka.
 
 Progress is a side channel, best effort and at least once: the model hands pieces to a `PieceBuffer` and never

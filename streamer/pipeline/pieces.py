@@ -10,11 +10,12 @@ authoritative).
 
 Per event the deltas taken have sequence numbers 0, 1, 2, ... (a gap where text is missing), the last
 one, and only it, is final, and they join to the pieces taken in. Each opening of an event is a run with its
-own token (`run`), which every delta carries: where a run's deltas land (`partial:{id}` in Redis) an entry of
-another run is replaced, not appended to, so two runs of an event never mix there however their writes fare.
-One id has one run open at a time: opening an id already open (a replay in the same process while the
+own token (`run`), which every delta carries: where a run's deltas land (`partial:{route}:{id}` in Redis) an
+entry of another run is replaced, not appended to, so two runs of an event never mix there however their writes
+fare. A route's id has one run open at a time: opening one already open (a replay in the same process while the
 earlier assignment's request still streams, or a producer's duplicate) retires the older run, whose pieces
-and final marker are dropped from then on (`superseded`).
+and final marker are dropped from then on (`superseded`). Two routes may see one id (one event sent to both):
+their runs are apart.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class PieceBuffer:
         self.max_chars = max_chars
         self.chars = 0  # text waiting, all events together
         self._open: dict[int, _Open] = {}
-        self._by_id: dict[str, int] = {}  # id -> the handle of its open run
+        self._by_id: dict[tuple[str, str], int] = {}  # (route, id) -> the handle of its open run
         self._handles = itertools.count()
         self._run_prefix = run_prefix
 
@@ -81,17 +82,17 @@ class PieceBuffer:
         return len(self._open)
 
     def open(self, event_id: str, route: str, key: str | None, record_key: bytes | None) -> tuple[int, int]:
-        """Start a run of an event's answer: its handle, and how many deltas of an older run of the id this
-        retires (its pending text and its final marker, dropped: the caller counts them)."""
+        """Start a run of an event's answer: its handle, and how many deltas of an older run of the route's id
+        this retires (its pending text and its final marker, dropped: the caller counts them)."""
         retired = 0
-        if (older := self._by_id.pop(event_id, None)) is not None:
+        if (older := self._by_id.pop((route, event_id), None)) is not None:
             entry = self._open[older]
             retired = 1 + int(bool(entry.pending) and not entry.final)  # its pending delta, its marker
             self.chars -= entry.chars
             entry.pending, entry.chars, entry.retired = [], 0, True
         handle = next(self._handles)
         self._open[handle] = _Open(f"{self._run_prefix}{handle}", event_id, route, key, record_key)
-        self._by_id[event_id] = handle
+        self._by_id[route, event_id] = handle
         return handle, retired
 
     def add(self, handle: int, piece: str) -> str | None:
@@ -145,8 +146,8 @@ class PieceBuffer:
                     entry.seq += int(entry.lost)  # the gap where the dropped text was
                     deltas.append(self._delta(entry, "", final=True))
                 del self._open[handle]
-                if self._by_id.get(entry.id) == handle:
-                    del self._by_id[entry.id]
+                if self._by_id.get((entry.route, entry.id)) == handle:
+                    del self._by_id[entry.route, entry.id]
         return deltas
 
     @staticmethod

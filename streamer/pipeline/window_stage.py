@@ -143,7 +143,10 @@ class WindowStage:
             taken = sum(self._engines.pop(tp).open_count() for tp in gone if tp in self._engines)
         else:
             taken = self._engines[None].drop(lost) if None in self._engines else 0
-        taken += sum(drop_from(window, self._aggregator, lost) for window in self._closing)
+        for window in self._closing:
+            if (dropped := drop_from(window, self._aggregator, lost)) and self._panes is not None:
+                self._panes.reseal(window)  # its sealed panes hold the lost texts too
+            taken += dropped
         if self._panes is not None:
             self._panes.revoke(gone, lost)
         if taken:

@@ -80,9 +80,10 @@ class Keys:
         The route's colons are escaped and the key encoded, so no (route, key) pair names another's."""
         return f"{self.prefix}:chat:{_segment(route)}:{encode_key(key)}"
 
-    def partial(self, id: str) -> str:
-        """One event's deltas as its answer is generated (a stream, expiring)."""
-        return f"{self.prefix}:partial:{id}"
+    def partial(self, route: str, id: str) -> str:
+        """One event's deltas as a route's answer to it is generated (a stream, expiring): per route, as two
+        routes may stream one id. The route's colons are escaped, so no (route, id) pair names another's."""
+        return f"{self.prefix}:partial:{_segment(route)}:{id}"
 
     def per_key(self, key: str) -> str:
         return f"{self.prefix}:key:{encode_key(key)}"

@@ -133,7 +133,7 @@ return found
 
 # One delta of a streaming answer onto its event's stream, which holds one run: an entry of another run (a
 # replay's, or the run this one replays) is deleted first, whichever of either run's writes were dropped.
-# KEYS[1] partial:{id}; ARGV run, seq, delta, final, error, maxlen, ttl_s.
+# KEYS[1] partial:{route}:{id}; ARGV run, seq, delta, final, error, maxlen, ttl_s.
 _PARTIAL = """
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #last > 0 then
@@ -306,7 +306,7 @@ class RedisState:
                 for d in deltas:
                     fields: dict[str | bytes, str | bytes | int] = {
                         "seq": d.seq, "delta": d.delta, "final": int(d.final), "error": d.error or ""}
-                    await self._partial(keys=[k.partial(d.id)],
+                    await self._partial(keys=[k.partial(d.route, d.id)],
                                         args=[d.run, d.seq, d.delta, int(d.final), d.error or "", maxlen, ttl_s],
                                         client=pipe)
                     pipe.xadd(k.partials, {"id": d.id, "route": d.route, "run": d.run, **fields},

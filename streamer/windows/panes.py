@@ -52,7 +52,7 @@ class PaneVersion(Generic[J]):
 @dataclass(eq=False)
 class _Pane(Generic[J]):
     current: PaneVersion[J]
-    items: list[tuple[WindowItem, Any]] = field(default_factory=list)  # (event, ref), kept for `drop`
+    items: list[tuple[WindowItem, Any, int]] = field(default_factory=list)  # (event, ref, closed), for `drop`
 
 
 class PaneStore(WatermarkFloor, Generic[J]):
@@ -75,7 +75,10 @@ class PaneStore(WatermarkFloor, Generic[J]):
         the pane keeps texts only."""
         self._advance(watermark_ms)
         start_ms = item.ts_ms - item.ts_ms % self._slide_ms
-        closed = self._closed(start_ms)
+        return self._fold(key, start_ms, item, ref, self._closed(start_ms))
+
+    def _fold(self, key: Any, start_ms: int, item: WindowItem, ref: Any, closed: int) -> Content:
+        """Fold an event into its pane's version for `closed` (a new version where more windows had closed)."""
         bucket = self._panes.get(start_ms)
         if bucket is None:
             bucket = self._panes[start_ms] = {}
@@ -87,7 +90,7 @@ class PaneStore(WatermarkFloor, Generic[J]):
             pane.current = PaneVersion(self._aggregator.create(), closed, previous=pane.current)
         self._aggregator.add(pane.current.content, replace(item, slot=None))
         if self._keep_events:
-            pane.items.append((item, ref))
+            pane.items.append((item, ref, closed))
         return pane.current.content
 
     def seen_by(self, key: Any, window: Window) -> list[PaneVersion[J]]:
@@ -111,17 +114,20 @@ class PaneStore(WatermarkFloor, Generic[J]):
             del self._panes[heapq.heappop(self._starts)]
 
     def drop(self, lost: Lost) -> None:
-        """Take lost events out (a revoked partition's): a pane holding any is rebuilt from the others as
-        one fresh version (or forgotten when none is left); windows closing later summarise it anew."""
+        """Take lost events out (a revoked partition's): a pane holding any is rebuilt from the others, each
+        under the closed-ness it was placed with (so its versions are what they would have been without the
+        lost events), or forgotten when none is left; windows closing later summarise it anew. Not the
+        closed-ness of now: the watermark may have passed windows the engine has not expired yet, which
+        hold the kept events and must still see them."""
         if not self._keep_events:
             raise ValueError("drop needs a store that keeps its events (keep_events=True)")
-        for bucket in self._panes.values():
+        for start_ms, bucket in self._panes.items():
             for key, pane in list(bucket.items()):
-                if any(lost(ref) for _, ref in pane.items):
-                    kept = [(item, ref) for item, ref in pane.items if not lost(ref)]
+                if any(lost(ref) for _, ref, _ in pane.items):
+                    kept = [(item, ref, closed) for item, ref, closed in pane.items if not lost(ref)]
                     del bucket[key]
-                    for item, ref in kept:
-                        self.add(key, item, ref, None)
+                    for item, ref, closed in kept:
+                        self._fold(key, start_ms, item, ref, closed)
 
     def _closed(self, start_ms: int) -> int:
         """How many windows holding the pane at `start_ms` the watermark has closed (they end at start + s,

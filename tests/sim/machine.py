@@ -61,6 +61,8 @@ ROUTES: dict[str, dict[str, Any]] = {
                                                         "update_every_events": 3, **WINDOW}},
     "none+summarize": {"task": "none", "window": {"kind": "tumbling", "size_ms": 1000, "task": "summarize",
                                                   **WINDOW}},
+    "none+summarize+panes": {"task": "none", "window": {"kind": "sliding", "size_ms": 2000, "slide_ms": 500,
+                                                        "task": "summarize", **WINDOW}},  # shared pane summaries
     "answer": {"task": "answer", "output": "answers", "stream": True},  # its pieces go to Redis as well
     "chat": {"task": "chat", "output": "answers", "max_history_tokens": 16},  # a fold every few turns
 }
@@ -532,7 +534,7 @@ class Simulation(RuleBasedStateMachine):
         self._check_partials()
 
     def _check_partials(self) -> None:
-        """What readers of streaming progress were promised. Of `partial:{id}` (the stand-in keeps it as the
+        """What readers of streaming progress were promised. Of `partial:{route}:{id}` (the stand-in keeps it as the
         Lua script does): one run, its seq counting up (a gap where deltas were dropped, the first ones
         included), at most one final marker and it last (a dropped marker is no marker), and a run shown from
         seq 0 without a gap up to a final marker without an error joins to the answer in Redis. Of the

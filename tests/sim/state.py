@@ -31,7 +31,7 @@ class SimState:
         self.kept: dict[tuple[str, str], Stored] = {}  # (route, id) -> the answer kept for reuse
         self.slow_lookups: asyncio.Event | None = None  # set: look-ups answer only once it is set
         self.partials: list[Delta] = []  # streaming answers' progress as applied, in order (the `partials` stream)
-        self.streams: dict[str, list[Delta]] = {}  # partial:{id}: one run, as RedisState.append_partials keeps it
+        self.streams: dict[str, list[Delta]] = {}  # partial:{route}:{id} (one route): one run, as append_partials keeps
         self.slow_partials = False  # partial writes hang (past partials.write_timeout_s: dropped, never applied)
         self.chats: dict[tuple[str, str], tuple[bytes, int]] = {}  # chat:{route}:{key} -> (doc, rev)
         self.up = True

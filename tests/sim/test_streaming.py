@@ -43,7 +43,7 @@ def _stream_deltas(sim: Simulation, event_id: str) -> list[tuple[int, str, bool]
 
 def test_a_replay_in_the_same_process_streams_one_run_per_event() -> None:
     """Partitions lost and assigned back while their requests still stream: the replay submits each event
-    again (the model splits its answer elsewhere this time), and the earlier run is retired, so partial:{id}
+    again (the model splits its answer elsewhere this time), and the earlier run is retired, so partial:{route}:{id}
     and the `partials` stream show each event's runs one after the other, never mixed."""
     with quiet_logs():
         sim = Simulation.only(*FAULTS)()
@@ -70,7 +70,7 @@ def test_a_replay_in_the_same_process_streams_one_run_per_event() -> None:
 
 
 def test_the_end_check_refuses_two_runs_spliced_or_two_final_markers() -> None:
-    """The end check reads partial:{id} as a reader does: a stream with two final markers, or the
+    """The end check reads partial:{route}:{id} as a reader does: a stream with two final markers, or the
     `partials` stream going back to an older run, fails it."""
     with quiet_logs():
         sim = Simulation.only(*FAULTS)()
@@ -97,7 +97,7 @@ def test_the_end_check_refuses_two_runs_spliced_or_two_final_markers() -> None:
 def test_a_reused_answer_on_a_streaming_route_is_one_final_delta_of_a_new_run() -> None:
     """A replay answered from a kept answer is not generated again, so the model streams nothing for it: its
     progress is a new run whose one delta, seq 0 and final, is the kept answer's whole text. A reader of
-    partial:{id} sees the answer it would have seen typed (the run the crash cut off replaced), and a final
+    partial:{route}:{id} sees the answer it would have seen typed (the run the crash cut off replaced), and a final
     marker follows every answered event, hit or miss."""
     with quiet_logs():
         sim = Simulation.only(*FAULTS)()

@@ -101,3 +101,22 @@ def test_opening_an_open_id_retires_the_older_run() -> None:
     deltas = buffer.take()
     assert [(d.seq, d.delta, d.final, d.run) for d in deltas] == [(0, "The", True, f"p-{new}")]
     assert len(buffer) == 0
+
+
+def test_two_routes_streaming_one_id_keep_a_run_each() -> None:
+    """Found by review (fails on the code before the fix): one event sent to two streaming routes (an answer
+    and a translate route, say) has one id on both. Runs were one per id, so the second route's run retired
+    the first's: its text stopped mid-answer and its final marker was never written (counted `superseded`),
+    with no replay and no fault at all. Runs are one per (route, id), as kept answers are."""
+    buffer = PieceBuffer(100, run_prefix="p-")
+    answer, _ = buffer.open("e", "answer", None, None)
+    buffer.add(answer, "The")
+    translation, retired = buffer.open("e", "translate", None, None)
+    assert retired == 0
+    assert buffer.add(answer, " answer") is None
+    buffer.add(translation, "La réponse")
+    buffer.finish(answer)
+    buffer.finish(translation)
+    assert sorted((d.route, d.seq, d.delta, d.final) for d in buffer.take()) == [
+        ("answer", 0, "The answer", True), ("translate", 0, "La réponse", True)]
+    assert len(buffer) == 0

@@ -38,6 +38,14 @@ def test_user_keys_go_through_the_encoding_in_every_name() -> None:
     assert keys.windows("r", "alice") == "p:windows:r:alice"
 
 
+def test_two_routes_streaming_one_id_have_a_partial_stream_each() -> None:
+    """Found by review (fails on the code before the fix): `partial:{id}` was one stream for every route, so
+    two routes streaming one event (one id) deleted each other's runs there, flush after flush."""
+    keys = Keys("p")
+    assert keys.partial("answer", "e") != keys.partial("translate", "e")
+    assert keys.partial("a:b", "c") != keys.partial("a", "b:c")
+
+
 def documented_names() -> set[str]:
     """The first column of README's "Redis data model" table."""
     section = README.read_text().split("## Redis data model", 1)[1].split("\n## ", 1)[0]

@@ -73,7 +73,7 @@ def _entries(url: str, prefix: str, event_id: str) -> list[tuple[int, str, bool,
     client = redis.Redis.from_url(url)
     try:
         return [(int(f[b"seq"]), f[b"delta"].decode(), f[b"final"] == b"1", f[b"run"].decode())
-                for _, f in client.xrange(f"{prefix}:partial:{event_id}")]
+                for _, f in client.xrange(f"{prefix}:partial:q:{event_id}")]  # route q
     finally:
         client.close()
 
@@ -131,7 +131,7 @@ def test_a_delta_that_cannot_be_written_is_dropped_and_counted_never_fatal() -> 
     assert dropped(metrics, "q", "unwritable") == 2  # the record, then the Redis write
 
 
-# 2. and 3. Two runs of one event in `partial:{id}`.
+# 2. and 3. Two runs of one event in `partial:{route}:{id}`.
 
 def test_a_replay_in_the_same_process_retires_the_old_run(redis_url: str) -> None:
     """Partitions lost and assigned back to the member while the earlier assignment's request still streams

@@ -169,3 +169,44 @@ async def test_a_revoke_takes_its_events_out_of_a_route_wide_pane_the_rest_stays
     await windows.drain()
     assert summaries(writer)[(-2000, 1000)] == (1, "[from 1]")
     assert ["from 0"] not in pool.prompts
+
+
+async def test_a_revoke_before_the_tick_leaves_a_window_the_watermark_passed_its_kept_texts() -> None:
+    """Found by review (fails on the code before the fix): a route-wide pane rebuilt at a revoke was judged
+    by the watermark of the revoke; [-2000, 1000), which the watermark (1500) had passed but the next tick had
+    not expired yet, still held "y" and was emitted with count 1 and a summary of no texts at all."""
+    pool, writer, tracker = Summariser(), Outcomes(), OffsetTracker()
+    windows = stage(pool, writer, tracker, per_key=False)
+    feed(windows, tracker, [("x0", 100)], 0, partition=0)
+    feed(windows, tracker, [("y", 200)], 0, partition=1)
+    feed(windows, tracker, [("x1", 1500)], 1, partition=0)
+    feed(windows, tracker, [("z", 1600), ("w", 2500)], 1, partition=1)  # "w" placed under 1500
+    tracker.forget([(TOPIC, 0)])
+    windows.revoke([(TOPIC, 0)])
+    feed(windows, tracker, [("flush", 9000)], 3, partition=1)
+    windows.tick(now_ms=2)
+    await windows.drain()
+    assert summaries(writer)[(-2000, 1000)] == (1, "[y]")
+    assert [] not in pool.prompts, "no summary of nothing"
+
+
+async def test_a_revoke_while_a_window_is_emitted_takes_the_lost_texts_out_of_its_summary_too() -> None:
+    """Found by review (fails on the code before the fix): a route-wide window closed and waiting to be emitted
+    when a partition was revoked lost that partition's events (`drop_from`: its count said 1), but the pane
+    versions it had sealed still held their texts, so its summary told of "x0", which the partition's next
+    owner replays and summarises again. The plain plan's summary was "[y]"."""
+    pool, writer, tracker = Summariser(), Outcomes(), OffsetTracker()
+    redis = SlowRedis()
+    windows = stage(pool, writer, tracker, redis, per_key=False)
+    feed(windows, tracker, [("x0", 100)], 0, partition=0)
+    feed(windows, tracker, [("y", 200)], 0, partition=1)
+    feed(windows, tracker, [("x1", 1500)], 1, partition=0)
+    feed(windows, tracker, [("z", 1600)], 1, partition=1)
+    windows.tick(now_ms=2)  # closes [-2000, 1000); its emission waits for Redis
+    await redis.reading.wait()
+    tracker.forget([(TOPIC, 0)])
+    windows.revoke([(TOPIC, 0)])
+    redis.release.set()
+    await windows.drain()
+    assert summaries(writer) == {(-2000, 1000): (1, "[y]")}
+    assert not any("x0" in text for prompt in pool.prompts for text in prompt)
