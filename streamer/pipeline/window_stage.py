@@ -44,7 +44,7 @@ from streamer.engine.requests import GenRequest, GenResult
 from streamer.kafka.offsets import TP, OffsetTracker, Ref
 from streamer.outcomes import Sealer
 from streamer.pipeline.pane_summaries import PaneSummaries
-from streamer.pipeline.writer import Outputs
+from streamer.pipeline.writer import WindowOutputs
 from streamer.state.redis import RedisState
 from streamer.state.retry import retrying
 from streamer.tasks.event import TASKS
@@ -69,7 +69,7 @@ def window_id(route: str, key: str | None, kind: str, start_ms: int, end_ms: int
 
 
 class WindowStage:
-    def __init__(self, route: Route, pool: Backend, writer: Outputs, tracker: OffsetTracker,
+    def __init__(self, route: Route, pool: Backend, writer: WindowOutputs, tracker: OffsetTracker,
                  state: RedisState, sealer: Sealer, on_mixed: Callable[[str], None] = lambda route: None,
                  clock: Clock | None = None) -> None:
         """`on_mixed(route)` hears of every final window holding events of several partitions (metrics)."""
@@ -254,12 +254,17 @@ class WindowStage:
 
     async def _emit_provisional(self, results: list[WindowResult]) -> None:
         """Provisional results, except for windows whose final result was written before a crash (the
-        replay rebuilt them): on the topic it would follow the final one, and a reader keeping the latest
-        record per window id (or a compacted topic) would keep a partial count for ever."""
+        replay rebuilt them) or is still on its way to Kafka and Redis (a revoke and reassignment made
+        the replay rebuild it first): on the topic it would follow the final one, and a reader keeping the
+        latest record per window id (or a compacted topic) would keep a partial count for ever.
+
+        The writer is asked before Redis is read: a final result it has finished with by then is in Redis
+        when the read comes (and no final result reaches the writer meanwhile: it holds `_emitting`)."""
         async with self._emitting:
+            unwritten = self._writer.unwritten_finals()
             finals = await retrying("redis read", lambda: self._state.windows_final([r.id for r in results]))
             for result, final in zip(results, finals, strict=True):
-                if not final:
+                if not final and result.id not in unwritten:
                     self._writer.add(self._sealer.seal(self.window.output, result.id.encode(), result, (),
                                                        self.route.name))
 

@@ -44,6 +44,15 @@ class Outputs(Protocol):
     def add(self, outcome: Outcome) -> None: ...
 
 
+class WindowOutputs(Outputs, Protocol):
+    """Where window stages hand their results (a writer), which also says what it has not written yet."""
+
+    def unwritten_finals(self) -> set[str]:
+        """Ids of the final window results added and not yet fully written: neither Kafka nor Redis may
+        have them yet, but they will reach the topic ahead of anything added from now on."""
+        ...
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a write cycle may do: the outcomes to write now, those still held, and per partition the
@@ -133,6 +142,9 @@ class Writer:
             self._buffer.append(outcome)
         self._wake.set()
 
+    def unwritten_finals(self) -> set[str]:
+        return _finals(self._buffer + self._writing + self._held)
+
     def forget(self, tps: Iterable[TP]) -> None:
         """Partitions went away: in-order outcomes of theirs are dropped (their next owner rebuilds them
         whole); what is buffered is still written (a duplicate at worst, its releases ignored)."""
@@ -212,6 +224,7 @@ class TransactionalWriter:
         self._buffer: list[Outcome] = []
         self._held: list[Outcome] = []  # finished, but some of their events are not below the commit point
         self._unwritten: list[Outcome] = []  # ready, but the last cycle could not write them
+        self._committing: list[Outcome] = []  # what the cycle under way writes
         self._writing = 0
         self._lock = asyncio.Lock()
         self.outage = False  # the last cycle could not reach a fenced sink, or its transaction did not commit
@@ -252,6 +265,9 @@ class TransactionalWriter:
             return
         self._buffer.append(outcome if len(current) == len(outcome.releases) else replace(outcome, releases=current))
 
+    def unwritten_finals(self) -> set[str]:
+        return _finals(self._buffer + self._held + self._unwritten + self._committing)
+
     def forget(self, tps: Iterable[TP]) -> None:
         """Drop the outcomes of revoked partitions: nothing of them was committed, their new owner
         replays them. One that also finishes owned events (a window holding several partitions'
@@ -281,11 +297,11 @@ class TransactionalWriter:
             self._buffer, self._held, self._unwritten = [], plan.held, []
             if not plan.ready and not positions:
                 return
-            self._writing = len(plan.ready)
+            self._writing, self._committing = len(plan.ready), plan.ready
             try:
                 self._unwritten = await self._commit(plan.ready, positions)  # not committed: tried again next
             finally:
-                self._writing = 0
+                self._writing, self._committing = 0, []
 
     async def _commit(self, ready: list[Outcome], positions: dict[TP, Position]) -> list[Outcome]:
         """One try: the fenced sinks, then one transaction. Returns what is left to commit."""
@@ -336,6 +352,10 @@ def _firsts(outcomes: Iterable[Outcome]) -> dict[TP, int]:
         for ref in outcome.releases:
             firsts[ref.tp] = min(ref.offset, firsts.get(ref.tp, ref.offset))
     return firsts
+
+
+def _finals(outcomes: Iterable[Outcome]) -> set[str]:
+    return {o.record.id for o in outcomes if isinstance(o.record, WindowResult) and o.record.final}
 
 
 def _without(outcomes: list[Outcome], gone: set[TP]) -> list[Outcome]:
