@@ -38,7 +38,7 @@ def read(url: str, prefix: str, ids: list[str], seen: Seen, stop: threading.Even
     """XREAD BLOCK on every event's partial stream and on the answers stream at once, as a dashboard would;
     at an event's first piece, ask Redis whether its answer is there yet."""
     client = redis.Redis.from_url(url)
-    cursors = {f"{prefix}:partial:q:{i}": "0-0" for i in ids}  # route q | {f"{prefix}:answers": "0-0"}
+    cursors = {f"{prefix}:partial:q:{i}": "0-0" for i in ids} | {f"{prefix}:answers": "0-0"}  # route q
     def finished() -> bool:  # every answer, and every final marker (which may come just after its answer)
         return all(i in seen.answers and seen.pieces[i] and seen.pieces[i][-1][3] for i in ids)
 
