@@ -15,16 +15,6 @@ from tests.sim.machine import BASE_MS, FAULTS, Output, Simulation, quiet_logs
 from tests.sim.test_chat_sequences import say
 
 
-@pytest.fixture
-def sim() -> Iterator[Simulation]:
-    with quiet_logs():
-        machine = Simulation.only(*FAULTS)()
-        try:
-            yield machine
-        finally:
-            machine.teardown()
-
-
 def answer_all(sim: Simulation, fail_summaries: bool) -> None:
     """Poll, then answer every request the model has: each summary fails where `fail_summaries` (a greedy model
     fails the same request every time), every reply succeeds; write."""

@@ -6,29 +6,17 @@ answered in order."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import orjson
 import pytest
 
 from streamer.contracts import Source
 from streamer.tasks.chat import History, Turn, decode, encode
 from tests.sim.kafka import Stored
-from tests.sim.machine import BASE_MS, FAULTS, Output, Simulation, quiet_logs
+from tests.sim.machine import BASE_MS, Output, Simulation
 from tests.sim.oracle import Event
 
 CONVERSATIONS = 6
 TURNS = 5
-
-
-@pytest.fixture
-def sim() -> Iterator[Simulation]:
-    with quiet_logs():
-        machine = Simulation.only(*FAULTS)()
-        try:
-            yield machine
-        finally:
-            machine.teardown()
 
 
 def say(sim: Simulation, key: str | None, text: str, partition: int) -> str:
