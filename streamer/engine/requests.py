@@ -19,6 +19,9 @@ class GenRequest:
     session: str | None = None
     """A conversation this request continues: an engine that can keeps the KV blocks of its prompt and answer
     for the session's next turn (pinned while the session is active, least recently used evicted first)."""
+    schema: str | None = None
+    """A JSON Schema (canonical JSON text, `streamer.tasks.schemas`) the answer must match: the native engine
+    masks the tokens its grammar forbids at every step; a remote server gets it as `response_format`."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
