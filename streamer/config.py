@@ -14,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -23,6 +24,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from streamer.errors import ConfigError
 from streamer.tasks.event import TASKS, TaskName
+from streamer.tasks.schemas import ExtractSchema, SchemaError
 from streamer.tasks.window import WindowTaskName
 
 
@@ -266,9 +268,26 @@ class Route(_Section):
                                        "at-least-once only")
     max_history_tokens: int = Field(1024, ge=16, description="chat: tokens of a conversation's history (summary and "
                                     "turns) past which its oldest turns are folded into the running summary")
+    extract_schema: dict[str, Any] | str | None = Field(
+        None, alias="schema", description="extract: the JSON Schema answers match, inline or the path of a JSON file "
+        "(relative to the config file); checked at load")
+    count_field: str | None = Field(
+        None, description="extract on a windowed route: a property of the schema (an enum) whose values each window "
+        "counts in its `labels`")
+    _schema: ExtractSchema | None = PrivateAttr(None)
+
+    @property
+    def schema_spec(self) -> ExtractSchema | None:
+        """The route's schema, loaded and checked (None without `schema`)."""
+        return self._schema
 
     @model_validator(mode="after")
     def _task_needs(self) -> Route:
+        if self.extract_schema is not None:
+            try:
+                self._schema = ExtractSchema.load(self.extract_schema)
+            except SchemaError as exc:
+                raise ValueError(f"route {self.name!r}: schema: {exc}") from None
         if (problem := TASKS[self.task].problem(self)) is not None:
             raise ValueError(problem)
         return self
@@ -406,10 +425,18 @@ def load_settings(path: Path | None) -> Settings:
             raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a mapping at the top level")
+        _schema_paths_from(data, path.parent)
     try:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from None
+
+
+def _schema_paths_from(data: dict[str, Any], base: Path) -> None:
+    """Make routes' schema file paths relative to the config file's folder, not to wherever streamer starts."""
+    for route in data.get("routes") or ():
+        if isinstance(route, dict) and isinstance(where := route.get("schema"), str):
+            route["schema"] = str(base / Path(where).expanduser())
 
 
 def _describe(error: ValidationError, path: Path | None) -> str:

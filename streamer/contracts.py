@@ -29,6 +29,7 @@ class ErrorCode(StrEnum):
     CONTEXT_TOO_LONG = "context_too_long"  # the prompt exceeds the remote model server's context
     NO_KEY = "no_key"  # a `chat` event without a key: it names no conversation
     STALE_TURN = "stale_turn"  # a replayed `chat` turn its conversation's history has moved past
+    INVALID_OUTPUT = "invalid_output"  # an `extract` answer that does not match its schema (e.g. cut by max_new_tokens)
 
 
 MAX_TS_MS = 253_402_300_799_999
@@ -91,7 +92,9 @@ class Answer(_Strict):
     id: str
     key: str | None
     task: str
-    output: str
+    output: str | dict[str, Any] = Field(description="the answer's text; for `extract`, the object its schema matches")
+    schema_id: str | None = Field(None, description="extract: the schema `output` matches (its `$id`, or `sha256:` "
+                                  "and a hash of it)")
     model: str
     tokens_in: int
     tokens_out: int

@@ -45,7 +45,7 @@ def build_pool(worker: LLMWorker, batching: BatchingSettings, engine: EngineSett
                               on_close=engines.close)
     config = engine_config(engine, worker.model, worker.loaded.dtype, worker.device)
     log.info("engine: continuous batching, %d KV blocks of %d tokens", config.num_blocks, config.block_size)
-    return ContinuousPool(Engine(worker.model, config, worker.eos_ids), worker, batching.max_queue,
+    return ContinuousPool(Engine(worker.model, config, worker.eos_ids, worker.grammars), worker, batching.max_queue,
                           engine.default_deadline_ms, on_batch)
 
 

@@ -290,7 +290,8 @@ class ContinuousPool(AsyncLifecycle):
         if isinstance(request, ScoreRequest):
             return TokenRequest(prompt, labels=tuple(tuple(ids) for ids in self.worker.label_ids(request.labels)))
         stops = frozenset() if request.ignore_eos else self.worker.eos_ids
-        return TokenRequest(prompt, request.max_new_tokens, request.temperature, stops, session=request.session)
+        return TokenRequest(prompt, request.max_new_tokens, request.temperature, stops, session=request.session,
+                            schema=request.schema)
 
     def _result(self, call: _Call, done: Finished) -> Result:
         """The worker's result types, built the way the static path builds them."""

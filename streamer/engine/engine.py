@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 
 from streamer.engine.adaptive import StepSizer
 from streamer.engine.blocks import BlockAllocator
+from streamer.engine.grammar import Constraint, Grammars, allow_only
 from streamer.engine.paged import PagedKV, PagedRunner, Row, Shape
 from streamer.engine.scheduler import Plan, Scheduler, Sequence
 
@@ -50,6 +51,7 @@ class TokenRequest:
 
     With `labels`, a score request: no generation; each label's log-probs are returned instead.
     With `session`, the conversation it continues: its blocks are pinned for the session's next turn.
+    With `schema`, the JSON Schema (canonical text) its answer is decoded under: only tokens its grammar allows.
     """
 
     prompt: tuple[int, ...]
@@ -58,6 +60,7 @@ class TokenRequest:
     stop_ids: frozenset[int] = frozenset()
     labels: tuple[tuple[int, ...], ...] = ()
     session: str | None = None
+    schema: str | None = None
 
     @property
     def longest(self) -> int:
@@ -111,11 +114,14 @@ class _Job:
     steps: int = 0
     label_logprobs: dict[int, list[float]] = field(default_factory=dict)
     suspect: bool = False  # was in a failed step; runs alone until it passes
+    constraint: Constraint | None = None  # the grammar state of a request with a schema
 
 
 class Engine:
-    def __init__(self, model: PreTrainedModel, config: EngineConfig, end_ids: frozenset[int]) -> None:
-        """`end_ids` end an answer (EOS ids): a label's score includes the answer ending right after it."""
+    def __init__(self, model: PreTrainedModel, config: EngineConfig, end_ids: frozenset[int],
+                 grammars: Grammars | None = None) -> None:
+        """`end_ids` end an answer (EOS ids): a label's score includes the answer ending right after it.
+        `grammars` constrain requests with a schema; without them such a request fails."""
         self.model = model
         self.config = config
         self.end_ids = sorted(end_ids)
@@ -127,6 +133,7 @@ class Engine:
         self.sizer = StepSizer(config.target_step_s, lowest=config.max_running + config.block_size,
                                highest=config.max_step_tokens)
         self.on_token: Callable[[Hashable, int], None] | None = None  # hears each generated token (streaming)
+        self.grammars = grammars
         self._suspects = 0
         self.last_step_size = 0
 
@@ -157,6 +164,10 @@ class Engine:
         job = _Job(key, request, deadline_s)
         if not self.scheduler.fits(request.longest):
             return self._failed(job, f"prompt and answer ({request.longest} tokens) exceed the KV cache")
+        if request.schema is not None:
+            if self.grammars is None:
+                return self._failed(job, "this engine has no tokenizer grammars; it cannot decode under a schema")
+            job.constraint = self.grammars.constraint(request.schema)
         prompt = list(request.prompt)
         self.scheduler.add(self._sequence(job, prompt, request.max_new_tokens, 1, session=request.session))
         return None
@@ -204,7 +215,11 @@ class Engine:
                 picks.append((seq, at))
             at += seq.logits_tail
         if picks:
-            rows = logits[[i for _, i in picks]]
+            rows = logits[[i for _, i in picks]]  # a copy: masking it leaves `logits` alone
+            constrained = [(n, job.constraint) for n, (seq, _) in enumerate(picks)
+                           if (job := _job(seq)).constraint is not None]
+            if constrained:
+                allow_only(rows, constrained)
             greedy = rows.argmax(dim=-1).tolist()
             for n, (seq, _) in enumerate(picks):
                 temperature = _job(seq).request.temperature
@@ -222,6 +237,8 @@ class Engine:
             if chunk.sample and len(seq.tokens) > seq.prompt_len and not job.request.labels:
                 job.first_token_s = job.first_token_s or now
                 token = seq.tokens[-1]
+                if job.constraint is not None and token not in seq.stop_ids:
+                    job.constraint.accept(token)
                 if self.on_token is not None and token not in seq.stop_ids:
                     self.on_token(job.key, token)
             if job.suspect and chunk.sample:

@@ -37,6 +37,7 @@ import torch
 
 from streamer.config import EngineSettings
 from streamer.engine.engine import BROKEN_TOKEN, Engine, Finished, TokenRequest, admit
+from streamer.engine.grammar import Grammars
 from streamer.engine.sizing import engine_config
 from streamer.engine.worker import LLMWorker
 from streamer.models.loader import load_model
@@ -98,7 +99,7 @@ def serve_child(spec: ChildSpec, inbox: Any, outbox: Connection) -> None:
         torch.set_num_threads(spec.threads)
     loaded = load_model(spec.directory, device=spec.device, dtype=spec.dtype)
     engine = Engine(loaded.model, engine_config(spec.settings, loaded.model, loaded.dtype, loaded.device),
-                    spec.end_ids)
+                    spec.end_ids, Grammars(loaded.tokenizer, loaded.model.config.vocab_size, spec.end_ids))
     tokens: list[tuple[Hashable, int]] = []
     engine.on_token = lambda key, token: tokens.append((key, token))
     outbox.send(_Report([], [], 0, 0, engine.kv_usage()))

@@ -16,9 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from streamer.engine.backend import BackendInfo
+from streamer.engine.grammar import Constraint, Grammars, allow_only
 from streamer.engine.requests import GenRequest, GenResult, Request, Result, ScoreRequest, ScoreResult, label_score
 from streamer.models.loader import LoadedModel
 from streamer.models.memory import resident_bytes
@@ -41,6 +42,27 @@ class _RowLimits(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         done: torch.BoolTensor = (input_ids.shape[1] - self.prompt_len) >= self.limits  # type: ignore[assignment]
         return done  # a bool tensor; torch's stubs type the comparison as a plain Tensor
+
+
+class _Constrained(LogitsProcessor):
+    """Masks, row by row, the tokens each row's grammar forbids (rows without a schema are left alone)."""
+
+    def __init__(self, prompt_len: int, constraints: Sequence[Constraint | None], stop_ids: frozenset[int]) -> None:
+        self.prompt_len = prompt_len
+        self.rows = [(n, c) for n, c in enumerate(constraints) if c is not None]
+        self.stop_ids = stop_ids
+        self.ended: set[int] = set()  # rows past their stop token: padding follows, which no grammar is told
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] > self.prompt_len:
+            for n, constraint in self.rows:
+                token = int(input_ids[n, -1])
+                if token in self.stop_ids:
+                    self.ended.add(n)
+                elif n not in self.ended:
+                    constraint.accept(token)
+        allow_only(scores, self.rows)
+        return scores
 
 
 def trim_generated(tokens: Sequence[int], limit: int, eos_ids: frozenset[int], ignore_eos: bool) -> list[int]:
@@ -67,6 +89,7 @@ class LLMWorker:
         self.device = loaded.device
         self.eos_ids = _eos_ids(self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id)
         self.pad_id: int = self.tokenizer.pad_token_id
+        self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
         # prompt_tokens runs on the event loop while generate runs in the worker thread, and a fast
         # tokenizer's padding/truncation settings are shared mutable state in the Rust backend.
         self._tokenizer_lock = threading.Lock()
@@ -159,6 +182,9 @@ class LLMWorker:
         limits = [r.max_new_tokens for r in requests]
         kwargs = self._generation_kwargs(requests[0], max(limits))
         stop = _RowLimits(prompt_len, torch.tensor(limits, device=self.device))
+        if any(r.schema is not None for r in requests):
+            constraints = [None if r.schema is None else self.grammars.constraint(r.schema) for r in requests]
+            kwargs["logits_processor"] = LogitsProcessorList([_Constrained(prompt_len, constraints, self.eos_ids)])
         with torch.inference_mode():
             out = self.model.generate(**enc, **kwargs, stopping_criteria=StoppingCriteriaList([stop]))  # type: ignore[operator]  # GenerationMixin.generate is typed as a Tensor attribute
         generated = out[:, prompt_len:].tolist()

@@ -47,7 +47,8 @@ from streamer.pipeline.reuse import Lookup, Reuse, digest
 from streamer.pipeline.window_stage import WindowStage
 from streamer.pipeline.writer import Outputs
 from streamer.state.redis import Stored
-from streamer.tasks.event import route_tasks, task_of
+from streamer.tasks.event import Output, Tally, output_text, route_tasks, task_of
+from streamer.tasks.schemas import InvalidOutput
 from streamer.windows.content import LabelSlot, WindowItem
 
 log = logging.getLogger(__name__)
@@ -188,8 +189,7 @@ class EventHandler:
             log.warning("the kept answer of event %s on route %s is not an answer; asking the model",
                         event.id, route.name)
             return False
-        if slot is not None and not slot.resolved:
-            slot.resolve(answer.output)
+        _resolve(slot, task_of(event, route).tally(route), answer.output)
         self._metrics.answer_reused(route.name, self._clock.monotonic_s() - arrived_s)
         topic, key = route.output or "", _key(event, raw)
         if answer.source == raw.source:
@@ -199,7 +199,7 @@ class EventHandler:
             outcome = self._sealer.seal(topic, key, answer, (ref,), route.name, digest=kept)
         self._writer.add(outcome)
         if (progress := self._progress(event, route, raw)) is not None:
-            progress.piece(answer.output)
+            progress.piece(output_text(answer.output))
             progress.finish()
         return True
 
@@ -228,7 +228,7 @@ class EventHandler:
         stage = self._stages.get(route.name)
         if stage is None:
             return None
-        slot = LabelSlot() if task_of(event, route).counts_labels else None
+        slot = LabelSlot() if task_of(event, route).tally(route) is not None else None
         tokens = self._pool.count_tokens(event.text) if stage.window_task.counts_tokens else 0
         item = WindowItem(event.text, _event_ms(event, raw), event.key, tokens, slot)
         if stage.add(item, ref, now_ms):
@@ -254,25 +254,26 @@ class EventHandler:
             error = "the model request was cancelled"
         except Exception as exc:  # the pool already split and retried; what is left is this event's
             error = repr(exc)
-        if slot is not None and not slot.resolved:
-            slot.resolve(getattr(generated.result, "label", None) if generated is not None and error is None else None)
         failed: ErrorCode | None = None
         try:
             if generated is None or error is not None:
                 raise _ModelFailed(error or "")
-            self._write_answer(event, route, raw, ref, generated, arrived_s, kept, out)
-        except Exception as exc:  # the model's failure, or a bug building the answer: a dead letter either way
-            if not isinstance(exc, _ModelFailed):
+            answer = self._answer(event, route, raw, generated, arrived_s)
+            _resolve(slot, task_of(event, route).tally(route), answer.output)
+            self._write_answer(event, route, raw, ref, answer, generated, kept, out)
+        except Exception as exc:  # the model's failure, a rejected output, or a bug building the answer
+            _resolve(slot, None, None)
+            if not isinstance(exc, _ModelFailed | InvalidOutput):
                 log.exception("answering event %s failed", event.id)
             code = generated.result.error_code if generated is not None else None
-            failed = ErrorCode(code or ErrorCode.MODEL_ERROR)
+            failed = (ErrorCode.INVALID_OUTPUT if isinstance(exc, InvalidOutput)
+                      else ErrorCode(code or ErrorCode.MODEL_ERROR))
             self._dead(raw, dead_letter(raw, failed, str(exc) or repr(exc), event.id), route, ref, out=out)
         if progress is not None:
             progress.finish(failed.value if failed is not None else None)
 
-    def _write_answer(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, generated: Generated,
-                      arrived_s: float, kept: str | None, out: Outputs) -> None:
-        answer = self._answer(event, route, raw, generated, arrived_s)
+    def _write_answer(self, event: InputEvent, route: Route, raw: RawMessage, ref: Ref, answer: Answer,
+                      generated: Generated, kept: str | None, out: Outputs) -> None:
         self._metrics.answered(route.name, answer.latency_ms / 1000, answer.tokens_out)
         if generated.first_token_ms is not None:
             self._metrics.first_token(route.name, generated.first_token_ms / 1000)
@@ -287,7 +288,9 @@ class EventHandler:
         task = task_of(event, route)
         tokens_out = result.tokens_out if isinstance(result, GenResult) else 0  # a scored label generates none
         return Answer(
-            id=event.id, key=event.key, task=task.name, output=task.answer(result, route), model=self._pool.model_name,
+            id=event.id, key=event.key, task=task.name, output=task.answer(result, route),
+            schema_id=route.schema_spec.id if task.structured and route.schema_spec is not None else None,
+            model=self._pool.model_name,
             tokens_in=result.tokens_in, tokens_out=tokens_out, queued_ms=round(generated.queued_ms, 3),
             latency_ms=round((self._clock.monotonic_s() - arrived_s) * 1000, 3), source=raw.source,
             ts_in=_event_ms(event, raw), ts_out=self._clock.now_ms(), meta=event.meta,
@@ -300,6 +303,12 @@ class EventHandler:
         if letter.error is ErrorCode.LATE:
             self._metrics.late(route.name)
         (out or self._writer).add(self._sealer.seal(target, raw.key, letter, (ref,), route.name))
+
+
+def _resolve(slot: LabelSlot | None, tally: Tally | None, output: Output | None) -> None:
+    """Count what the window counts of the answer (nothing where there is no answer), once."""
+    if slot is not None and not slot.resolved:
+        slot.resolve(tally(output) if tally is not None and output is not None else None)
 
 
 class _ModelFailed(Exception):

@@ -4,10 +4,11 @@ instead of comparing its name, so a new task is one entry in `TASKS` (and its na
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from streamer.contracts import InputEvent
 from streamer.engine.requests import GenRequest, Request, Result, ScoreRequest, ScoreResult
@@ -15,6 +16,7 @@ from streamer.tasks.prompts import (
     Messages,
     answer_messages,
     classify_messages,
+    extract_messages,
     snap_to_label,
     template_messages,
     translate_messages,
@@ -23,11 +25,24 @@ from streamer.tasks.prompts import (
 if TYPE_CHECKING:  # config validates routes through this registry, so it imports it
     from streamer.config import Route
 
-TaskName = Literal["answer", "classify", "translate", "prompt", "chat", "none"]
+TaskName = Literal["answer", "classify", "translate", "prompt", "extract", "chat", "none"]
 """What `Route.task` accepts: the keys of `TASKS` (a test keeps the two equal)."""
 
 RequestBuilder = Callable[[InputEvent, "Route", int], Request]
 """An event's model request under its route; the int caps max_new_tokens (`limits.max_new_tokens`)."""
+Output = str | dict[str, Any]
+"""An answer's `output`: text, or the object an `extract` answer's schema matches."""
+Tally = Callable[[Output], str | None]
+"""The value a window counts of one answer's output (a label, a field's value); None: nothing to count."""
+
+
+def output_text(output: Output) -> str:
+    """An output as text: an object as compact JSON."""
+    return output if isinstance(output, str) else json.dumps(output, separators=(",", ":"), ensure_ascii=False)
+
+
+def _no_tally(route: Route) -> Tally | None:
+    return None
 
 
 def _fine(route: Route) -> str | None:
@@ -46,14 +61,16 @@ class Task:
     name: str
     request: RequestBuilder | None
     """None: the task calls no model and writes no answer (a window-only route)."""
-    answer: Callable[[Result, Route], str] = _text
-    """The answer's `output` from the model's result."""
+    answer: Callable[[Result, Route], Output] = _text
+    """The answer's `output` from the model's result; raises InvalidOutput for one its route cannot accept."""
     check: Callable[[Route], str | None] = _fine
     """Why a route cannot have this task as its own (checked at config load), or None."""
     offered: Callable[[Route], bool] = lambda route: True
     """Whether an event on an answering route of another task may ask for this one: the route has what it needs."""
-    counts_labels: bool = False
-    """Its answers are labels, counted per window of a route with this task (`LabelSlot`)."""
+    tally: Callable[[Route], Tally | None] = _no_tally
+    """What a window of a route with this task counts of each answer (`LabelSlot`), or None: nothing."""
+    structured: bool = False
+    """Its answers are objects matching the route's `schema` (they name it; `count_field` may pick a field)."""
     generates: bool = False
     """It generates text token by token, which a `stream: true` route writes out as it comes."""
     converses: bool = False
@@ -69,6 +86,8 @@ class Task:
         text to stream where the route streams."""
         if (own := self.check(route)) is not None:
             return own
+        if route.count_field is not None and not self.structured:
+            return f"`count_field` names a field of an answer object; `{self.name}` answers are text"
         if self.calls_model and route.output is None:
             return f"a `{self.name}` route needs an `output` topic"
         if route.stream and not self.generates:
@@ -78,10 +97,10 @@ class Task:
         return None
 
 
-def _generate(messages: Messages, event: InputEvent, route: Route, cap: int) -> GenRequest:
+def _generate(messages: Messages, event: InputEvent, route: Route, cap: int, schema: str | None = None) -> GenRequest:
     """A chat completion under the event's own params, else the route's."""
     return GenRequest(messages, max_new_tokens=min(event.params.max_new_tokens or route.max_new_tokens, cap),
-                      temperature=event.params.temperature or 0.0)
+                      temperature=event.params.temperature or 0.0, schema=schema)
 
 
 def _answer(event: InputEvent, route: Route, cap: int) -> Request:
@@ -101,6 +120,42 @@ def _prompt(event: InputEvent, route: Route, cap: int) -> Request:
 def _classify(event: InputEvent, route: Route, cap: int) -> Request:
     """Scored, not generated: one forward pass picks the likeliest label, so there is no token cap."""
     return ScoreRequest(classify_messages(event.text, route.labels, route.system_prompt), tuple(route.labels))
+
+
+def _extract(event: InputEvent, route: Route, cap: int) -> Request:
+    """Decoded under the route's schema: the engine (or the remote server) only lets the model write matches."""
+    spec = route.schema_spec
+    assert spec is not None  # checked (an `extract` route) or offered (a route with a schema)
+    messages = extract_messages(event.text, json.loads(spec.text), route.system_prompt)
+    return _generate(messages, event, route, cap, spec.text)
+
+
+def _extracted(result: Result, route: Route) -> Output:
+    """The object, checked again: a remote server may ignore the schema, and a token cap cuts any object."""
+    assert route.schema_spec is not None
+    return route.schema_spec.parse(_text(result, route))
+
+
+def _field_tally(route: Route) -> Tally | None:
+    """The route's `count_field` of each extracted object, as text (null or absent: not counted)."""
+    name = route.count_field
+    if name is None:
+        return None
+    return lambda output: None if not isinstance(output, dict) or output.get(name) is None else str(output[name])
+
+
+def _needs_schema(route: Route) -> str | None:
+    spec = route.schema_spec
+    if spec is None:
+        return "an `extract` route needs a `schema`"
+    if route.count_field is None:
+        return None
+    if route.window is None:
+        return "`count_field` counts per window: the route needs a `window`"
+    field = json.loads(spec.text).get("properties", {}).get(route.count_field)
+    if not isinstance(field, dict) or "enum" not in field:
+        return f"`count_field` {route.count_field!r} must name a property of the schema with an `enum`"
+    return None
 
 
 def _label(result: Result, route: Route) -> str:
@@ -125,9 +180,11 @@ def _needs_window(route: Route) -> str | None:
 TASKS: Mapping[str, Task] = MappingProxyType({task.name: task for task in (
     Task("answer", _answer, generates=True),
     Task("classify", _classify, answer=_label, check=_needs_labels, offered=lambda route: bool(route.labels),
-         counts_labels=True),
+         tally=lambda route: str),
     Task("translate", _translate, generates=True),
     Task("prompt", _prompt, check=_needs_template, offered=lambda route: bool(route.template), generates=True),
+    Task("extract", _extract, answer=_extracted, check=_needs_schema,
+         offered=lambda route: route.schema_spec is not None, tally=_field_tally, structured=True),
     Task("chat", None, offered=lambda route: False, generates=True, converses=True),
     Task("none", None, check=_needs_window, offered=lambda route: False),
 )})

@@ -6,7 +6,8 @@ engine, so nothing a user writes can be interpreted as template syntax.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 Messages = tuple[dict[str, str], ...]
 
@@ -16,6 +17,7 @@ ANSWER_SYSTEM = "You are a helpful assistant. Answer the question concisely and 
 # the first label.
 CLASSIFY_SYSTEM = "Classify the sentiment/category of the text."
 TRANSLATE_SYSTEM = "You are a translator. Reply with the translation only."
+EXTRACT_SYSTEM = "Extract the fields of the user's message as one JSON object."
 SUMMARIZE_SYSTEM = "You summarise streams of short messages. Reply with a two or three sentence summary."
 
 
@@ -46,6 +48,24 @@ def classify_messages(text: str, labels: Sequence[str], system_prompt: str | Non
     """
     system = f"{system_prompt or CLASSIFY_SYSTEM} Answer with one label: {', '.join(labels)}."
     return _chat(system, text)
+
+
+def extract_messages(text: str, schema: Mapping[str, Any], system_prompt: str | None = None) -> Messages:
+    """The text alone as the user turn; the system turn (the route's instruction, else a default) lists the
+    schema's fields, so the model knows what each means before the grammar makes it write them."""
+    fields = "; ".join(f"{name}: {_field_hint(spec)}" for name, spec in schema.get("properties", {}).items())
+    return _chat(f"{system_prompt or EXTRACT_SYSTEM} Fields: {fields}." if fields else system_prompt or EXTRACT_SYSTEM,
+                 text)
+
+
+def _field_hint(spec: Mapping[str, Any]) -> str:
+    """A property in words: its description, else its enum or type."""
+    if isinstance(spec.get("description"), str):
+        return str(spec["description"])
+    if "enum" in spec:
+        return "one of " + ", ".join(str(value) for value in spec["enum"])
+    kind = spec.get("type", "any value")
+    return " or ".join(kind) if isinstance(kind, list) else str(kind)
 
 
 def snap_to_label(text: str, labels: Sequence[str]) -> str:

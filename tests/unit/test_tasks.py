@@ -119,8 +119,11 @@ def test_classify_answers_with_a_label_and_other_tasks_with_stripped_text() -> N
         "Paris."}
 
 
-def test_only_classify_answers_feed_a_windows_label_counts() -> None:
-    assert {name for name, task in TASKS.items() if task.counts_labels} == {"classify"}
+def test_only_classify_answers_feed_a_windows_label_counts_among_text_tasks() -> None:
+    on = route(labels=LABELS)
+    assert {name for name, task in TASKS.items() if not task.structured and task.tally(on) is not None} == {
+        "classify"}
+    assert TASKS["classify"].tally(on)("positive") == "positive"  # type: ignore[misc]
 
 
 def test_a_route_offers_only_tasks_whose_needs_it_meets() -> None:
@@ -153,7 +156,7 @@ def test_each_window_task_keeps_only_what_its_result_needs(name, stats, summariz
 
 def test_a_new_task_is_one_entry_whose_defaults_fit_a_generating_task() -> None:
     shout = Task("shout", lambda event, on, cap: GenRequest(answer_messages(event.text.upper()), cap))
-    assert shout.calls_model and not shout.counts_labels
+    assert shout.calls_model and shout.tally(route()) is None and not shout.structured
     assert shout.offered(route())
     assert shout.problem(Route.model_construct(name="r", input="i", output=None)) == (
         "a `shout` route needs an `output` topic")
