@@ -16,12 +16,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer() -> Any:
-    """Character-level, ChatML specials, and no pad token (the loader must add one)."""
+def tiny_tokenizer(extra: str = "") -> Any:
+    """Character-level, ChatML specials, and no pad token (the loader must add one); `extra` characters are
+    added after the usual ones (JSON's braces, for constrained decoding), so other ids stay put."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIALS + CHARS)}
+    vocab = {token: i for i, token in enumerate(SPECIALS + CHARS + [c for c in extra if c not in CHARS])}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.add_special_tokens(SPECIALS)
     backend.decoder = decoders.Fuse()
@@ -32,11 +33,11 @@ def tiny_tokenizer() -> Any:
     return tok
 
 
-def save_tiny_llama(directory: Path, *, seed: int = 0, **config: Any) -> Path:
+def save_tiny_llama(directory: Path, *, seed: int = 0, extra_chars: str = "", **config: Any) -> Path:
     """A random Llama (2 layers of width 32 unless `config` says otherwise) and the tokenizer, in `directory`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = tiny_tokenizer()
+    tok = tiny_tokenizer(extra_chars)
     shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "max_position_embeddings": 512, **config}
     torch.manual_seed(seed)

@@ -17,6 +17,7 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
+from llguidance import TokenizerWrapper
 import numpy as np
 import torch
 
@@ -62,13 +63,15 @@ class Grammars:
 
     def constraint(self, schema: str) -> Constraint:
         """A fresh matcher of `schema` (canonical text); ValueError where the grammar cannot be built."""
+        return Constraint(self.matcher(schema), self._stop_ids)
+
+    def matcher(self, schema: str) -> llguidance.LLMatcher:
         if self._tokenizer is None:
-            self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size,
-                                                           eos_token=self._stop_ids)
+            self._tokenizer = _ll_tokenizer(self._hf, self.vocab_size, self._stop_ids)
         matcher = llguidance.LLMatcher(self._tokenizer, self._grammar(schema), log_level=0)
         if matcher.is_error():
             raise ValueError(f"the schema's grammar cannot be used: {matcher.get_error()}")
-        return Constraint(matcher, self._stop_ids)
+        return matcher
 
     def _grammar(self, schema: str) -> str:
         if (grammar := self._grammars.get(schema)) is None:
@@ -77,6 +80,35 @@ class Grammars:
                 self._grammars.popitem(last=False)
         self._grammars.move_to_end(schema)
         return grammar
+
+
+def _ll_tokenizer(hf: Any, vocab_size: int, stop_ids: list[int]) -> llguidance.LLTokenizer:
+    """llguidance's view of a Hugging Face tokenizer: read from its serialized form, or, for a decoder llguidance
+    cannot read (a character-level one), from each token's own text."""
+    try:
+        return llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size, eos_token=stop_ids)
+    except ValueError:
+        return llguidance.LLTokenizer(TokenizerWrapper(_TokenTexts(hf, vocab_size, stop_ids)), n_vocab=vocab_size,
+                                      eos_token=stop_ids)
+
+
+class _TokenTexts:
+    """A tokenizer as `llguidance.TokenizerWrapper` reads one: every id's bytes (special tokens marked with the
+    0xFF prefix llguidance reserves for them) and a way to encode text."""
+
+    def __init__(self, hf: Any, vocab_size: int, stop_ids: list[int]) -> None:
+        specials = set(hf.all_special_ids) | set(stop_ids)
+        known = len(hf)
+        self.eos_token_id = stop_ids[0]
+        self.bos_token_id = hf.bos_token_id
+        self.special_token_ids = sorted(specials)
+        self.tokens = [b"\xff" + hf.convert_ids_to_tokens(i).encode() if i in specials
+                       else hf.decode([i]).encode() if i < known else b"\xff[unused%d]" % i
+                       for i in range(vocab_size)]
+        self._hf = hf
+
+    def __call__(self, text: str) -> list[int]:
+        return list(self._hf.encode(text, add_special_tokens=False))
 
 
 def allow_only(rows: torch.Tensor, constrained: Sequence[tuple[int, Constraint]]) -> None:
