@@ -3,12 +3,14 @@
 It forwards every request to the upstream (streamed answers stream through) unless told otherwise: to
 answer a status (429 with Retry-After, 503, ...) or to stall without answering, for the next N calls to
 the chat endpoint or until healed; or to go away altogether (stop listening: connections are refused) and
-come back on the same port. It counts what it saw and what it answered itself.
+come back on the same port. It can also drop fields from every chat call's JSON body before forwarding it
+(`drop`), as a server that ignores them would. It counts what it saw, dropped and answered itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,6 +36,8 @@ class FaultProxy:
     seen: Counter[str] = field(default_factory=Counter)  # path -> requests received
     faulted: Counter[str] = field(default_factory=Counter)  # "429", "503", "stall" -> answered by the proxy
     chat_times: list[float] = field(default_factory=list)  # monotonic arrival of each chat call
+    drop: frozenset[str] = frozenset()  # fields removed from each chat call's body (a server that ignores them)
+    dropped: Counter[str] = field(default_factory=Counter)  # field -> chat calls it was removed from
     _fault: _Fault | None = None
     _runner: web.AppRunner | None = None
     _session: aiohttp.ClientSession | None = None
@@ -85,7 +89,16 @@ class FaultProxy:
             self.chat_times.append(time.monotonic())
             if (fault := self._take_fault()) is not None:
                 return await self._inject(fault)
+            if self.drop:
+                return await self._forward(request, self._dropped(await request.read()))
         return await self._forward(request)
+
+    def _dropped(self, body: bytes) -> bytes:
+        sent = json.loads(body)
+        for name in self.drop & sent.keys():
+            del sent[name]
+            self.dropped[name] += 1
+        return json.dumps(sent).encode()
 
     def _take_fault(self) -> _Fault | None:
         fault = self._fault
@@ -107,11 +120,12 @@ class FaultProxy:
         return web.json_response({"error": {"code": fault.status, "message": "injected by the fault proxy"}},
                                  status=fault.status, headers=headers)
 
-    async def _forward(self, request: web.Request) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, body: bytes | None = None) -> web.StreamResponse:
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in {"host", *_HOP_HEADERS}}
+        data = await request.read() if body is None else body
         async with self._session.request(request.method, self.upstream_root + request.path_qs, headers=headers,
-                                         data=await request.read()) as upstream:
+                                         data=data) as upstream:
             response = web.StreamResponse(status=upstream.status, headers={
                 k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS})
             await response.prepare(request)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ from streamer.lifecycle import AsyncLifecycle
 log = logging.getLogger(__name__)
 
 _CHOICE_EXTRA_TOKENS = 8  # a constrained answer's quotes and end, beyond the longest label
+_NAME_CHARS = 64  # of a response_format schema's name, the most OpenAI accepts
 _NO_LOGPROBS_SWITCH = 5  # classify auto: answers in a row without log-probabilities before choice for good
 # Failures that may be a request's own (its prompt crashes the server, or takes longer than read_timeout_s);
 # a 429/503 or a refused key speaks of the server, never of one request.
@@ -399,6 +402,8 @@ class OpenAIBackend(AsyncLifecycle):
                                 "max_tokens": request.max_new_tokens, "temperature": request.temperature}
         if request.ignore_eos:
             body["ignore_eos"] = True  # llama.cpp and vLLM
+        if request.schema is not None:  # the answer is parsed and checked again on arrival (tasks.event)
+            body["response_format"] = schema_format(request.schema)
         text, pieces, usage, first_s = "", 0, None, None
         async for event in self._client.stream(body):
             usage = event.get("usage") or usage
@@ -476,6 +481,22 @@ class OpenAIBackend(AsyncLifecycle):
         if self._model not in served:
             raise ServerRefused(f"{self.server} does not serve model {self._model!r} (engine.openai.model); "
                                 f"it lists {served}")
+
+
+def schema_format(schema: str) -> dict[str, Any]:
+    """The response_format that holds the server to a JSON Schema (given as JSON text): OpenAI's `json_schema`
+    form, which vLLM, SGLang and llama.cpp's llama-server accept too. A server that ignores it answers in free
+    text, which the task's check on arrival dead-letters (`invalid_output`) rather than passing it on."""
+    parsed = json.loads(schema)
+    return {"type": "json_schema",
+            "json_schema": {"name": _schema_name(parsed), "schema": parsed, "strict": True}}
+
+
+def _schema_name(schema: Any) -> str:
+    """The schema's `$id` or `title` as OpenAI accepts a name (`^[a-zA-Z0-9_-]{1,64}$`), else "extract"."""
+    named = next((schema[key] for key in ("$id", "title") if isinstance(schema, dict)
+                  and isinstance(schema.get(key), str)), "")
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", named).strip("_")[:_NAME_CHARS] or "extract"
 
 
 def _text(request: Request) -> str:
