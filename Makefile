@@ -78,6 +78,7 @@ bench: setup kafka-jars llama-server $(FAUST_STAMP)
 	$(PY) -m bench.api
 	$(PY) -m bench.remote
 	$(PY) -m bench.chat_prefix --conversations 8
+	$(PY) -m bench.extract
 
 # ruff everywhere; mypy --strict on the pure cores, the engine and the pipeline (pyproject.toml [tool.mypy]).
 lint: setup
