@@ -17,7 +17,10 @@ ANSWER_SYSTEM = "You are a helpful assistant. Answer the question concisely and 
 # the first label.
 CLASSIFY_SYSTEM = "Classify the sentiment/category of the text."
 TRANSLATE_SYSTEM = "You are a translator. Reply with the translation only."
-EXTRACT_SYSTEM = "Extract the fields of the user's message as one JSON object."
+# On tests/data/support_messages.jsonl this beat "Extract the fields of the user's message as one JSON object."
+# by 7 points of product accuracy (0.65 vs 0.58) and was even on the rest (tests/integration/test_extract.py).
+EXTRACT_SYSTEM = ("Read the user's message and fill in each field from what it says; use null for a value the message "
+                  "does not give.")
 SUMMARIZE_SYSTEM = "You summarise streams of short messages. Reply with a two or three sentence summary."
 
 
