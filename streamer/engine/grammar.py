@@ -17,9 +17,9 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
-from llguidance import TokenizerWrapper
 import numpy as np
 import torch
+from llguidance import TokenizerWrapper
 
 from streamer.tasks.schemas import ExtractSchema
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from pathlib import Path
 
@@ -184,6 +185,30 @@ def test_the_dead_letter_of_a_refused_window_result_is_listed_without_breaking_t
         assert not errors, errors
 
     asyncio.run(scenario())
+
+
+def test_an_extracted_object_shows_as_its_json_text(redis_url, chromium):
+    prefix = unique_name("dash-extract")
+    extracted = {"product": "phone", "urgency": "high", "order_id": None}
+
+    async def scenario() -> str:
+        state = RedisState(RedisSettings(prefix=prefix), redis_url)
+        record = answer(7).model_copy(update={"task": "extract", "output": extracted, "schema_id": "ticket/v1"})
+        async with dashboard(redis_url, prefix) as base, async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            try:
+                page = await browser.new_page()
+                await page.goto(base)
+                await page.wait_for_selector("body[data-live='true']", timeout=15_000)
+                await state.write([written(record, "k")])
+                shown = page.locator("#answers li[data-id='q7'] .output")
+                await shown.wait_for(timeout=15_000)
+                return await shown.inner_text()
+            finally:
+                await browser.close()
+                await state.aclose()
+
+    assert json.loads(asyncio.run(scenario())) == extracted  # not "[object Object]"
 
 
 def test_an_answer_types_out_on_the_page_until_it_is_final(redis_url, chromium):

@@ -199,7 +199,7 @@ function renderAnswers() {
         el("span", { class: "task" }, a.task),
         el("span", { class: "latency", title: `queued ${fmtMs(a.queued_ms)}` }, fmtMs(a.latency_ms)),
         el("span", { class: "muted" }, `${a.tokens_out} tok`)),
-      el("p", { class: "output" }, a.output)));
+      el("p", { class: "output" }, typeof a.output === "string" ? a.output : JSON.stringify(a.output))));
   const items = [...typing, ...answered];
   document.getElementById("answers").replaceChildren(...items);
   document.getElementById("answers-empty").hidden = items.length > 0;
