@@ -25,6 +25,7 @@ from streamer.engine.adaptive import StepSizer
 from streamer.engine.blocks import BlockAllocator
 from streamer.engine.grammar import Constraint, Grammars, allow_only
 from streamer.engine.paged import PagedKV, PagedRunner, Row, Shape
+from streamer.engine.requests import samples
 from streamer.engine.scheduler import Plan, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ class Engine:
             greedy = rows.argmax(dim=-1).tolist()
             for n, (seq, _) in enumerate(picks):
                 temperature = _job(seq).request.temperature
-                if temperature > 0:
+                if samples(temperature):
                     probs = torch.softmax(rows[n] / temperature, dim=-1)
                     sampled[id(seq)] = int(torch.multinomial(probs, 1))
                 else:

@@ -7,6 +7,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+MIN_SAMPLING_TEMPERATURE = 1e-4
+"""Temperatures below this decode greedily: logits divided by less overflow float32 to inf, which no softmax can
+sample (an event asking for temperature 1e-45 was dead-lettered `model_error`); at 1e-4 sampling is argmax anyway."""
+
+
+def samples(temperature: float) -> bool:
+    """Whether a request at this temperature samples (else it decodes greedily)."""
+    return temperature >= MIN_SAMPLING_TEMPERATURE
+
 
 @dataclass(frozen=True)
 class GenRequest:

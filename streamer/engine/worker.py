@@ -20,7 +20,16 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from streamer.engine.backend import BackendInfo
 from streamer.engine.grammar import Constraint, Grammars, allow_only
-from streamer.engine.requests import GenRequest, GenResult, Request, Result, ScoreRequest, ScoreResult, label_score
+from streamer.engine.requests import (
+    GenRequest,
+    GenResult,
+    Request,
+    Result,
+    ScoreRequest,
+    ScoreResult,
+    label_score,
+    samples,
+)
 from streamer.models.loader import LoadedModel
 from streamer.models.memory import resident_bytes
 
@@ -205,14 +214,14 @@ class LLMWorker:
             return text.strip()
 
     def _generation_kwargs(self, request: GenRequest, max_new_tokens: int) -> dict[str, Any]:
-        """Greedy for temperature 0, sampling otherwise; EOS suppressed for ignore_eos."""
+        """Greedy for temperature 0 (or one too small to divide by), sampling otherwise; no EOS for ignore_eos."""
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_new_tokens,
             "pad_token_id": self.pad_id,
             "eos_token_id": sorted(self.eos_ids),
-            "do_sample": request.temperature > 0,
+            "do_sample": samples(request.temperature),
         }
-        if request.temperature > 0:
+        if samples(request.temperature):
             kwargs["temperature"] = request.temperature
         if request.ignore_eos:
             kwargs["min_new_tokens"] = max_new_tokens

@@ -112,6 +112,16 @@ def test_static_generate_batches_honour_each_rows_schema_too(worker: LLMWorker) 
             assert isinstance(schema.parse(result.text), dict)
 
 
+def test_a_temperature_too_small_to_divide_by_decodes_greedily_in_both_engines(worker: LLMWorker) -> None:
+    """Found by the property test below: logits / 1e-45 overflow to inf, and the event was a model_error."""
+    tiny, greedy = (request(worker, "hello", TICKET, t) for t in (1e-45, 0.0))
+    done = run(engine_of(worker), [tiny, greedy])
+    assert done[0].error is None and done[0].tokens == done[1].tokens
+    free = [GenRequest(({"role": "user", "content": "hello"},), 12, temperature=t) for t in (1e-45, 0.0)]
+    static = worker.generate(free)
+    assert static[0].error is None and static[0].text == static[1].text
+
+
 def test_an_engine_without_grammars_fails_a_constrained_request_alone(worker: LLMWorker) -> None:
     engine = Engine(worker.model, EngineConfig(block_size=4, num_blocks=64), worker.eos_ids)
     failed = engine.add(0, request(worker, "x", TICKET), 0.0)
