@@ -250,7 +250,9 @@ class Engine:
         for seq in done:
             job, label = _payload(seq)
             if not job.request.labels:
-                finished.append(self._finished(job, tokens=seq.generated))
+                broke = job.constraint.error if job.constraint is not None else None
+                finished.append(self._finished(job, tokens=seq.generated,
+                                               error=None if broke is None else f"the schema's grammar broke: {broke}"))
             elif label is None:  # the score prompt is cached: now its label rows
                 self._add_label_rows(job)
             else:

@@ -35,9 +35,14 @@ class Constraint:
         self._matcher = matcher
         self._stop_ids = list(stop_ids)
 
+    @property
+    def error(self) -> str | None:
+        """Why the grammar broke (a lexer limit, a token it refused), or None: the sequence's answer is that error."""
+        return self._matcher.get_error() or None if self._matcher.is_error() else None
+
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        """Write the allowed tokens into `bitmask[row]` (one bit per token id); a matcher broken by a token it
-        refused allows only the stop ids, so the sequence ends and its answer fails validation."""
+        """Write the allowed tokens into `bitmask[row]` (one bit per token id); a broken matcher allows only the
+        stop ids, so the sequence ends at once (with `error`)."""
         if self._matcher.is_error():
             bitmask[row] = 0
             for token in self._stop_ids:
@@ -118,6 +123,6 @@ def allow_only(rows: torch.Tensor, constrained: Sequence[tuple[int, Constraint]]
     for i, (_, constraint) in enumerate(constrained):
         constraint.fill(bitmask, i)
     bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
-    forbidden = torch.from_numpy(bits == 0)
-    index = torch.tensor([n for n, _ in constrained])
+    forbidden = torch.from_numpy(bits == 0).to(rows.device)  # the logits live on the model's device
+    index = torch.tensor([n for n, _ in constrained], device=rows.device)
     rows[index] = rows[index].masked_fill(forbidden, float("-inf"))

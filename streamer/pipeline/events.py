@@ -47,7 +47,7 @@ from streamer.pipeline.reuse import Lookup, Reuse, digest
 from streamer.pipeline.window_stage import WindowStage
 from streamer.pipeline.writer import Outputs
 from streamer.state.redis import Stored
-from streamer.tasks.event import Output, Tally, output_text, route_tasks, task_of
+from streamer.tasks.event import TASKS, Output, Tally, output_text, route_tasks, task_of
 from streamer.tasks.schemas import InvalidOutput
 from streamer.windows.content import LabelSlot, WindowItem
 
@@ -228,7 +228,8 @@ class EventHandler:
         stage = self._stages.get(route.name)
         if stage is None:
             return None
-        slot = LabelSlot() if task_of(event, route).tally(route) is not None else None
+        own = TASKS[route.task]  # only the route's own task feeds its windows' counts: one vocabulary per route
+        slot = LabelSlot() if task_of(event, route) is own and own.tally(route) is not None else None
         tokens = self._pool.count_tokens(event.text) if stage.window_task.counts_tokens else 0
         item = WindowItem(event.text, _event_ms(event, raw), event.key, tokens, slot)
         if stage.add(item, ref, now_ms):

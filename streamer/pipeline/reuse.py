@@ -37,13 +37,20 @@ LOOKUP_TIMEOUT_S = 1.0
 """A look-up slower than this is a miss: a model call costs less than an event held up by a slow Redis."""
 
 
+_LATER_FIELDS = frozenset({"schema"})
+"""Request fields added after answers were first kept: left out of the digest while unset, so a deploy that adds
+one does not make every kept answer miss (the uncommitted tail after the restart would be asked again)."""
+
+
 def digest(model: str, route: str, task: str, request: Request, event: InputEvent) -> str | None:
     """What an answer depends on, hashed: the model, the route and task, the very request the model gets
     (its prompt, built from the text and every route setting and template that shapes it; its token cap,
     temperature or labels), and what the answer copies from the event (key, meta). Not the event's time
     or place: a replay or a producer's second send is the same question. None: the event cannot be
     hashed (a value JSON cannot hold), so its answer is not kept."""
-    doc = [model, route, task, type(request).__name__, dataclasses.asdict(request), event.key, event.meta]
+    fields = {name: value for name, value in dataclasses.asdict(request).items()
+              if not (name in _LATER_FIELDS and value is None)}
+    doc = [model, route, task, type(request).__name__, fields, event.key, event.meta]
     try:
         return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
     except (TypeError, ValueError):

@@ -36,8 +36,8 @@ Tally = Callable[[Output], str | None]
 """The value a window counts of one answer's output (a label, a field's value); None: nothing to count."""
 
 
-def output_text(output: Output) -> str:
-    """An output as text: an object as compact JSON."""
+def output_text(output: Any) -> str:
+    """An output (or a value in one) as text: anything but a string as compact JSON."""
     return output if isinstance(output, str) else json.dumps(output, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -141,7 +141,8 @@ def _field_tally(route: Route) -> Tally | None:
     name = route.count_field
     if name is None:
         return None
-    return lambda output: None if not isinstance(output, dict) or output.get(name) is None else str(output[name])
+    return lambda output: (None if not isinstance(output, dict) or output.get(name) is None
+                           else output_text(output[name]) if not isinstance(output[name], str) else output[name])
 
 
 def _needs_schema(route: Route) -> str | None:

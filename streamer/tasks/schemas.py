@@ -9,8 +9,11 @@ refused with the route and the keyword named, instead of stalling the engine on 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -36,6 +39,17 @@ MAX_DEPTH = 8
 MAX_PROPERTIES = 64
 MAX_SCHEMA_BYTES = 65_536
 MAX_PATTERN_CHARS = 256
+MAX_REPEAT = 100
+"""Largest count in a pattern's `{n,m}`: nested counts multiply into more expressions than the grammar's lexer
+builds (`(.{1,1000}){1,1000}` loaded, then broke every answer); `maxLength` bounds a string's length instead."""
+INTEGER_DIGITS = 18
+"""Integers are decoded with at most this many digits (the grammar is given the bounds), so every one fits the
+64 bits the output's JSON encoder holds; a 30-digit integer was valid, then dead-lettered `unserializable`."""
+_INTEGER_BOUND = 10**INTEGER_DIGITS - 1
+_REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+_DIALECT = ("[:", "&&", "~~", "--")
+"""Regex syntax the grammar's engine reads as POSIX classes or set operations and Python's `re` (the check of
+every answer) as literal characters: a pattern using it loads, then every answer fails the check."""
 _SUBSCHEMA_MAPS = ("properties",)
 _SUBSCHEMA_ONE = ("items", "additionalProperties")
 _SUBSCHEMA_LISTS = ("anyOf",)
@@ -74,8 +88,8 @@ class ExtractSchema:
 
     @property
     def grammar(self) -> str:
-        """The decoding grammar (llguidance's), compact JSON."""
-        return str(llguidance.LLMatcher.grammar_from_json_schema(self.text, defaults=_COMPILE_OPTIONS))
+        """The decoding grammar (llguidance's), compact JSON, integers bounded to INTEGER_DIGITS."""
+        return _grammar(json.loads(self.text))
 
     @cached_property
     def _validator(self) -> jsonschema.Draft202012Validator:
@@ -84,7 +98,7 @@ class ExtractSchema:
     def parse(self, text: str) -> dict[str, Any]:
         """The answer's object, or InvalidOutput saying why it is not one this schema accepts."""
         try:
-            value = json.loads(text)
+            value = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
         except ValueError as exc:
             raise InvalidOutput(f"the answer is not JSON ({exc}): {text[:200]!r}") from None
         errors = sorted(self._validator.iter_errors(value), key=str)
@@ -105,8 +119,7 @@ def check(schema: Mapping[str, Any]) -> None:
         raise SchemaError('the schema\'s root must be `"type": "object"` (an answer is one JSON object)')
     for path, node in _nodes(schema, "#", 0):
         _check_node(path, node)
-    problem = llguidance.LLMatcher.validate_grammar(
-        llguidance.LLMatcher.grammar_from_json_schema(dict(schema), defaults=_COMPILE_OPTIONS))
+    problem = llguidance.LLMatcher.validate_grammar(_grammar(dict(schema)))
     if problem:
         raise SchemaError(f"the grammar compiler refused it: {problem}")
 
@@ -121,8 +134,48 @@ def _check_node(path: str, node: Mapping[str, Any]) -> None:
         raise SchemaError(f"the enum at {path} has {len(node['enum'])} values; at most {MAX_ENUM} are accepted")
     if len(node.get("properties", {})) > MAX_PROPERTIES:
         raise SchemaError(f"{path} has {len(node['properties'])} properties; at most {MAX_PROPERTIES} are accepted")
-    if len(node.get("pattern", "")) > MAX_PATTERN_CHARS:
+    pattern = node.get("pattern", "")
+    if len(pattern) > MAX_PATTERN_CHARS:
         raise SchemaError(f"the pattern at {path} is longer than {MAX_PATTERN_CHARS} characters")
+    if any(syntax in pattern for syntax in _DIALECT):
+        raise SchemaError(f"the pattern at {path} uses {', '.join(repr(s) for s in _DIALECT if s in pattern)}: POSIX "
+                          "classes and set operations read differently in the grammar and in JSON Schema's check")
+    if any(int(count) > MAX_REPEAT for match in _REPEAT.finditer(pattern) for count in match.groups() if count):
+        raise SchemaError(f"the pattern at {path} repeats more than {MAX_REPEAT} times in one {{n,m}}; bound the "
+                          "string with maxLength instead")
+
+
+def _grammar(schema: dict[str, Any]) -> str:
+    return str(llguidance.LLMatcher.grammar_from_json_schema(_bounded(schema), defaults=_COMPILE_OPTIONS))
+
+
+def _bounded(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema with every integer given bounds of INTEGER_DIGITS digits (tighter ones it has are kept)."""
+    bounded = copy.deepcopy(schema)
+    for _, node in _nodes(bounded, "#", 0):
+        kinds = node.get("type")
+        if kinds == "integer" or (isinstance(kinds, list) and "integer" in kinds):
+            assert isinstance(node, dict)
+            node["minimum"] = max(node.get("minimum", -_INTEGER_BOUND), -_INTEGER_BOUND)
+            node["maximum"] = min(node.get("maximum", _INTEGER_BOUND), _INTEGER_BOUND)
+    return bounded
+
+
+def _int(digits: str) -> int:
+    if len(digits.lstrip("-")) > INTEGER_DIGITS:
+        raise ValueError(f"an integer of more than {INTEGER_DIGITS} digits")
+    return int(digits)
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} does not fit a double")
+    return value
+
+
+def _constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _nodes(node: Mapping[str, Any], path: str, depth: int) -> Iterator[tuple[str, Mapping[str, Any]]]:
