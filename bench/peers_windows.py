@@ -1,0 +1,572 @@
+"""Streamer's Kafka-to-Kafka window route vs Quix Streams and faust-streaming: same topic, same events, same clock.
+
+    .venv/bin/python -m bench.peers_windows [--events 100000] [--keys 10000] [--rounds 2]
+    .venv/bin/python -m bench.peers_windows --profile py-spy [--py-spy PATH]   # where streamer's time goes
+
+Needs .venv-quix (`make quix-venv`: quixstreams==3.28.1) and .venv-faust (`make faust-venv`), each peer
+in a venv of its own. One broker and one redis-server (bench/services.py). The input is bench/windows_kafka.py's
+(`build_input`, produced once): N JSON events {"id", "key", "text", "ts"} on a 1-partition topic, keys
+uniform at random, `ts` rising at `--rate` per event-time second, then a flush marker 2 minutes of event
+time later that closes every window of the N events. Each system computes a tumbling 60 s count per key
+on that topic, as a process of its own started with `taskset -c CPU` (cpu 0 by default: one core, its
+client threads included), the broker, redis-server and this process on the other CPUs:
+
+  streamer  bench/windows_kafka.py's route (`task: none` + a tumbling 60 s `count` window, at least
+            once): final results to a Kafka topic and Redis, offsets committed once every window an
+            event joined is written. This module re-run as a child (`--streamer-child`), model loaded
+            before the clock starts (the Pipeline wants one; no count route calls it).
+  quix      bench/quix_count.py in .venv-quix: `tumbling_window(60 s).count().final(closing_strategy=
+            "partition")` to an output topic, the library's defaults otherwise (RocksDB state with a
+            changelog topic, at least once).
+  faust     bench/faust_count.py in .venv-faust: a windowed table (in-memory store) whose every update
+            goes to the table's changelog topic. Faust has no event-time final emission (its windows
+            close by wall clock), so its changelog is its window-result topic: the last record per
+            (key, window) is that window's count, and the run ends when the last one is written.
+
+Timed the same way for all three: from the wall-clock time the first input record reached the
+application's code (streamer: its event handler; quix: its timestamp extractor; faust: its agent, after
+counting that record) to the broker's append time of the last window result on the output topic (each
+output topic is created here, before the run, with message.timestamp.type=LogAppendTime; the broker runs
+on this machine, so both ends read one clock). Closing, serializing and producing every window are
+inside that span; start-up, group join and state recovery are not. "events/s" is N over that span.
+Streamer also reports when the commit covering every event was seen (its windows in Redis too).
+
+Runs go in A/B/A order, streamer, quix, faust repeated `--rounds` times and a last streamer run, so drift
+in the machine shows; the load average is printed before and after each. Correctness first: every run's
+(key, window start) -> count must equal the one computed here from the input (the flush marker's own
+window, which never closes, is left out; Faust's table has it, and it is dropped from its side).
+
+`--profile py-spy` runs streamer alone under py-spy (sampling its child process, with idle frames, in
+chrome-trace form, from a CPU of the services) and splits the samples of its main thread at the
+flush marker's arrival: the consuming phase (first event -> flush marker accepted) and the closing phase
+(flush marker accepted -> commit covering every event): per phase, self and inclusive time by function.
+py-spy is not a dependency: `.venv/bin/pip download --no-deps py-spy` and unzip the wheel, or install it.
+Streamer's own gc.callbacks time every garbage collection of the profiled run, printed per phase: samples
+charge a collection to whatever line allocated, so a gen2 pass shows up as a slow `list.append`.
+`--gc-freeze` (a diagnostic, with or without the profile) calls gc.freeze() in streamer's process once its
+model is loaded, which streamer's start-up does not do today.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from bench.services import kafka_broker, redis_server
+from bench.windows_kafka import (
+    FAUST_PYTHON,
+    FLUSH_KEY,
+    ROOT,
+    WINDOW_MS,
+    Input,
+    _cpu_model,
+    _faust_version,
+    _pin,
+    _stop,
+    _timed_run,
+    build_input,
+    produce,
+    streamer_settings,
+)
+from tests.integration.services import consume_all, create_topic, end_offsets
+
+QUIX_PYTHON = ROOT / ".venv-quix" / "bin" / "python"
+PEERS = ("streamer", "quix", "faust")
+
+Windows = dict[tuple[str, int], int]  # (key, window start in epoch ms) -> count
+
+
+@dataclass
+class Run:
+    peer: str
+    first_wall: float  # the first input record reached the app's code (epoch s)
+    last_ms: int  # the broker's append time of the last window result (epoch ms)
+    windows: Windows
+    launched_wall: float
+    load: tuple[str, str] = ("", "")  # 1-minute load average before and after the run
+    extra: dict[str, float] = field(default_factory=dict)
+    gc: list[tuple[float, float, int]] = field(default_factory=list)  # streamer profiled: its collections
+
+    @property
+    def span_s(self) -> float:
+        return self.last_ms / 1000 - self.first_wall
+
+
+# --- topics and outputs -------------------------------------------------------------------------------------
+
+
+def create_log_append_topic(bootstrap: str, name: str, compact: bool = False) -> None:
+    """A 1-partition topic whose records carry the broker's append time, whatever their producer stamped."""
+    config = {"message.timestamp.type": "LogAppendTime"}
+    if compact:
+        config["cleanup.policy"] = "compact"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1, config=config)])[name].result(30)
+    deadline = time.monotonic() + 30
+    while end_offsets(bootstrap, name) != {0: 0}:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topic {name} not ready")
+        time.sleep(0.1)
+
+
+def read_output(bootstrap: str, topic: str) -> list:
+    expected = end_offsets(bootstrap, topic).get(0, 0)
+    records = consume_all(bootstrap, topic, expected, timeout_s=120)
+    if len(records) != expected:
+        raise RuntimeError(f"{topic}: read {len(records)} of {expected} records")
+    return records
+
+
+def expected_windows(data: Input) -> Windows:
+    counts: collections.Counter[tuple[str, int]] = collections.Counter()
+    for key, ts_ms, _doc, _ref in data.engine_events:
+        counts[(key, ts_ms // WINDOW_MS * WINDOW_MS)] += 1
+    return dict(counts)
+
+
+def _streamer_windows(records: list) -> Windows:
+    out: Windows = {}
+    for record in records:
+        value = orjson.loads(record.value)
+        out[(value["key"], value["window"]["start"])] = value["count"]
+    return out
+
+
+def _quix_windows(records: list) -> Windows:
+    out: Windows = {}
+    for record in records:
+        value = orjson.loads(record.value)
+        out[(record.key.decode(), value["start"])] = value["value"]
+    return out
+
+
+def _faust_windows(records: list) -> Windows:
+    """The changelog's last value per (key, window): key JSON [key, [start_s, end_s]], value JSON int."""
+    out: Windows = {}
+    for record in records:
+        key, (start_s, _end_s) = orjson.loads(record.key)
+        if key != FLUSH_KEY:
+            out[(key, round(start_s * 1000) // WINDOW_MS * WINDOW_MS)] = orjson.loads(record.value)
+    return out
+
+
+def _last_append_ms(records: list, topic: str, first_wall: float) -> int:
+    last = max(r.timestamp_ms for r in records)
+    if min(r.timestamp_ms for r in records) < first_wall * 1000 - 1000:  # a producer's time, not the broker's
+        raise RuntimeError(f"{topic}: timestamps before the run started: not LogAppendTime")
+    return last
+
+
+# --- the runs ---------------------------------------------------------------------------------------------
+
+
+def _wait_output(bootstrap: str, topic: str, expected: int, report: Path, proc: subprocess.Popen,
+                 timeout_s: float, stall_s: float = 20.0) -> None:
+    """Until the output topic holds `expected` records, the process exited, or nothing new came for stall_s."""
+    deadline = time.monotonic() + timeout_s
+    seen, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        end = end_offsets(bootstrap, topic).get(0, 0)
+        if end >= expected and report.exists():
+            return
+        if proc.poll() is not None:
+            return
+        if end != seen:
+            seen, since = end, time.monotonic()
+        elif end > 0 and time.monotonic() - since > stall_s:
+            return
+        time.sleep(0.25)
+    raise RuntimeError(f"{topic}: {seen} of {expected} records after {timeout_s:.0f} s")
+
+
+def _launch(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    env = {**env}
+    env.pop("PYTHONPATH", None)
+    with log.open("wb") as log_file:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _report(path: Path, proc: subprocess.Popen, log: Path) -> dict:
+    if not path.exists():
+        raise RuntimeError(f"no report from {proc.args}; log tail:\n{log.read_text()[-3000:]}")
+    return json.loads(path.read_text())
+
+
+def run_streamer(bootstrap: str, redis_url: str, data: Input, expected: int, cpu: int, tmp: Path,
+                 timeout_s: float, wrap: Callable[[list[str]], list[str]] | None = None,
+                 gc_freeze: bool = False) -> Run:
+    tag = uuid.uuid4().hex[:8]
+    output = f"win-{tag}"  # streamer_settings' window topic
+    create_log_append_topic(bootstrap, output)
+    report, log = tmp / f"streamer-{tag}.json", tmp / f"streamer-{tag}.log"
+    spec = {"bootstrap": bootstrap, "redis_url": redis_url, "topic": data.topic, "tag": tag,
+            "last_offset": len(data.values) - 1, "timeout_s": timeout_s, "out": str(report), "cpu": cpu,
+            "gc_freeze": gc_freeze}
+    child = [sys.executable, "-m", "bench.peers_windows", "--streamer-child", json.dumps(spec)]
+    cmd = wrap(child) if wrap else ["taskset", "-c", str(cpu), *child]
+    launched = time.time()
+    proc = _launch(cmd, dict(os.environ), log)
+    try:
+        proc.wait(timeout=timeout_s + 120)  # it stops itself once the commit covers every event
+    finally:
+        _stop(proc)
+    result = _report(report, proc, log)
+    records = read_output(bootstrap, output)
+    run = Run("streamer", result["first_wall"], _last_append_ms(records, output, result["first_wall"]),
+              _streamer_windows(records), launched)
+    run.extra = {k: result[k] for k in ("consumed_s", "commit_s", "cpu_s", "late")}
+    if "flush_wall" in result:
+        run.extra["flush_wall"] = result["flush_wall"]
+    run.gc = [tuple(c) for c in result["gc"]]
+    return run
+
+
+def run_quix(bootstrap: str, data: Input, expected: int, cpu: int, tmp: Path, timeout_s: float) -> Run:
+    if not QUIX_PYTHON.exists():
+        raise RuntimeError(f"{QUIX_PYTHON} missing: make quix-venv")
+    tag = uuid.uuid4().hex[:8]
+    output = f"quix-win-{tag}"
+    create_log_append_topic(bootstrap, output)
+    report, log = tmp / f"quix-{tag}.json", tmp / f"quix-{tag}.log"
+    env = {**os.environ, "QUIX_BENCH_BROKER": bootstrap, "QUIX_BENCH_TOPIC": data.topic, "QUIX_BENCH_OUTPUT": output,
+           "QUIX_BENCH_GROUP": f"quix-{tag}", "QUIX_BENCH_STATE_DIR": str(tmp / f"quix-state-{tag}"),
+           "QUIX_BENCH_OUT": str(report)}
+    launched = time.time()
+    proc = _launch(["taskset", "-c", str(cpu), str(QUIX_PYTHON), "bench/quix_count.py"], env, log)
+    try:
+        _wait_output(bootstrap, output, expected, report, proc, timeout_s)
+    finally:
+        _stop(proc)
+    first_wall = _report(report, proc, log)["first_wall"]
+    records = read_output(bootstrap, output)
+    return Run("quix", first_wall, _last_append_ms(records, output, first_wall), _quix_windows(records), launched)
+
+
+def run_faust(bootstrap: str, data: Input, cpu: int, tmp: Path, timeout_s: float) -> Run:
+    if not FAUST_PYTHON.exists():
+        raise RuntimeError(f"{FAUST_PYTHON} missing: make faust-venv")
+    tag = uuid.uuid4().hex[:8]
+    app = f"faust-{tag}"
+    changelog = f"{app}-counts-changelog"  # Faust's name for table "counts"; it keeps a topic that exists
+    create_log_append_topic(bootstrap, changelog, compact=True)
+    report, log = tmp / f"faust-{tag}.json", tmp / f"faust-{tag}.log"
+    # bench/faust_count.py's environment, as bench/windows_kafka.py's run_faust sets it
+    env = {**os.environ, "FAUST_BENCH_BROKER": f"kafka://{bootstrap}", "FAUST_BENCH_TOPIC": data.topic,
+           "FAUST_BENCH_EXPECTED": str(len(data.values)), "FAUST_BENCH_APP": app,
+           "FAUST_BENCH_DATADIR": str(tmp / f"faust-data-{tag}"), "FAUST_BENCH_OUT": str(report)}
+    launched = time.time()
+    proc = _launch(["taskset", "-c", str(cpu), str(FAUST_PYTHON), "-m", "bench.faust_count", "worker", "-l", "warn",
+                    "--without-web"], env, log)
+    try:  # one changelog record per update: as many as input records, the flush marker's included
+        _wait_output(bootstrap, changelog, len(data.values), report, proc, timeout_s)
+    finally:
+        _stop(proc)
+    first_wall = _report(report, proc, log)["first_wall"]
+    records = read_output(bootstrap, changelog)
+    return Run("faust", first_wall, _last_append_ms(records, changelog, first_wall), _faust_windows(records),
+               launched)
+
+
+# --- the streamer child -------------------------------------------------------------------------------------
+
+
+def streamer_child(spec: dict) -> None:
+    """One streamer run on the topic; writes when the first event and the flush marker reached the handler,
+    and bench.windows_kafka._timed_run's figures. Pinned by its parent (taskset), or here when profiled"""
+    if os.environ.get("PEERS_PROFILED"):
+        os.sched_setaffinity(0, {spec["cpu"]})
+    import torch
+
+    from streamer.config import ModelSettings
+    from streamer.engine.build import resident
+    from streamer.engine.load import load_worker
+    from streamer.pipeline.app import connect
+
+    torch.set_num_threads(1)
+    worker = load_worker(ModelSettings(threads=1))
+    settings = streamer_settings(spec["bootstrap"], spec["topic"], spec["tag"], None)
+    pipeline = connect(settings, spec["bootstrap"], spec["redis_url"], resident(worker, settings))
+    marks: dict[str, float] = {}
+    cls = type(pipeline._handler)  # a benchmark may read internals
+    original, last_offset = cls.accept, spec["last_offset"]
+
+    profiling = bool(os.environ.get("PEERS_PROFILED"))
+
+    def hooked(self, raw, now_ms: int) -> None:
+        if "first_wall" not in marks:
+            marks["first_wall"] = time.time()
+            if not profiling:  # the class's own method from the second event on: nothing added per event
+                cls.accept = original
+        if raw.offset == last_offset:  # profiling: the flush marker, every event consumed, closing starts
+            marks["flush_wall"] = time.time()
+            cls.accept = original
+        original(self, raw, now_ms)
+
+    cls.accept = hooked
+    collections_: list[tuple[float, float, int]] = []  # (start, end, generation) of each garbage collection
+    if profiling:
+        started: list[float] = [0.0]
+
+        def on_gc(phase: str, info: dict) -> None:
+            if phase == "start":
+                started[0] = time.time()
+            else:
+                collections_.append((started[0], time.time(), info["generation"]))
+
+        gc.callbacks.append(on_gc)
+    if spec.get("gc_freeze"):
+        gc.freeze()  # what start-up could do once the model is loaded: later collections skip all of it
+    consumed_s, commit_s, cpu_s = asyncio.run(_timed_run(pipeline, spec["topic"], last_offset, spec["timeout_s"]))
+    report = {**marks, "consumed_s": consumed_s, "commit_s": commit_s, "cpu_s": cpu_s,
+              "late": pipeline.stages["counts"].late, "gc": collections_}
+    tmp = spec["out"] + ".tmp"
+    Path(tmp).write_text(json.dumps(report))
+    os.replace(tmp, spec["out"])
+
+
+# --- py-spy: where streamer's time goes, by phase -------------------------------------------------------------
+
+
+def _trace_intervals(trace: list[dict]) -> tuple[int, list[tuple[float, float, tuple[str, ...]]]]:
+    """py-spy's chrome trace (nested B/E events per thread, ts in µs) as (start s, end s, stack) intervals of
+    the thread that ran the event handler."""
+    by_tid: dict[int, list[dict]] = collections.defaultdict(list)
+    for event in trace:
+        if event.get("ph") in ("B", "E"):
+            by_tid[event["tid"]].append(event)
+    main = next((tid for tid, evs in by_tid.items() if any(e["name"].endswith("hooked") for e in evs)), None)
+    if main is None:
+        raise RuntimeError("no thread ran the event handler in the trace")
+    intervals, stack, last_ts = [], [], None
+    for event in by_tid[main]:
+        ts = event["ts"] / 1e6
+        if last_ts is not None and stack and ts > last_ts:
+            intervals.append((last_ts, ts, tuple(stack)))
+        frame = f"{event['name']} ({Path(event['args'].get('filename', '?')).name})"
+        if event["ph"] == "B":
+            stack.append(frame)
+        elif stack:
+            stack.pop()
+        last_ts = ts
+    return main, intervals
+
+
+def _phase_table(intervals: list[tuple[float, float, tuple[str, ...]]], start: float, end: float,
+                 top: int) -> str:
+    selfs: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0.0
+    for a, b, stack in intervals:
+        d = min(b, end) - max(a, start)
+        if d <= 0:
+            continue
+        total += d
+        selfs[stack[-1]] += d
+        for frame in set(stack):
+            inclusive[frame] += d
+    lines = [f"  sampled {total:.2f} s of {end - start:.2f} s"]
+    for title, counter in (("self", selfs), ("inclusive", inclusive)):
+        lines.append(f"  top {top} by {title} time:")
+        for frame, d in counter.most_common(top):
+            lines.append(f"    {d:7.3f} s {d / total:6.1%}  {frame}")
+    return "\n".join(lines)
+
+
+def profile_streamer(bootstrap: str, redis_url: str, data: Input, expected: Windows, cpu: int,
+                     services: set[int], tmp: Path, timeout_s: float, py_spy: str, out: Path | None,
+                     top: int, gc_freeze: bool) -> None:
+    trace_path = out or tmp / "streamer.trace.json"
+    services_cpus = ",".join(map(str, sorted(services)))
+
+    def wrap(child: list[str]) -> list[str]:  # py-spy on the services' CPUs, the child pins itself
+        return ["env", "PEERS_PROFILED=1", "taskset", "-c", services_cpus, py_spy, "record", "--idle",
+                "--rate", "500", "--format", "chrometrace", "-o", str(trace_path), "--", *child]
+
+    run = run_streamer(bootstrap, redis_url, data, len(expected), cpu, tmp, timeout_s, wrap, gc_freeze)
+    print(f"profiled run: windows {'OK' if run.windows == expected else 'MISMATCH'}; first event -> last window "
+          f"written {run.span_s:.2f} s, -> commit {run.extra['commit_s']:.2f} s (py-spy's pauses included)")
+    trace = json.loads(trace_path.read_text())
+    _tid, intervals = _trace_intervals(trace)
+    # the trace's clock starts with py-spy; anchor it on the first sample inside the hooked handler
+    anchor = next(a for a, _b, stack in intervals if any(".hooked (" in f for f in stack))
+    flush = anchor + run.extra["flush_wall"] - run.first_wall
+    commit = anchor + run.extra["commit_s"]
+    last_written = anchor + run.span_s
+    print(f"\nconsuming phase (first event -> flush marker accepted, {flush - anchor:.2f} s):")
+    print(_phase_table(intervals, anchor, flush, top))
+    print(f"\nclosing phase (flush marker accepted -> last window written {last_written - flush:.2f} s "
+          f"-> commit {commit - flush:.2f} s):")
+    print(_phase_table(intervals, flush, commit, top))
+    # garbage collection, which samples charge to whatever line allocated: from the process's own gc callbacks
+    walls = {"consuming": (run.first_wall, run.extra["flush_wall"]),
+             "closing, to last written": (run.extra["flush_wall"], run.last_ms / 1000),
+             "closing, last written to commit": (run.last_ms / 1000, run.first_wall + run.extra["commit_s"])}
+    print("\ngarbage collection (gc.callbacks in streamer's process; inside the phases above):")
+    for name, (start, end) in walls.items():
+        spent = collections.Counter()
+        runs = collections.Counter()
+        for a, b, generation in run.gc:
+            if start <= a < end:
+                spent[generation] += b - a
+                runs[generation] += 1
+        total = sum(spent.values())
+        detail = ", ".join(f"gen{g}: {runs[g]} x, {spent[g]:.3f} s" for g in sorted(spent))
+        print(f"  {name:<32} {total:6.3f} s of {end - start:5.2f} s ({total / (end - start):.0%}) {detail}")
+    print(f"\nchrome trace: {trace_path} (open in https://ui.perfetto.dev)")
+
+
+# --- main ---------------------------------------------------------------------------------------------------
+
+
+def _load() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def _check(run: Run, expected: Windows) -> str:
+    if run.windows == expected:
+        return "OK"
+    missing = len(expected.keys() - run.windows.keys())
+    extra = len(run.windows.keys() - expected.keys())
+    wrong = sum(1 for k in expected.keys() & run.windows.keys() if expected[k] != run.windows[k])
+    return f"MISMATCH ({missing} missing, {extra} extra, {wrong} counts differ)"
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--keys", type=int, default=10_000)
+    parser.add_argument("--rate", type=int, default=2_000, help="events per second of event time")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of streamer, quix, faust; one more streamer ends")
+    parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of streamer,quix,faust")
+    parser.add_argument("--cpu", type=int, default=None, help="the measured processes' CPU (default: the first)")
+    parser.add_argument("--timeout", type=float, default=240.0, help="seconds per run")
+    parser.add_argument("--profile", choices=["py-spy"], default=None, help="profile one streamer run, nothing else")
+    parser.add_argument("--py-spy", default=None, help="the py-spy executable (default: on PATH or in .venv/bin)")
+    parser.add_argument("--profile-out", type=Path, default=None, help="where the chrome trace goes")
+    parser.add_argument("--top", type=int, default=25, help="functions per profile table")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="diagnostic: gc.freeze() in streamer's process once its model is loaded")
+    parser.add_argument("--streamer-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.streamer_child:
+        streamer_child(json.loads(args.streamer_child))
+        return
+
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = cpus[0] if args.cpu is None else args.cpu
+    services = (set(cpus) - {cpu}) or {cpu}
+    peers = [p for p in args.peers.split(",") if p]
+    if unknown := set(peers) - set(PEERS):
+        parser.error(f"unknown peers {sorted(unknown)}")
+    py_spy = None
+    if args.profile:
+        py_spy = args.py_spy or shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy")
+        if not Path(py_spy).exists():
+            parser.error(f"{py_spy} missing: .venv/bin/pip install py-spy, or pass --py-spy PATH")
+        order = ["streamer"]
+    else:
+        order = [p for _ in range(args.rounds) for p in peers] + (["streamer"] if "streamer" in peers else [])
+
+    data = build_input(args.events, args.keys, args.rate)
+    expected = expected_windows(data)
+    print(f"machine: {_cpu_model()}, {os.cpu_count()} cpus, python {sys.version.split()[0]}, "
+          f"faust-streaming {_faust_version()}, quixstreams {_quix_version()}")
+    print(f"pinning: each measured process `taskset -c {cpu}`; broker, redis-server and this process on cpus "
+          f"{sorted(services)}")
+    print(f"input: {data.events:,} events + 1 flush marker, {args.keys:,} keys, {data.span_s:,.0f} s of event time "
+          f"({args.rate:,}/s), {sum(map(len, data.values)) / len(data.values):.0f} B each, 1 partition; "
+          f"{len(expected):,} windows expected")
+    print(f"start: {_uptime()}")
+
+    _pin(services)  # the broker and redis-server inherit this; the peers get taskset
+    runs: list[Run] = []
+    with (tempfile.TemporaryDirectory(prefix="peers-windows-") as tmp_dir, kafka_broker() as bootstrap,
+          redis_server() as redis_url):
+        tmp = Path(tmp_dir)
+        create_topic(bootstrap, data.topic, partitions=1)
+        produce_s = produce(bootstrap, data.topic, data.values, data.keys)
+        assert end_offsets(bootstrap, data.topic) == {0: len(data.values)}
+        print(f"produced {len(data.values):,} records in {produce_s:.2f} s")
+        if py_spy:
+            profile_streamer(bootstrap, redis_url, data, expected, cpu, services, tmp, args.timeout, py_spy,
+                             args.profile_out, args.top, args.gc_freeze)
+            print(f"end: {_uptime()}")
+            return
+        for i, peer in enumerate(order, 1):
+            before = _load()
+            if peer == "streamer":
+                run = run_streamer(bootstrap, redis_url, data, len(expected), cpu, tmp, args.timeout,
+                                   gc_freeze=args.gc_freeze)
+            elif peer == "quix":
+                run = run_quix(bootstrap, data, len(expected), cpu, tmp, args.timeout)
+            else:
+                run = run_faust(bootstrap, data, cpu, tmp, args.timeout)
+            run.load = (before, _load())
+            runs.append(run)
+            print(f"  run {i}/{len(order)} {peer}: {run.span_s:.2f} s, {data.events / run.span_s:,.0f} events/s, "
+                  f"{_check(run, expected)}", flush=True)
+
+    n = data.events
+    print()
+    print(f"{'#':>2} {'peer':<9} {'start-up s':>10} {'first->last written s':>22} {'events/s':>9} "
+          f"{'windows':>8} {'check':<6} {'load before/after':>17}  streamer: consumed s, commit s, cpu busy")
+    for i, run in enumerate(runs, 1):
+        extra = ""
+        if run.peer == "streamer":
+            extra = (f"  {run.extra['consumed_s']:.2f}, {run.extra['commit_s']:.2f}, "
+                     f"{run.extra['cpu_s'] / run.extra['commit_s']:.0%}")
+        print(f"{i:>2} {run.peer:<9} {run.first_wall - run.launched_wall:>10.1f} {run.span_s:>22.2f} "
+              f"{n / run.span_s:>9,.0f} {len(run.windows):>8,} {_check(run, expected)[:8]:<6} "
+              f"{run.load[0] + ' / ' + run.load[1]:>17}{extra}")
+    rates = {p: [n / r.span_s for r in runs if r.peer == p] for p in PEERS}
+    print()
+    for peer in PEERS:
+        if rates[peer]:
+            print(f"{peer:<9} events/s end to end: mean {_mean(rates[peer]):,.0f} "
+                  f"(runs: {', '.join(f'{r:,.0f}' for r in rates[peer])})")
+    for peer in ("quix", "faust"):
+        if rates["streamer"] and rates[peer]:
+            ratio = _mean(rates["streamer"]) / _mean(rates[peer])
+            lo, hi = min(rates["streamer"]) / max(rates[peer]), max(rates["streamer"]) / min(rates[peer])
+            print(f"ratio streamer / {peer}: {ratio:.2f}x (range over runs {lo:.2f}x - {hi:.2f}x)")
+    bad = [f"{i} {r.peer}" for i, r in enumerate(runs, 1) if r.windows != expected]
+    print(f"correctness: {len(expected):,} windows summing to {n:,} expected; "
+          + (f"MISMATCH in runs {', '.join(bad)}" if bad else "every run matches, window by window"))
+    print(f"end: {_uptime()}")
+    if bad:
+        sys.exit(1)
+
+
+def _quix_version() -> str:
+    meta = list((ROOT / ".venv-quix").glob("lib/python*/site-packages/quixstreams-*.dist-info"))
+    return meta[0].name.removeprefix("quixstreams-").removesuffix(".dist-info") if meta else "?"
+
+
+if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)
+    main()
