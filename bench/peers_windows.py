@@ -41,16 +41,19 @@ chrome-trace form, from a CPU of the services) and splits the samples of its mai
 flush marker's arrival: the consuming phase (first event -> flush marker accepted) and the closing phase
 (flush marker accepted -> commit covering every event): per phase, self and inclusive time by function.
 py-spy is not a dependency: `.venv/bin/pip download --no-deps py-spy` and unzip the wheel, or install it.
-Streamer's own gc.callbacks time every garbage collection of the profiled run, printed per phase: samples
-charge a collection to whatever line allocated, so a gen2 pass shows up as a slow `list.append`.
-`--gc-freeze` (a diagnostic, with or without the profile) calls gc.freeze() in streamer's process once its
-model is loaded, which streamer's start-up does not do today.
+Streamer's own gc.callbacks time every garbage collection of the profiled run, printed per phase, and the
+samples taken during one are charged to "(garbage collection)" (py-spy alone would charge a gen2 pass to
+whatever line allocated last: a 0.6 s `readuntil`, or `isinstance`).
+Two diagnostics for streamer's process, with or without the profile, neither of which streamer's start-up does
+today: `--gc-freeze` calls gc.freeze() once its model is loaded (later collections skip torch's and the model's
+objects), `--gc-threshold 700,10,100` sets gc.set_threshold (a full collection at most every 100th gen1 one).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import collections
 import gc
 import json
@@ -66,6 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.services import kafka_broker, redis_server
@@ -119,7 +123,12 @@ def create_log_append_topic(bootstrap: str, name: str, compact: bool = False) ->
     admin = AdminClient({"bootstrap.servers": bootstrap})
     admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1, config=config)])[name].result(30)
     deadline = time.monotonic() + 30
-    while end_offsets(bootstrap, name) != {0: 0}:
+    while True:
+        try:
+            if end_offsets(bootstrap, name) == {0: 0}:
+                return
+        except KafkaException:  # e.g. not leader yet: the topic is still being set up
+            pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"topic {name} not ready")
         time.sleep(0.1)
@@ -211,14 +220,14 @@ def _report(path: Path, proc: subprocess.Popen, log: Path) -> dict:
 
 def run_streamer(bootstrap: str, redis_url: str, data: Input, expected: int, cpu: int, tmp: Path,
                  timeout_s: float, wrap: Callable[[list[str]], list[str]] | None = None,
-                 gc_freeze: bool = False) -> Run:
+                 gc_tuning: dict | None = None) -> Run:
     tag = uuid.uuid4().hex[:8]
     output = f"win-{tag}"  # streamer_settings' window topic
     create_log_append_topic(bootstrap, output)
     report, log = tmp / f"streamer-{tag}.json", tmp / f"streamer-{tag}.log"
     spec = {"bootstrap": bootstrap, "redis_url": redis_url, "topic": data.topic, "tag": tag,
             "last_offset": len(data.values) - 1, "timeout_s": timeout_s, "out": str(report), "cpu": cpu,
-            "gc_freeze": gc_freeze}
+            "gc": gc_tuning or {}}
     child = [sys.executable, "-m", "bench.peers_windows", "--streamer-child", json.dumps(spec)]
     cmd = wrap(child) if wrap else ["taskset", "-c", str(cpu), *child]
     launched = time.time()
@@ -331,8 +340,10 @@ def streamer_child(spec: dict) -> None:
                 collections_.append((started[0], time.time(), info["generation"]))
 
         gc.callbacks.append(on_gc)
-    if spec.get("gc_freeze"):
+    if spec["gc"].get("freeze"):
         gc.freeze()  # what start-up could do once the model is loaded: later collections skip all of it
+    if spec["gc"].get("threshold"):
+        gc.set_threshold(*spec["gc"]["threshold"])
     consumed_s, commit_s, cpu_s = asyncio.run(_timed_run(pipeline, spec["topic"], last_offset, spec["timeout_s"]))
     report = {**marks, "consumed_s": consumed_s, "commit_s": commit_s, "cpu_s": cpu_s,
               "late": pipeline.stages["counts"].late, "gc": collections_}
@@ -368,6 +379,34 @@ def _trace_intervals(trace: list[dict]) -> tuple[int, list[tuple[float, float, t
     return main, intervals
 
 
+GC_FRAME = "(garbage collection)"
+
+
+def _carve_gc(intervals: list[tuple[float, float, tuple[str, ...]]],
+              collections_: list[tuple[float, float]]) -> list[tuple[float, float, tuple[str, ...]]]:
+    """Samples taken while a collection ran (its times from the process's gc.callbacks) get GC_FRAME as their
+    leaf: the collection's own time, charged to the code that triggered it only as inclusive time."""
+    spans = sorted(collections_)
+    starts = [a for a, _b in spans]
+    out = []
+    for a, b, stack in intervals:
+        cursor = a
+        for i in range(max(bisect.bisect_right(starts, a) - 1, 0), len(spans)):
+            g_a, g_b = spans[i]
+            if g_a >= b:
+                break
+            lo, hi = max(g_a, cursor), min(g_b, b)
+            if hi <= lo:
+                continue
+            if lo > cursor:
+                out.append((cursor, lo, stack))
+            out.append((lo, hi, (*stack, GC_FRAME)))
+            cursor = hi
+        if cursor < b:
+            out.append((cursor, b, stack))
+    return out
+
+
 def _phase_table(intervals: list[tuple[float, float, tuple[str, ...]]], start: float, end: float,
                  top: int) -> str:
     selfs: collections.Counter[str] = collections.Counter()
@@ -389,9 +428,52 @@ def _phase_table(intervals: list[tuple[float, float, tuple[str, ...]]], start: f
     return "\n".join(lines)
 
 
+CONSUMING_STAGES = (  # (label, function): a sample goes to the first whose function is on its stack
+    ("decode + validate the event (decode)", "decode"),
+    ("place it in its windows (EventHandler._windows)", "EventHandler._windows"),
+    ("metrics (Metrics.event_in)", "Metrics.event_in"),
+    ("offset tracking (OffsetTracker.track/done)", "OffsetTracker.track"),
+    ("offset tracking (OffsetTracker.track/done)", "OffsetTracker.done"),
+    ("poll + RawMessage per record (KafkaSource.poll)", "KafkaSource.poll"),
+    ("rest of EventHandler.accept", "EventHandler.accept"),
+    ("idle (epoll wait)", "EpollSelector.select"),
+)
+CLOSING_STAGES = (
+    ("redis read: which windows are final already (RedisState.windows_final)", "RedisState.windows_final"),
+    ("window results built (WindowStage._result)", "WindowStage._result"),
+    ("serialized + sealed (Sealer.seal)", "Sealer.seal"),
+    ("a settle wait per window (_settled)", "_settled"),
+    ("rest of WindowStage._emit_closed", "WindowStage._emit_closed"),
+    ("kafka produce (KafkaRecords.write)", "KafkaRecords.write"),
+    ("kafka delivery callbacks (KafkaSink.poll)", "KafkaSink.poll"),
+    ("redis write (RedisOutcomes.write)", "RedisOutcomes.write"),
+    ("offsets released (OffsetTracker.done)", "OffsetTracker.done"),
+    ("rest of the writer (Writer.run: batches, tallies)", "Writer.run"),
+    ("commit (Pipeline._commit)", "Pipeline._commit"),
+    ("consumer polled (KafkaSource.poll)", "KafkaSource.poll"),
+    ("idle (epoll wait)", "EpollSelector.select"),
+)
+
+
+def _stage_table(intervals: list[tuple[float, float, tuple[str, ...]]], start: float, end: float,
+                 stages: tuple[tuple[str, str], ...]) -> str:
+    spent: collections.Counter[str] = collections.Counter()
+    for a, b, stack in intervals:
+        d = min(b, end) - max(a, start)
+        if d <= 0:
+            continue
+        names = {frame.split(" (")[0] for frame in stack}
+        if stack[-1] == GC_FRAME:
+            spent[GC_FRAME] += d
+            continue
+        spent[next((label for label, fn in stages if fn in names), "other")] += d
+    total = sum(spent.values()) or 1.0
+    return "\n".join(f"    {d:7.3f} s {d / total:6.1%}  {label}" for label, d in spent.most_common())
+
+
 def profile_streamer(bootstrap: str, redis_url: str, data: Input, expected: Windows, cpu: int,
                      services: set[int], tmp: Path, timeout_s: float, py_spy: str, out: Path | None,
-                     top: int, gc_freeze: bool) -> None:
+                     top: int, gc_tuning: dict) -> None:
     trace_path = out or tmp / "streamer.trace.json"
     services_cpus = ",".join(map(str, sorted(services)))
 
@@ -399,7 +481,7 @@ def profile_streamer(bootstrap: str, redis_url: str, data: Input, expected: Wind
         return ["env", "PEERS_PROFILED=1", "taskset", "-c", services_cpus, py_spy, "record", "--idle",
                 "--rate", "500", "--format", "chrometrace", "-o", str(trace_path), "--", *child]
 
-    run = run_streamer(bootstrap, redis_url, data, len(expected), cpu, tmp, timeout_s, wrap, gc_freeze)
+    run = run_streamer(bootstrap, redis_url, data, len(expected), cpu, tmp, timeout_s, wrap, gc_tuning)
     print(f"profiled run: windows {'OK' if run.windows == expected else 'MISMATCH'}; first event -> last window "
           f"written {run.span_s:.2f} s, -> commit {run.extra['commit_s']:.2f} s (py-spy's pauses included)")
     trace = json.loads(trace_path.read_text())
@@ -407,14 +489,22 @@ def profile_streamer(bootstrap: str, redis_url: str, data: Input, expected: Wind
     # the trace's clock starts with py-spy; anchor it on the first sample inside the hooked handler
     anchor = next(a for a, _b, stack in intervals if any(".hooked (" in f for f in stack))
     flush = anchor + run.extra["flush_wall"] - run.first_wall
+    shift = anchor - run.first_wall  # wall clock -> trace clock
+    intervals = _carve_gc(intervals, [(shift + a, shift + b) for a, b, _g in run.gc])
     commit = anchor + run.extra["commit_s"]
     last_written = anchor + run.span_s
     print(f"\nconsuming phase (first event -> flush marker accepted, {flush - anchor:.2f} s):")
     print(_phase_table(intervals, anchor, flush, top))
+    print("  by stage:")
+    print(_stage_table(intervals, anchor, flush, CONSUMING_STAGES))
     print(f"\nclosing phase (flush marker accepted -> last window written {last_written - flush:.2f} s "
           f"-> commit {commit - flush:.2f} s):")
     print(_phase_table(intervals, flush, commit, top))
-    # garbage collection, which samples charge to whatever line allocated: from the process's own gc callbacks
+    for title, (a, b) in (("flush marker -> last window written", (flush, last_written)),
+                          ("last window written -> commit", (last_written, commit))):
+        print(f"  by stage, {title} ({b - a:.2f} s):")
+        print(_stage_table(intervals, a, b, CLOSING_STAGES))
+    # garbage collection (GC_FRAME in the tables above): from the process's own gc callbacks
     walls = {"consuming": (run.first_wall, run.extra["flush_wall"]),
              "closing, to last written": (run.extra["flush_wall"], run.last_ms / 1000),
              "closing, last written to commit": (run.last_ms / 1000, run.first_wall + run.extra["commit_s"])}
@@ -471,6 +561,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25, help="functions per profile table")
     parser.add_argument("--gc-freeze", action="store_true",
                         help="diagnostic: gc.freeze() in streamer's process once its model is loaded")
+    parser.add_argument("--gc-threshold", default=None,
+                        help="diagnostic: gc.set_threshold(N0,N1,N2) in streamer's process, e.g. 700,10,100")
     parser.add_argument("--streamer-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.streamer_child:
@@ -492,6 +584,8 @@ def main() -> None:
     else:
         order = [p for _ in range(args.rounds) for p in peers] + (["streamer"] if "streamer" in peers else [])
 
+    gc_tuning = {"freeze": args.gc_freeze,
+                 "threshold": [int(n) for n in args.gc_threshold.split(",")] if args.gc_threshold else None}
     data = build_input(args.events, args.keys, args.rate)
     expected = expected_windows(data)
     print(f"machine: {_cpu_model()}, {os.cpu_count()} cpus, python {sys.version.split()[0]}, "
@@ -501,6 +595,9 @@ def main() -> None:
     print(f"input: {data.events:,} events + 1 flush marker, {args.keys:,} keys, {data.span_s:,.0f} s of event time "
           f"({args.rate:,}/s), {sum(map(len, data.values)) / len(data.values):.0f} B each, 1 partition; "
           f"{len(expected):,} windows expected")
+    if args.gc_freeze or args.gc_threshold:
+        print(f"streamer's process, a diagnostic: gc.freeze() {'yes' if args.gc_freeze else 'no'}, "
+              f"gc.set_threshold {args.gc_threshold or 'default'}")
     print(f"start: {_uptime()}")
 
     _pin(services)  # the broker and redis-server inherit this; the peers get taskset
@@ -514,14 +611,14 @@ def main() -> None:
         print(f"produced {len(data.values):,} records in {produce_s:.2f} s")
         if py_spy:
             profile_streamer(bootstrap, redis_url, data, expected, cpu, services, tmp, args.timeout, py_spy,
-                             args.profile_out, args.top, args.gc_freeze)
+                             args.profile_out, args.top, gc_tuning)
             print(f"end: {_uptime()}")
             return
         for i, peer in enumerate(order, 1):
             before = _load()
             if peer == "streamer":
                 run = run_streamer(bootstrap, redis_url, data, len(expected), cpu, tmp, args.timeout,
-                                   gc_freeze=args.gc_freeze)
+                                   gc_tuning=gc_tuning)
             elif peer == "quix":
                 run = run_quix(bootstrap, data, len(expected), cpu, tmp, args.timeout)
             else:
