@@ -141,8 +141,7 @@ def _field_tally(route: Route) -> Tally | None:
     name = route.count_field
     if name is None:
         return None
-    return lambda output: (None if not isinstance(output, dict) or output.get(name) is None
-                           else output_text(output[name]) if not isinstance(output[name], str) else output[name])
+    return lambda out: None if not isinstance(out, dict) or out.get(name) is None else output_text(out[name])
 
 
 def _needs_schema(route: Route) -> str | None:
