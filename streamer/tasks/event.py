@@ -126,7 +126,7 @@ def _extract(event: InputEvent, route: Route, cap: int) -> Request:
     """Decoded under the route's schema: the engine (or the remote server) only lets the model write matches."""
     spec = route.schema_spec
     assert spec is not None  # checked (an `extract` route) or offered (a route with a schema)
-    messages = extract_messages(event.text, json.loads(spec.text), route.system_prompt)
+    messages = extract_messages(event.text, spec.document, route.system_prompt)
     return _generate(messages, event, route, cap, spec.text)
 
 
@@ -152,7 +152,7 @@ def _needs_schema(route: Route) -> str | None:
         return None
     if route.window is None:
         return "`count_field` counts per window: the route needs a `window`"
-    field = json.loads(spec.text).get("properties", {}).get(route.count_field)
+    field = spec.document.get("properties", {}).get(route.count_field)
     if not isinstance(field, dict) or "enum" not in field:
         return f"`count_field` {route.count_field!r} must name a property of the schema with an `enum`"
     return None

@@ -86,14 +86,20 @@ class ExtractSchema:
         return cls(text, named if isinstance(named, str) and named else
                    "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16])
 
+    @cached_property
+    def document(self) -> dict[str, Any]:
+        """The schema itself, parsed once (prompts read its properties for every event)."""
+        parsed: dict[str, Any] = json.loads(self.text)
+        return parsed
+
     @property
     def grammar(self) -> str:
         """The decoding grammar (llguidance's), compact JSON, integers bounded to INTEGER_DIGITS."""
-        return _grammar(json.loads(self.text))
+        return _grammar(self.document)
 
     @cached_property
     def _validator(self) -> jsonschema.Draft202012Validator:
-        return jsonschema.Draft202012Validator(json.loads(self.text))
+        return jsonschema.Draft202012Validator(self.document)
 
     def parse(self, text: str) -> dict[str, Any]:
         """The answer's object, or InvalidOutput saying why it is not one this schema accepts."""
