@@ -63,6 +63,7 @@ def _logging(level: str) -> None:
 def run(config: ConfigOption = None, log_level: str = "info") -> None:
     """Run the service until SIGTERM/SIGINT, then drain in-flight work, commit and exit."""
     from streamer.engine.load import load_backend
+    from streamer.heap import settle_heap
     from streamer.observe.logs import new_run_id, setup_logging
     from streamer.observe.metrics import Metrics
     from streamer.pipeline.app import connect
@@ -80,6 +81,7 @@ def run(config: ConfigOption = None, log_level: str = "info") -> None:
             console.print(startup_summary(settings, ends, backend.info))
             pipeline = connect(settings, ends.bootstrap, ends.redis_url, backend,
                                create_topics=not ends.embedded_kafka, metrics=metrics)
+            settle_heap()
             asyncio.run(_until_signal(pipeline, settings, ends.redis_url))
     except ConfigError as exc:
         raise _fail(exc, 2) from None
@@ -220,12 +222,14 @@ def serve(
 ) -> None:
     """Serve the model as an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions); no Kafka."""
     from streamer.api import LLMPool as APIPool
+    from streamer.heap import settle_heap
 
     _logging(log_level)
     try:
         settings = _settings(config)
         with console.status("Loading the model..."):
             pool = APIPool.from_settings(settings.model, settings.batching, settings.engine)
+        settle_heap()
         asyncio.run(_serve_until_signal(pool, host, port, settings.limits, api_key or None))
     except ConfigError as exc:
         raise _fail(exc, 2) from None
