@@ -280,7 +280,8 @@ class WindowStage:
 
     async def _emit_closed(self, closed: list[OpenWindow[Content]]) -> None:
         """One Redis read for all, summaries batched by the pool; a window a revoke emptied emits nothing."""
-        await asyncio.gather(*(_settled(window.state) for window in closed))
+        # Only the unsettled are awaited: one task per closed window cost 13.5% of closing 10k count windows.
+        await asyncio.gather(*(_settled(window.state) for window in closed if not window.state.settled))
         closed = [window for window in closed if window.count]  # a revoke may have emptied some
         ids = [self._id(window) for window in closed]
         finals = await retrying("redis read", lambda: self._state.windows_final(ids))

@@ -90,6 +90,11 @@ class Content:
         """No fold of this window's texts is under way (its own, or one of a session it absorbed)."""
         return not self.folding and not self.folds_elsewhere
 
+    @property
+    def settled(self) -> bool:
+        """Every label has arrived and no fold is under way: the window can be emitted as it is."""
+        return not self.slots and self.settled_folds
+
     def chronological_texts(self) -> list[str]:
         return ([self.summary] if self.summary else []) + [text for _, text, _ in sorted(self.texts)]
 
