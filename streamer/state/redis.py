@@ -2,8 +2,9 @@
 answers kept for reuse (written by the answer's own script, so kept exactly when applied), and the
 deltas of streaming answers (`append_partials`: progress, best effort, unguarded).
 
-Each outcome is applied by one Lua script that first claims a guard key for the event, so an event
-re-processed after a restart is never counted twice. A batch's outcomes go in one pipeline. Every name
+Each event's outcome is applied by one Lua script that first claims a guard key for the event, so an
+event re-processed after a restart is never counted twice; window results, guarded by their window's
+final flag, go many to a script call. A batch's outcomes go in one pipeline. Every name
 comes from `streamer.state.keys` (README, "Redis data model"), passed to the scripts as KEYS.
 
 Exactly-once mode adds a fence: `{p}:fence` holds, per input partition, the commit point of the last
@@ -91,31 +92,53 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'error', ARGV[3], 'dead
 return 1
 """
 
-# A final result is written once per window id; provisional ones only until the final one.
-# KEYS: window hash, (route, key) index, route's latest hash, its update order, counters.
-# ARGV: ttl, doc, final, route, encoded key, window end, id, emitted_at, index max, latest max, channel.
-_WINDOW = """
-local ttl, doc, final, key, id = ARGV[1], ARGV[2], ARGV[3], ARGV[5], ARGV[7]
-local index_max, latest_max = tonumber(ARGV[9]), tonumber(ARGV[10])
-if redis.call('HGET', KEYS[1], 'final') == '1' then return 0 end
-redis.call('HSET', KEYS[1], 'result', doc, 'final', final, 'route', ARGV[4], 'key', key, 'end', ARGV[6])
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('ZADD', KEYS[2], ARGV[6], id)
-redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -index_max - 1)
-redis.call('EXPIRE', KEYS[2], ttl)
-redis.call('HSET', KEYS[3], key, doc)
-redis.call('ZADD', KEYS[4], ARGV[8], key)
-local excess = redis.call('ZCARD', KEYS[4]) - latest_max
-if excess > 0 then
-  for _, old in ipairs(redis.call('ZRANGE', KEYS[4], 0, excess - 1)) do redis.call('HDEL', KEYS[3], old) end
-  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, excess - 1)
+# Window results, many per script call (a call per result was 37% of committing 10k windows). A final result
+# is written once per window id; provisional ones only until the final one.
+# KEYS: counters, then per result: its window hash, (route, key) index, route's latest hash, its update order.
+# ARGV: ttl, index max, latest max, channel, then per result: doc, final, route, encoded key, window end, id,
+# emitted_at. Returns how many were applied.
+_WINDOWS = """
+local ttl, index_max, latest_max, channel = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local applied = 0
+for i = 0, (#KEYS - 1) / 4 - 1 do
+  local k, a = 1 + 4 * i, 4 + 7 * i
+  local doc, final, key, id = ARGV[a + 1], ARGV[a + 2], ARGV[a + 4], ARGV[a + 6]
+  if redis.call('HGET', KEYS[k + 1], 'final') ~= '1' then
+    redis.call('HSET', KEYS[k + 1], 'result', doc, 'final', final, 'route', ARGV[a + 3], 'key', key,
+               'end', ARGV[a + 5])
+    redis.call('EXPIRE', KEYS[k + 1], ttl)
+    redis.call('ZADD', KEYS[k + 2], ARGV[a + 5], id)
+    redis.call('ZREMRANGEBYRANK', KEYS[k + 2], 0, -index_max - 1)
+    redis.call('EXPIRE', KEYS[k + 2], ttl)
+    redis.call('HSET', KEYS[k + 3], key, doc)
+    redis.call('ZADD', KEYS[k + 4], ARGV[a + 7], key)
+    local excess = redis.call('ZCARD', KEYS[k + 4]) - latest_max
+    if excess > 0 then
+      for _, old in ipairs(redis.call('ZRANGE', KEYS[k + 4], 0, excess - 1)) do
+        redis.call('HDEL', KEYS[k + 3], old)
+      end
+      redis.call('ZREMRANGEBYRANK', KEYS[k + 4], 0, excess - 1)
+    end
+    redis.call('EXPIRE', KEYS[k + 3], ttl)
+    redis.call('EXPIRE', KEYS[k + 4], ttl)
+    if final == '1' then redis.call('HINCRBY', KEYS[1], 'windows', 1) end
+    redis.call('PUBLISH', channel, doc)
+    applied = applied + 1
+  end
 end
-redis.call('EXPIRE', KEYS[3], ttl)
-redis.call('EXPIRE', KEYS[4], ttl)
-if final == '1' then redis.call('HINCRBY', KEYS[5], 'windows', 1) end
-redis.call('PUBLISH', ARGV[11], doc)
-return 1
+return applied
 """
+
+# Which windows have a final result, many per call (a pipeline of HGETs cost the client twice as much).
+# KEYS: window hashes; returns 1 or 0 per key.
+_FINALS = """
+local flags = {}
+for i, key in ipairs(KEYS) do flags[i] = redis.call('HGET', key, 'final') == '1' and 1 or 0 end
+return flags
+"""
+
+# Window results or keys per script call: each call holds Redis for a few milliseconds at most.
+SCRIPT_BATCH = 256
 
 
 # Kept answers, one command for a whole poll (half the client's cost of a pipeline of HMGETs). KEYS: reuse
@@ -206,7 +229,8 @@ class RedisState:
         self._client = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         self._answer = self._client.register_script(_ANSWER)
         self._dead_letter = self._client.register_script(_DEAD_LETTER)
-        self._window = self._client.register_script(_WINDOW)
+        self._windows = self._client.register_script(_WINDOWS)
+        self._finals = self._client.register_script(_FINALS)
         self._result_letter = self._client.register_script(_RESULT_LETTER)
         self._fence = self._client.register_script(_FENCE)
         self._lookup = self._client.register_script(_LOOKUP)
@@ -227,9 +251,13 @@ class RedisState:
         fence are skipped, and the batch and the fence's advance are applied atomically (MULTI)."""
         if not outcomes and not fence:
             return 0
+        fenced = fence is not None
+        calls = [self._call(o, fenced=fenced) for o in outcomes if not isinstance(o.record, WindowResult)]
+        windows = [o for o in outcomes if isinstance(o.record, WindowResult)]
+        calls += [self._window_call(windows[i:i + SCRIPT_BATCH]) for i in range(0, len(windows), SCRIPT_BATCH)]
         try:
-            async with self._client.pipeline(transaction=fence is not None) as pipe:
-                for script, keys, args in (self._call(o, fenced=fence is not None) for o in outcomes):
+            async with self._client.pipeline(transaction=fenced) as pipe:
+                for script, keys, args in calls:
                     await script(keys=keys, args=args, client=pipe)
                 if fence:
                     points = [v for (topic, partition), point in fence.items() for v in (f"{topic}:{partition}", point)]
@@ -237,17 +265,25 @@ class RedisState:
                 applied = await pipe.execute()
         except RedisError as exc:
             raise _unavailable(exc) from exc
-        return sum(int(a) for a in applied[: len(outcomes)])
+        return sum(int(a) for a in applied[: len(calls)])
+
+    def _window_call(self, outcomes: Sequence[Written]) -> Call:
+        """One script call applying these window results in order."""
+        s, k = self._settings, self._keys
+        keys = [k.counters]
+        args: list[str | bytes | int] = [s.answer_ttl_s, s.window_index_max, s.latest_keys_max, k.channel]
+        for outcome in outcomes:
+            record = outcome.record
+            assert isinstance(record, WindowResult)
+            keys += [k.window(record.id), k.windows(outcome.route, record.key), k.latest(outcome.route),
+                     k.latest_order(outcome.route)]
+            args += [outcome.payload, "1" if record.final else "0", outcome.route, encode_key(record.key),
+                     record.window.end, record.id, record.emitted_at]
+        return self._windows, keys, args
 
     def _call(self, outcome: Written, *, fenced: bool) -> Call:
         s, k, record = self._settings, self._keys, outcome.record
-        if isinstance(record, WindowResult):
-            field = encode_key(record.key)
-            keys = [k.window(record.id), k.windows(outcome.route, record.key), k.latest(outcome.route),
-                    k.latest_order(outcome.route), k.counters]
-            return self._window, keys, [
-                s.answer_ttl_s, outcome.payload, "1" if record.final else "0", outcome.route, field,
-                record.window.end, record.id, record.emitted_at, s.window_index_max, s.latest_keys_max, k.channel]
+        assert not isinstance(record, WindowResult), "window results go through _window_call"
         src = record.source
         if src is None:  # a dead letter standing for a window result: no event to claim or count
             assert isinstance(record, DeadLetter)
@@ -317,16 +353,17 @@ class RedisState:
 
     async def windows_final(self, window_ids: Sequence[str]) -> list[bool]:
         """Which windows already have a final result (e.g. written before a crash and replay); one round trip."""
-        if self._kafka_decides_windows:
+        if self._kafka_decides_windows or not window_ids:
             return [False] * len(window_ids)
+        keys = [self._keys.window(window_id) for window_id in window_ids]
         try:
             async with self._client.pipeline(transaction=False) as pipe:
-                for window_id in window_ids:
-                    pipe.hget(self._keys.window(window_id), "final")
-                flags = await pipe.execute()
+                for i in range(0, len(keys), SCRIPT_BATCH):
+                    await self._finals(keys=keys[i:i + SCRIPT_BATCH], client=pipe)
+                chunks = await pipe.execute()
         except RedisError as exc:
             raise _unavailable(exc) from exc
-        return [flag == b"1" for flag in flags]
+        return [flag == 1 for chunk in chunks for flag in chunk]
 
     async def counters(self) -> dict[str, int]:
         try:

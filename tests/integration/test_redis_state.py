@@ -15,7 +15,7 @@ import redis
 from streamer.config import RedisSettings
 from streamer.contracts import Answer, DeadLetter, ErrorCode, Source, WindowBounds, WindowResult
 from streamer.state.keys import Keys
-from streamer.state.redis import RedisState, StateUnavailable, Stored, Written
+from streamer.state.redis import SCRIPT_BATCH, RedisState, StateUnavailable, Stored, Written
 from streamer.state.server import RedisServer
 from tests.integration.services import unique_name
 
@@ -69,6 +69,22 @@ async def test_the_window_index_keeps_the_newest_window_index_max_ids_and_expire
     index = keys.windows("qa", "k")
     assert client.zrange(index, 0, -1) == [f"w-k-{n}" for n in range(15, 20)]
     assert 0 < client.ttl(index) <= TTL_S
+
+
+async def test_window_results_past_one_script_call_apply_in_order_and_each_final_once(bounded, client) -> None:
+    state, keys = bounded
+    n = 2 * SCRIPT_BATCH + 7  # three script calls
+    first = [window(i, key=f"k{i}", final=i % 2 == 0) for i in range(n)]
+    later = [window(0, key="k0", final=False), window(1, key="k1", final=True), window(2, key="k2", final=True)]
+
+    assert await state.write(first + later) == n + 1  # the provisional after k0's final and k2's second final skip
+    assert await state.write(first) == n // 2 - 1  # a replay: only the provisional ones apply, not k1's (final now)
+
+    ids = [f"w-k{i}-{i}" for i in range(n)] + ["w-never-written"]
+    assert await state.windows_final(ids) == [i % 2 == 0 or i == 1 for i in range(n)] + [False]
+    assert client.hget(keys.counters, "windows") == str((n + 1) // 2 + 1)
+    assert client.hget(keys.window("w-k1-1"), "final") == "1"
+    assert client.hget(keys.window("w-k3-3"), "final") == "0"
 
 
 async def test_latest_keeps_the_most_recently_updated_keys_and_both_keys_expire(bounded, client) -> None:
