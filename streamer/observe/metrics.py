@@ -15,6 +15,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics import MetricWrapperBase
 
 from streamer.engine.backend import recipes
 
@@ -182,13 +183,22 @@ class Metrics:
         self._stream = _stream_series(self.registry)
         self._remote = _remote_series(self.registry)
         self._reused_reported = 0
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+    def _per_event(self, metric: MetricWrapperBase, *values: str) -> Any:
+        """The metric's child for these label values, looked up once: `labels()` locks and checks its values on
+        every call, which was 10% of consuming on the window route. For series never removed."""
+        child = self._children.get((metric, values))
+        if child is None:
+            child = self._children[(metric, values)] = metric.labels(*values)
+        return child
 
     def event_in(self, route: str) -> None:
-        self._events.events_in.labels(route).inc()
+        self._per_event(self._events.events_in, route).inc()
 
     def answered(self, route: str, latency_s: float, tokens_out: int) -> None:
-        self._events.answered.labels(route).inc()
-        self._events.e2e_latency_s.labels(route).observe(latency_s)
+        self._per_event(self._events.answered, route).inc()
+        self._per_event(self._events.e2e_latency_s, route).observe(latency_s)
         self._events.output_tokens.inc(tokens_out)
 
     def answer_reused(self, route: str, latency_s: float) -> None:
@@ -197,10 +207,10 @@ class Metrics:
         self._events.answer_cache_hits.labels(route).inc()
 
     def dead_lettered(self, route: str, code: str) -> None:
-        self._events.dead_lettered.labels(route, code).inc()
+        self._per_event(self._events.dead_lettered, route, code).inc()
 
     def late(self, route: str) -> None:
-        self._events.late.labels(route).inc()
+        self._per_event(self._events.late, route).inc()
 
     def slo_miss(self, route: str) -> None:
         self._events.slo_misses.labels(route).inc()
@@ -275,7 +285,7 @@ class Metrics:
         self._stream.open_windows.labels(route).set(n)
 
     def window_emitted(self, route: str) -> None:
-        self._stream.windows_emitted.labels(route).inc()
+        self._per_event(self._stream.windows_emitted, route).inc()
 
     def window_mixed(self, route: str) -> None:
         self._stream.windows_mixed.labels(route).inc()
