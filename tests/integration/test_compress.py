@@ -91,7 +91,9 @@ def test_a_worker_loads_the_artifact_by_path_and_answers_through_kafka(artifact,
 
 
 def test_the_quality_gate_fails_the_command_unless_forced(tmp_path):
-    impossible = ["--recipe", "prune-magnitude", "--sparsity", "0.3", "--min-agreement", "1.01"]
+    tiny = save_tiny_llama(tmp_path / "tiny", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           max_position_embeddings=2048)  # the gate's rule, not the model, is under test
+    impossible = [str(tiny), "--recipe", "prune-magnitude", "--sparsity", "0.3", "--min-agreement", "1.01"]
 
     refused = streamer_compress(*impossible, "--out", str(tmp_path / "refused"))
     forced = streamer_compress(*impossible, "--out", str(tmp_path / "forced"), "--force")
