@@ -84,7 +84,7 @@ bench: setup kafka-jars llama-server $(FAUST_STAMP) $(QUIX_STAMP)
 	$(PY) -m bench.batching
 	$(PY) -m bench.windows
 	$(PY) -m bench.windows_kafka
-	$(PY) -m bench.peers_windows
+	$(PY) -m bench.peers
 	$(PY) -m bench.panes
 	$(PY) -m bench.api
 	$(PY) -m bench.remote

@@ -2,9 +2,13 @@
 own OpenAI API (`/v1/chat/completions`), at several concurrencies; then where a native decode step's time goes.
 
     .venv/bin/python -m bench.peers_engine [--quick] [--concurrency 1 16 48] [--rounds 2]
-        [--int8 /tmp/smol-int8]        # also serve an int8-dynamic artifact, made in about 2 min by
-    .venv/bin/streamer compress --recipe int8-dynamic --out /tmp/smol-int8 --eval-prompts 20
+        [--int8 /tmp/peers-smol-int8]  # also serve an int8-dynamic artifact, made in about 2 min by
+    .venv/bin/streamer compress --recipe int8-dynamic --out /tmp/peers-smol-int8 --eval-prompts 20
         [--part peers|profile|all]     # profile: the in-process step profile only
+
+The `peers` part is `run_peers(Options(...))`: it prints its tables and returns its `Figures` (per
+concurrency and side, tokens/s mean, min, max and the ratio to llama-server's mean); bench/peers.py
+calls it for issue 19's one side-by-side run, next to bench/peers_windows.py's `run_peers`.
 
 peers    llama-server (ops/llama/llama.sh: `-np 16` slots, `--threads $(nproc)`, ctx 8192, the default GGUF
          `streamer.models.default.default_gguf()`, Q4_1) and `streamer serve` (the native continuous engine
@@ -151,6 +155,36 @@ def streamer_serve(run_dir: Path, name: str, model_path: Path | None) -> Iterato
 # --- the client -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Options:
+    """What the `peers` part measures."""
+
+    concurrency: tuple[int, ...] = (1, 16, 48)
+    rounds: int = 2  # A/B rounds per concurrency, then a last A
+    quick: bool = False  # 8 requests at concurrency 1 instead of 12
+    int8: Path | None = None  # an int8-dynamic artifact served too, as side "int8"
+
+
+@dataclass(frozen=True)
+class Rate:
+    """One side's tokens/s at one concurrency over its runs, and its mean over llama-server's mean."""
+
+    mean: float
+    low: float
+    high: float
+    ratio: float  # 1.0 for llama itself
+
+
+@dataclass
+class Figures:
+    """What the `peers` part measured. rates[concurrency][side], sides "llama", "streamer" (fp32 de-quantized
+    from the GGUF) and, with an int8 artifact, "int8"."""
+
+    rates: dict[int, dict[str, Rate]]
+    llama_step_ms: dict[int, float]  # llama-server's decode step (ms) at that many rows
+    runs: list[Run]
+
+
 @dataclass
 class Run:
     side: str
@@ -241,11 +275,12 @@ async def agreement(http: aiohttp.ClientSession, llama_root: str, ref: Run, othe
             f"({n} prompts)")
 
 
-async def peers(args: argparse.Namespace, sides: dict[str, str], llama_root: str) -> None:
+async def peers(options: Options, sides: dict[str, str], llama_root: str) -> Figures:
     chats = prompts()
     names = list(sides)
-    order = [s for _ in range(args.rounds) for s in names] + ["llama"]  # A/B(/C)/A/B(/C)/A
-    runs: list[Run] = []
+    order = [s for _ in range(options.rounds) for s in names] + ["llama"]  # A/B(/C)/A/B(/C)/A
+    figures = Figures({}, {}, [])
+    runs = figures.runs
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
@@ -253,22 +288,23 @@ async def peers(args: argparse.Namespace, sides: dict[str, str], llama_root: str
             await drive(http, url, chats[:4], 4)
         print(f"{'conc':>4} {'side':<9} {'rnd':>3} {'reqs':>5} {'prompt':>7} {'compl':>7} {'wall s':>7} "
               f"{'tok/s':>8} {'ms/tok':>8} {'load1':>6}")
-        for concurrency in args.concurrency:
-            batch = chats[: requests_for(concurrency, args.quick)]
+        for concurrency in options.concurrency:
+            batch = chats[: requests_for(concurrency, options.quick)]
             seen: collections.Counter[str] = collections.Counter()
             for side in order:
                 seen[side] += 1
                 runs.append(await measure(http, side, sides[side], batch, concurrency, seen[side]))
         print("\nper concurrency: mean tokens/s of each side's runs (min-max), ratio to llama's mean")
-        for concurrency in args.concurrency:
+        for concurrency in options.concurrency:
             mine = [r for r in runs if r.concurrency == concurrency]
-            llama = [r.rate for r in mine if r.side == "llama"]
-            base = statistics.mean(llama)
+            base = statistics.mean(r.rate for r in mine if r.side == "llama")
             parts = []
             for side in names:
                 rates = [r.rate for r in mine if r.side == side]
-                ratio = "" if side == "llama" else f" = {statistics.mean(rates) / base:.2f}x"
-                parts.append(f"{side} {statistics.mean(rates):.1f} ({min(rates):.1f}-{max(rates):.1f}){ratio}")
+                rate = Rate(statistics.mean(rates), min(rates), max(rates), statistics.mean(rates) / base)
+                figures.rates.setdefault(concurrency, {})[side] = rate
+                ratio = "" if side == "llama" else f" = {rate.ratio:.2f}x"
+                parts.append(f"{side} {rate.mean:.1f} ({rate.low:.1f}-{rate.high:.1f}){ratio}")
             ptm = [p for r in mine if r.side == "llama" for p in r.per_token_ms]
             note = f"; llama ms/token in batch (median) {statistics.median(ptm):.1f}" if ptm else ""
             pn = sum(r.prompt_n for r in mine if r.side == "llama")
@@ -281,8 +317,9 @@ async def peers(args: argparse.Namespace, sides: dict[str, str], llama_root: str
         for rows in (1, LLAMA_SLOTS):
             answers, _ = await drive(http, sides["llama"], chats[:rows], rows, {"max_tokens": 64, "ignore_eos": True})
             ms = statistics.median(a["timings"]["predicted_per_token_ms"] for a in answers)
+            figures.llama_step_ms[rows] = ms
             print(f"  {rows:>3} rows: {ms:7.1f} ms/step {ms / rows:6.2f} ms/row")
-        if 1 in args.concurrency:
+        if 1 in options.concurrency:
             ones = {side: [r for r in runs if r.concurrency == 1 and r.side == side] for side in names}
             print("\ngreedy agreement at concurrency 1 (llama.cpp: Q4_1 blocks; streamer: fp32 de-quantized from "
                   "them; int8: int8-dynamic of that fp32)")
@@ -295,22 +332,30 @@ async def peers(args: argparse.Namespace, sides: dict[str, str], llama_root: str
             for i in range(min(3, len(ones["llama"][0].texts))):
                 for side in names:
                     print(f"  [{i}] {side:<9} {ones[side][0].texts[i][:110]!r}")
+    return figures
 
 
-def run_peers(args: argparse.Namespace) -> None:
+def run_peers(options: Options) -> Figures:
+    """The `peers` part: starts llama-server and `streamer serve` (and the int8 one), prints its tables,
+    stops them; returns the figures."""
+    parallel = os.environ.get("LLAMA_PARALLEL")
     os.environ["LLAMA_PARALLEL"] = str(LLAMA_SLOTS)
     with contextlib.ExitStack() as stack:
+        if parallel is None:
+            stack.callback(os.environ.pop, "LLAMA_PARALLEL", None)
+        else:
+            stack.callback(os.environ.__setitem__, "LLAMA_PARALLEL", parallel)
         run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="peers-engine-")))
         started = time.perf_counter()
         llama = stack.enter_context(llama_service(run_dir / "llama"))
         sides = {"llama": llama.base_url,
                  "streamer": stack.enter_context(streamer_serve(run_dir, "streamer", None))}
-        if args.int8:
-            sides["int8"] = stack.enter_context(streamer_serve(run_dir, "int8", args.int8))
+        if options.int8:
+            sides["int8"] = stack.enter_context(streamer_serve(run_dir, "int8", options.int8))
         print(f"servers up in {time.perf_counter() - started:.0f} s: llama-server {LLAMA_SLOTS} slots, "
-              f"{os.cpu_count()} threads; streamer serve (continuous, cpu)" + (f"; int8 {args.int8}" if args.int8
-                                                                                else ""), flush=True)
-        asyncio.run(peers(args, sides, llama.base_url.removesuffix("/v1")))
+              f"{os.cpu_count()} threads; streamer serve (continuous, cpu)"
+              + (f"; int8 {options.int8}" if options.int8 else ""), flush=True)
+        return asyncio.run(peers(options, sides, llama.base_url.removesuffix("/v1")))
 
 
 # --- the step profile -------------------------------------------------------------------------------
@@ -516,7 +561,7 @@ def main() -> None:
         args.rounds = 1
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
     if args.part in ("peers", "all"):
-        run_peers(args)
+        run_peers(Options(tuple(args.concurrency), args.rounds, args.quick, args.int8))
     if args.part in ("profile", "all"):
         run_profile(args)
     print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -1,6 +1,6 @@
 """Streamer's Kafka-to-Kafka window route vs Quix Streams and faust-streaming: same topic, same events, same clock.
 
-    .venv/bin/python -m bench.peers_windows [--events 100000] [--keys 10000] [--rounds 2]
+    .venv/bin/python -m bench.peers_windows [--events 100000] [--keys 10000] [--rounds 2] [--no-settle-heap]
     .venv/bin/python -m bench.peers_windows --profile py-spy [--py-spy PATH]   # where streamer's time goes
 
 Needs .venv-quix (`make quix-venv`: quixstreams==3.28.1) and .venv-faust (`make faust-venv`), each peer
@@ -44,9 +44,15 @@ py-spy is not a dependency: `.venv/bin/pip download --no-deps py-spy` and unzip 
 Streamer's own gc.callbacks time every garbage collection of the profiled run, printed per phase, and the
 samples taken during one are charged to "(garbage collection)" (py-spy alone would charge a gen2 pass to
 whatever line allocated last: a 0.6 s `readuntil`, or `isinstance`).
-Two diagnostics for streamer's process, with or without the profile, neither of which streamer's start-up does
-today: `--gc-freeze` calls gc.freeze() once its model is loaded (later collections skip torch's and the model's
-objects), `--gc-threshold 700,10,100` sets gc.set_threshold (a full collection at most every 100th gen1 one).
+
+Streamer's process starts as the product's entry (`streamer run`) does: model loaded, pipeline connected,
+then `streamer.heap.settle_heap()` (collect, gc.freeze() what start-up built, gc.set_threshold(700, 10, 100)),
+then the timed run. `--no-settle-heap`, a diagnostic with or without the profile, skips that call: the
+collector's defaults with nothing frozen, the behaviour before streamer.heap (the header says so).
+
+`run_peers(Options(...))` is the measurement: it prints the tables and returns its `Figures` (events/s per
+peer and run, the runs that did not match); bench/peers.py calls it for issue 19's one side-by-side run, after
+bench/peers_engine.py's `run_peers`.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ import argparse
 import asyncio
 import bisect
 import collections
+import contextlib
 import gc
 import json
 import os
@@ -64,7 +71,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,14 +227,14 @@ def _report(path: Path, proc: subprocess.Popen, log: Path) -> dict:
 
 def run_streamer(bootstrap: str, redis_url: str, data: Input, expected: int, cpu: int, tmp: Path,
                  timeout_s: float, wrap: Callable[[list[str]], list[str]] | None = None,
-                 gc_tuning: dict | None = None) -> Run:
+                 settle_heap: bool = True) -> Run:
     tag = uuid.uuid4().hex[:8]
     output = f"win-{tag}"  # streamer_settings' window topic
     create_log_append_topic(bootstrap, output)
     report, log = tmp / f"streamer-{tag}.json", tmp / f"streamer-{tag}.log"
     spec = {"bootstrap": bootstrap, "redis_url": redis_url, "topic": data.topic, "tag": tag,
             "last_offset": len(data.values) - 1, "timeout_s": timeout_s, "out": str(report), "cpu": cpu,
-            "gc": gc_tuning or {}}
+            "settle_heap": settle_heap}
     child = [sys.executable, "-m", "bench.peers_windows", "--streamer-child", json.dumps(spec)]
     cmd = wrap(child) if wrap else ["taskset", "-c", str(cpu), *child]
     launched = time.time()
@@ -240,7 +247,7 @@ def run_streamer(bootstrap: str, redis_url: str, data: Input, expected: int, cpu
     records = read_output(bootstrap, output)
     run = Run("streamer", result["first_wall"], _last_append_ms(records, output, result["first_wall"]),
               _streamer_windows(records), launched)
-    run.extra = {k: result[k] for k in ("consumed_s", "commit_s", "cpu_s", "late")}
+    run.extra = {k: result[k] for k in ("consumed_s", "commit_s", "cpu_s", "late", "frozen")}
     if "flush_wall" in result:
         run.extra["flush_wall"] = result["flush_wall"]
     run.gc = [tuple(c) for c in result["gc"]]
@@ -298,7 +305,9 @@ def run_faust(bootstrap: str, data: Input, cpu: int, tmp: Path, timeout_s: float
 
 def streamer_child(spec: dict) -> None:
     """One streamer run on the topic; writes when the first event and the flush marker reached the handler,
-    and bench.windows_kafka._timed_run's figures. Pinned by its parent (taskset), or here when profiled"""
+    and bench.windows_kafka._timed_run's figures. Pinned by its parent (taskset), or here when profiled.
+    Starts as `streamer run` does: model loaded, pipeline connected, then `settle_heap()` (unless the spec
+    says not to), then the timed run."""
     if os.environ.get("PEERS_PROFILED"):
         os.sched_setaffinity(0, {spec["cpu"]})
     import torch
@@ -306,12 +315,15 @@ def streamer_child(spec: dict) -> None:
     from streamer.config import ModelSettings
     from streamer.engine.build import resident
     from streamer.engine.load import load_worker
+    from streamer.heap import settle_heap
     from streamer.pipeline.app import connect
 
     torch.set_num_threads(1)
     worker = load_worker(ModelSettings(threads=1))
     settings = streamer_settings(spec["bootstrap"], spec["topic"], spec["tag"], None)
     pipeline = connect(settings, spec["bootstrap"], spec["redis_url"], resident(worker, settings))
+    if spec["settle_heap"]:
+        settle_heap()  # as the product's process entry does once the model is loaded
     marks: dict[str, float] = {}
     cls = type(pipeline._handler)  # a benchmark may read internals
     original, last_offset = cls.accept, spec["last_offset"]
@@ -340,13 +352,9 @@ def streamer_child(spec: dict) -> None:
                 collections_.append((started[0], time.time(), info["generation"]))
 
         gc.callbacks.append(on_gc)
-    if spec["gc"].get("freeze"):
-        gc.freeze()  # what start-up could do once the model is loaded: later collections skip all of it
-    if spec["gc"].get("threshold"):
-        gc.set_threshold(*spec["gc"]["threshold"])
     consumed_s, commit_s, cpu_s = asyncio.run(_timed_run(pipeline, spec["topic"], last_offset, spec["timeout_s"]))
     report = {**marks, "consumed_s": consumed_s, "commit_s": commit_s, "cpu_s": cpu_s,
-              "late": pipeline.stages["counts"].late, "gc": collections_}
+              "late": pipeline.stages["counts"].late, "gc": collections_, "frozen": gc.get_freeze_count()}
     tmp = spec["out"] + ".tmp"
     Path(tmp).write_text(json.dumps(report))
     os.replace(tmp, spec["out"])
@@ -473,7 +481,7 @@ def _stage_table(intervals: list[tuple[float, float, tuple[str, ...]]], start: f
 
 def profile_streamer(bootstrap: str, redis_url: str, data: Input, expected: Windows, cpu: int,
                      services: set[int], tmp: Path, timeout_s: float, py_spy: str, out: Path | None,
-                     top: int, gc_tuning: dict) -> None:
+                     top: int, settle_heap: bool = True) -> None:
     trace_path = out or tmp / "streamer.trace.json"
     services_cpus = ",".join(map(str, sorted(services)))
 
@@ -481,7 +489,7 @@ def profile_streamer(bootstrap: str, redis_url: str, data: Input, expected: Wind
         return ["env", "PEERS_PROFILED=1", "taskset", "-c", services_cpus, py_spy, "record", "--idle",
                 "--rate", "500", "--format", "chrometrace", "-o", str(trace_path), "--", *child]
 
-    run = run_streamer(bootstrap, redis_url, data, len(expected), cpu, tmp, timeout_s, wrap, gc_tuning)
+    run = run_streamer(bootstrap, redis_url, data, len(expected), cpu, tmp, timeout_s, wrap, settle_heap)
     print(f"profiled run: windows {'OK' if run.windows == expected else 'MISMATCH'}; first event -> last window "
           f"written {run.span_s:.2f} s, -> commit {run.extra['commit_s']:.2f} s (py-spy's pauses included)")
     trace = json.loads(trace_path.read_text())
@@ -522,7 +530,138 @@ def profile_streamer(bootstrap: str, redis_url: str, data: Input, expected: Wind
     print(f"\nchrome trace: {trace_path} (open in https://ui.perfetto.dev)")
 
 
-# --- main ---------------------------------------------------------------------------------------------------
+# --- the runs, side by side ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    """What `run_peers` (and the py-spy profile) run on."""
+
+    events: int = 100_000
+    keys: int = 10_000
+    rate: int = 2_000  # events per second of event time
+    rounds: int = 2  # rounds of streamer, quix, faust; one more streamer ends
+    peers: tuple[str, ...] = PEERS
+    cpu: int | None = None  # the measured processes' CPU (None: the first this process may use)
+    timeout_s: float = 240.0  # per run
+    settle_heap: bool = True  # False: streamer's process skips streamer.heap.settle_heap() (the old behaviour)
+
+
+@dataclass
+class Figures:
+    """What `run_peers` measured: each peer's events/s, run by run in run order, and the runs whose windows
+    were not the expected ones (empty: every run matched)."""
+
+    events: int
+    windows: int
+    rates: dict[str, list[float]]
+    mismatches: list[str]
+
+    def ratio(self, peer: str) -> tuple[float, float, float] | None:
+        """streamer's mean events/s over `peer`'s, and the range over runs (slowest streamer run over the
+        fastest of `peer`, fastest over slowest); None unless both ran."""
+        mine, theirs = self.rates.get("streamer"), self.rates.get(peer)
+        if not mine or not theirs:
+            return None
+        return _mean(mine) / _mean(theirs), min(mine) / max(theirs), max(mine) / min(theirs)
+
+
+@dataclass
+class _Bench:
+    bootstrap: str
+    redis_url: str
+    data: Input
+    expected: Windows
+    cpu: int
+    services: set[int]
+    tmp: Path
+
+
+@contextlib.contextmanager
+def _bench(options: Options) -> Iterator[_Bench]:
+    """Prints the header, starts the broker and redis-server with this process on the services' CPUs, produces
+    the input; yields what the runs need, and puts this process's CPUs back after."""
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = cpus[0] if options.cpu is None else options.cpu
+    services = (set(cpus) - {cpu}) or {cpu}
+    data = build_input(options.events, options.keys, options.rate)
+    expected = expected_windows(data)
+    print(f"machine: {_cpu_model()}, {os.cpu_count()} cpus, python {sys.version.split()[0]}, "
+          f"faust-streaming {_faust_version()}, quixstreams {_quix_version()}")
+    print(f"pinning: each measured process `taskset -c {cpu}`; broker, redis-server and this process on cpus "
+          f"{sorted(services)}")
+    print(f"input: {data.events:,} events + 1 flush marker, {options.keys:,} keys, {data.span_s:,.0f} s of event "
+          f"time ({options.rate:,}/s), {sum(map(len, data.values)) / len(data.values):.0f} B each, 1 partition; "
+          f"{len(expected):,} windows expected")
+    if not options.settle_heap:
+        print("streamer's process, a diagnostic: --no-settle-heap, settle_heap() skipped (the collector's "
+              "defaults, nothing frozen: the behaviour before streamer.heap)")
+    print(f"start: {_uptime()}")
+
+    _pin(services)  # the broker and redis-server inherit this; the peers get taskset
+    try:
+        with (tempfile.TemporaryDirectory(prefix="peers-windows-") as tmp_dir, kafka_broker() as bootstrap,
+              redis_server() as redis_url):
+            create_topic(bootstrap, data.topic, partitions=1)
+            produce_s = produce(bootstrap, data.topic, data.values, data.keys)
+            assert end_offsets(bootstrap, data.topic) == {0: len(data.values)}
+            print(f"produced {len(data.values):,} records in {produce_s:.2f} s")
+            yield _Bench(bootstrap, redis_url, data, expected, cpu, services, Path(tmp_dir))
+    finally:
+        _pin(set(cpus))
+    print(f"end: {_uptime()}")
+
+
+def run_peers(options: Options) -> Figures:
+    """The runs in A/B/A order, each checked window by window; prints the table and ratios, returns the figures."""
+    if unknown := set(options.peers) - set(PEERS):
+        raise ValueError(f"unknown peers {sorted(unknown)}")
+    peers = [p for p in PEERS if p in options.peers]
+    order = [p for _ in range(options.rounds) for p in peers] + (["streamer"] if "streamer" in peers else [])
+    runs: list[Run] = []
+    with _bench(options) as bench:
+        data, expected = bench.data, bench.expected
+        for i, peer in enumerate(order, 1):
+            before = _load()
+            if peer == "streamer":
+                run = run_streamer(bench.bootstrap, bench.redis_url, data, len(expected), bench.cpu, bench.tmp,
+                                   options.timeout_s, settle_heap=options.settle_heap)
+            elif peer == "quix":
+                run = run_quix(bench.bootstrap, data, len(expected), bench.cpu, bench.tmp, options.timeout_s)
+            else:
+                run = run_faust(bench.bootstrap, data, bench.cpu, bench.tmp, options.timeout_s)
+            run.load = (before, _load())
+            runs.append(run)
+            print(f"  run {i}/{len(order)} {peer}: {run.span_s:.2f} s, {data.events / run.span_s:,.0f} events/s, "
+                  f"{_check(run, expected)}", flush=True)
+
+        n = data.events
+        print()
+        print(f"{'#':>2} {'peer':<9} {'start-up s':>10} {'first->last written s':>22} {'events/s':>9} "
+              f"{'windows':>8} {'check':<6} {'load before/after':>17}  streamer: consumed s, commit s, cpu busy, "
+              "objects frozen")
+        for i, run in enumerate(runs, 1):
+            extra = ""
+            if run.peer == "streamer":
+                extra = (f"  {run.extra['consumed_s']:.2f}, {run.extra['commit_s']:.2f}, "
+                         f"{run.extra['cpu_s'] / run.extra['commit_s']:.0%}, {run.extra['frozen']:,.0f}")
+            print(f"{i:>2} {run.peer:<9} {run.first_wall - run.launched_wall:>10.1f} {run.span_s:>22.2f} "
+                  f"{n / run.span_s:>9,.0f} {len(run.windows):>8,} {_check(run, expected)[:8]:<6} "
+                  f"{run.load[0] + ' / ' + run.load[1]:>17}{extra}")
+        figures = Figures(n, len(expected), {p: [n / r.span_s for r in runs if r.peer == p] for p in peers},
+                          [f"{i} {r.peer}" for i, r in enumerate(runs, 1) if r.windows != expected])
+        print()
+        for peer in peers:
+            rates = figures.rates[peer]
+            print(f"{peer:<9} events/s end to end: mean {_mean(rates):,.0f} "
+                  f"(runs: {', '.join(f'{r:,.0f}' for r in rates)})")
+        for peer in ("quix", "faust"):
+            if ratio := figures.ratio(peer):
+                print(f"ratio streamer / {peer}: {ratio[0]:.2f}x (range over runs {ratio[1]:.2f}x - {ratio[2]:.2f}x)")
+        print(f"correctness: {len(expected):,} windows summing to {n:,} expected; "
+              + (f"MISMATCH in runs {', '.join(figures.mismatches)}" if figures.mismatches
+                 else "every run matches, window by window"))
+    return figures
 
 
 def _load() -> str:
@@ -546,6 +685,9 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+# --- main ---------------------------------------------------------------------------------------------------
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=100_000)
@@ -559,103 +701,28 @@ def main() -> None:
     parser.add_argument("--py-spy", default=None, help="the py-spy executable (default: on PATH or in .venv/bin)")
     parser.add_argument("--profile-out", type=Path, default=None, help="where the chrome trace goes")
     parser.add_argument("--top", type=int, default=25, help="functions per profile table")
-    parser.add_argument("--gc-freeze", action="store_true",
-                        help="diagnostic: gc.freeze() in streamer's process once its model is loaded")
-    parser.add_argument("--gc-threshold", default=None,
-                        help="diagnostic: gc.set_threshold(N0,N1,N2) in streamer's process, e.g. 700,10,100")
+    parser.add_argument("--no-settle-heap", action="store_true",
+                        help="diagnostic: streamer's process skips streamer.heap.settle_heap() (the old behaviour)")
     parser.add_argument("--streamer-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.streamer_child:
         streamer_child(json.loads(args.streamer_child))
         return
 
-    cpus = sorted(os.sched_getaffinity(0))
-    cpu = cpus[0] if args.cpu is None else args.cpu
-    services = (set(cpus) - {cpu}) or {cpu}
-    peers = [p for p in args.peers.split(",") if p]
+    peers = tuple(p for p in args.peers.split(",") if p)
     if unknown := set(peers) - set(PEERS):
         parser.error(f"unknown peers {sorted(unknown)}")
-    py_spy = None
+    options = Options(args.events, args.keys, args.rate, args.rounds, peers, args.cpu, args.timeout,
+                      not args.no_settle_heap)
     if args.profile:
         py_spy = args.py_spy or shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy")
         if not Path(py_spy).exists():
             parser.error(f"{py_spy} missing: .venv/bin/pip install py-spy, or pass --py-spy PATH")
-        order = ["streamer"]
-    else:
-        order = [p for _ in range(args.rounds) for p in peers] + (["streamer"] if "streamer" in peers else [])
-
-    gc_tuning = {"freeze": args.gc_freeze,
-                 "threshold": [int(n) for n in args.gc_threshold.split(",")] if args.gc_threshold else None}
-    data = build_input(args.events, args.keys, args.rate)
-    expected = expected_windows(data)
-    print(f"machine: {_cpu_model()}, {os.cpu_count()} cpus, python {sys.version.split()[0]}, "
-          f"faust-streaming {_faust_version()}, quixstreams {_quix_version()}")
-    print(f"pinning: each measured process `taskset -c {cpu}`; broker, redis-server and this process on cpus "
-          f"{sorted(services)}")
-    print(f"input: {data.events:,} events + 1 flush marker, {args.keys:,} keys, {data.span_s:,.0f} s of event time "
-          f"({args.rate:,}/s), {sum(map(len, data.values)) / len(data.values):.0f} B each, 1 partition; "
-          f"{len(expected):,} windows expected")
-    if args.gc_freeze or args.gc_threshold:
-        print(f"streamer's process, a diagnostic: gc.freeze() {'yes' if args.gc_freeze else 'no'}, "
-              f"gc.set_threshold {args.gc_threshold or 'default'}")
-    print(f"start: {_uptime()}")
-
-    _pin(services)  # the broker and redis-server inherit this; the peers get taskset
-    runs: list[Run] = []
-    with (tempfile.TemporaryDirectory(prefix="peers-windows-") as tmp_dir, kafka_broker() as bootstrap,
-          redis_server() as redis_url):
-        tmp = Path(tmp_dir)
-        create_topic(bootstrap, data.topic, partitions=1)
-        produce_s = produce(bootstrap, data.topic, data.values, data.keys)
-        assert end_offsets(bootstrap, data.topic) == {0: len(data.values)}
-        print(f"produced {len(data.values):,} records in {produce_s:.2f} s")
-        if py_spy:
-            profile_streamer(bootstrap, redis_url, data, expected, cpu, services, tmp, args.timeout, py_spy,
-                             args.profile_out, args.top, gc_tuning)
-            print(f"end: {_uptime()}")
-            return
-        for i, peer in enumerate(order, 1):
-            before = _load()
-            if peer == "streamer":
-                run = run_streamer(bootstrap, redis_url, data, len(expected), cpu, tmp, args.timeout,
-                                   gc_tuning=gc_tuning)
-            elif peer == "quix":
-                run = run_quix(bootstrap, data, len(expected), cpu, tmp, args.timeout)
-            else:
-                run = run_faust(bootstrap, data, cpu, tmp, args.timeout)
-            run.load = (before, _load())
-            runs.append(run)
-            print(f"  run {i}/{len(order)} {peer}: {run.span_s:.2f} s, {data.events / run.span_s:,.0f} events/s, "
-                  f"{_check(run, expected)}", flush=True)
-
-    n = data.events
-    print()
-    print(f"{'#':>2} {'peer':<9} {'start-up s':>10} {'first->last written s':>22} {'events/s':>9} "
-          f"{'windows':>8} {'check':<6} {'load before/after':>17}  streamer: consumed s, commit s, cpu busy")
-    for i, run in enumerate(runs, 1):
-        extra = ""
-        if run.peer == "streamer":
-            extra = (f"  {run.extra['consumed_s']:.2f}, {run.extra['commit_s']:.2f}, "
-                     f"{run.extra['cpu_s'] / run.extra['commit_s']:.0%}")
-        print(f"{i:>2} {run.peer:<9} {run.first_wall - run.launched_wall:>10.1f} {run.span_s:>22.2f} "
-              f"{n / run.span_s:>9,.0f} {len(run.windows):>8,} {_check(run, expected)[:8]:<6} "
-              f"{run.load[0] + ' / ' + run.load[1]:>17}{extra}")
-    rates = {p: [n / r.span_s for r in runs if r.peer == p] for p in PEERS}
-    print()
-    for peer in PEERS:
-        if rates[peer]:
-            print(f"{peer:<9} events/s end to end: mean {_mean(rates[peer]):,.0f} "
-                  f"(runs: {', '.join(f'{r:,.0f}' for r in rates[peer])})")
-    for peer in ("quix", "faust"):
-        if rates["streamer"] and rates[peer]:
-            ratio = _mean(rates["streamer"]) / _mean(rates[peer])
-            lo, hi = min(rates["streamer"]) / max(rates[peer]), max(rates["streamer"]) / min(rates[peer])
-            print(f"ratio streamer / {peer}: {ratio:.2f}x (range over runs {lo:.2f}x - {hi:.2f}x)")
-    bad = [f"{i} {r.peer}" for i, r in enumerate(runs, 1) if r.windows != expected]
-    print(f"correctness: {len(expected):,} windows summing to {n:,} expected; "
-          + (f"MISMATCH in runs {', '.join(bad)}" if bad else "every run matches, window by window"))
-    print(f"end: {_uptime()}")
-    if bad:
+        with _bench(options) as bench:
+            profile_streamer(bench.bootstrap, bench.redis_url, bench.data, bench.expected, bench.cpu, bench.services,
+                             bench.tmp, options.timeout_s, py_spy, args.profile_out, args.top, options.settle_heap)
+        return
+    if run_peers(options).mismatches:
         sys.exit(1)
 
 
