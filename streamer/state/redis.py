@@ -378,14 +378,16 @@ class RedisState:
 
 # What passes by itself: Redis unreachable or out of clients (ConnectionError, TimeoutError), loading its data
 # after a restart (LOADING, a ConnectionError too), full under noeviction (OOM), a replica or a failover
-# (READONLY, MASTERDOWN), a resharding (TRYAGAIN), a long script (BUSY, which has no class of its own). In a
-# MULTI, redis-py raises the error that made Redis discard the transaction (EXECABORT), so it counts the same.
+# (READONLY, MASTERDOWN), a resharding (TRYAGAIN); and, with no class of their own, a long script (BUSY) and writes
+# refused after a failed background save (MISCONF, until a save succeeds: a full or lost disk). In a MULTI,
+# redis-py raises the error that made Redis discard the transaction (EXECABORT), so it counts the same.
 _PASSING = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, ReadOnlyError, MasterDownError, TryAgainError)
+_PASSING_CODES = frozenset({"BUSY", "MISCONF"})
 
 
 def _unavailable(exc: RedisError) -> RedisError | StateUnavailable:
     """StateUnavailable for what passes by itself, so the writer backs off and retries (and the pipeline pauses
     its input); the error itself for anything else: a bug or a misconfiguration, which retrying would hide."""
-    if isinstance(exc, _PASSING) or getattr(exc, "status_code", None) == "BUSY":
+    if isinstance(exc, _PASSING) or getattr(exc, "status_code", None) in _PASSING_CODES:
         return StateUnavailable(str(exc))
     return exc

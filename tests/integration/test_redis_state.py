@@ -5,9 +5,11 @@ refuses writes (full, read-only) is `StateUnavailable`, which the writer retries
 from __future__ import annotations
 
 import contextlib
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -274,7 +276,24 @@ def _busy(admin: redis.Redis) -> bool:
     return False
 
 
-@pytest.mark.parametrize("refusal", [full, read_only, busy])
+@contextlib.contextmanager
+def save_failed(admin: redis.Redis) -> Iterator[None]:
+    """A background save failed (its disk went away): with save points and `stop-writes-on-bgsave-error` (a
+    persistent Redis's defaults) writes are refused with MISCONF until a save succeeds or saving is off."""
+    place = Path(admin.config_get("dir")["dir"])
+    admin.config_set("save", "3600 1")
+    shutil.rmtree(place)
+    admin.bgsave()
+    while admin.info("persistence")["rdb_last_bgsave_status"] != "err":
+        time.sleep(0.01)
+    try:
+        yield
+    finally:
+        admin.config_set("save", "")  # no save points: a failed save no longer stops writes
+        place.mkdir()  # for the server's own clean-up
+
+
+@pytest.mark.parametrize("refusal", [full, read_only, busy, save_failed])
 @pytest.mark.parametrize("fenced", [False, True], ids=["at-least-once", "exactly-once"])
 async def test_a_redis_refusing_writes_is_unavailable_and_the_retry_applies_once(own_server, refusal, fenced) -> None:
     url, admin = own_server
