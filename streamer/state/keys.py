@@ -30,6 +30,16 @@ def _segment(name: str) -> str:
     return name.replace(_ESCAPE, _ESCAPE * 2).replace(":", _ESCAPE + ":")
 
 
+_LATEST = "latest"
+
+
+def _index_route(route: str) -> str:
+    """A route inside a window index's name: escaped as `_segment`, and a route named `latest` written `\\latest`,
+    since `windows:latest:{route}` holds each route's latest results. One-to-one, and verbatim when plain."""
+    segment = _segment(route)
+    return _ESCAPE + segment if segment == _LATEST else segment
+
+
 @dataclass(frozen=True)
 class Keys:
     """The names under one prefix (`redis.prefix`)."""
@@ -107,10 +117,12 @@ class Keys:
         return f"{self.prefix}:window:{id}"
 
     def windows(self, route: str, key: str | None) -> str:
-        return f"{self.prefix}:windows:{route}:{encode_key(key)}"
+        """A (route, key)'s window ids. The route is escaped (`_index_route`), so no pair names another's and
+        no index is a route's `latest` hash."""
+        return f"{self.prefix}:windows:{_index_route(route)}:{encode_key(key)}"
 
     def latest(self, route: str) -> str:
-        return f"{self.prefix}:windows:latest:{route}"
+        return f"{self.prefix}:windows:{_LATEST}:{route}"
 
     def latest_order(self, route: str) -> str:
         """When each key of `latest(route)` was last updated, so the least recent can be dropped."""

@@ -89,6 +89,19 @@ async def test_window_results_past_one_script_call_apply_in_order_and_each_final
     assert client.hget(keys.window("w-k3-3"), "final") == "0"
 
 
+async def test_a_route_named_latest_writes_the_window_of_a_key_naming_another_route(bounded, client) -> None:
+    """Found by review (fails on the code before the fix: WRONGTYPE, the writer died, on every replay)."""
+    state, keys = bounded
+    orders = window(0, key="alice")
+    on_latest = window(1, key="qa")
+    on_latest = Written(on_latest.record.model_copy(update={"route": "latest"}), on_latest.payload, "qa", "latest")
+
+    assert await state.write([orders]) == 1  # route qa's latest results: a hash
+    assert await state.write([on_latest]) == 1  # route latest, key "qa": its own index
+    assert client.hget(keys.counters, "windows") == "2"
+    assert client.zrange(keys.windows("latest", "qa"), 0, -1) == ["w-qa-1"]
+
+
 async def test_latest_keeps_the_most_recently_updated_keys_and_both_keys_expire(bounded, client) -> None:
     state, keys = bounded
     await state.write([window(n, key=f"k{n}", emitted_at=T0 + n) for n in range(10)])

@@ -7,6 +7,9 @@ import inspect
 import re
 from pathlib import Path
 
+from hypothesis import example, given
+from hypothesis import strategies as st
+
 from streamer.state.keys import Keys, encode_key
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -44,6 +47,24 @@ def test_two_routes_streaming_one_id_have_a_partial_stream_each() -> None:
     keys = Keys("p")
     assert keys.partial("answer", "e") != keys.partial("translate", "e")
     assert keys.partial("a:b", "c") != keys.partial("a", "b:c")
+
+
+ROUTES = st.one_of(st.sampled_from(["latest", "\\latest", "latest:x", "orders", "a", "a:b", "\\", ":"]),
+                   st.text(max_size=8))
+KEYS = st.one_of(st.none(), st.sampled_from(["orders", "", "*", "b:c", "latest"]), st.text(max_size=8))
+
+
+@given(ROUTES, KEYS, ROUTES, KEYS)
+@example("latest", "orders", "orders", None)
+@example("a:b", "c", "a", "b:c")
+def test_no_window_index_shares_its_name_with_another_or_with_a_routes_latest_results(r1, k1, r2, k2) -> None:
+    """Found by review (fails on the code before the fix): route `latest`'s index of key `orders` was
+    `windows:latest:orders`, route `orders`' latest-results hash: a sorted set where a hash is written, so
+    every write of that window failed (WRONGTYPE) and a replay met it again."""
+    keys = Keys("p")
+    assert keys.windows(r1, k1) != keys.latest(r2)
+    if (r1, k1) != (r2, k2):
+        assert keys.windows(r1, k1) != keys.windows(r2, k2)
 
 
 def documented_names() -> set[str]:

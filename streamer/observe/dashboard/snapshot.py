@@ -36,7 +36,7 @@ async def read_snapshot(client: aioredis.Redis, keys: Keys, limit: int, recent_p
 
 
 async def _latest_windows(client: aioredis.Redis, keys: Keys, limit: int) -> list[dict[str, Any]]:
-    head = keys.latest("")  # the window indexes of a route named `latest` start so too: HASH skips them
+    head = keys.latest("")
     routes = [name[len(head):] async for name in client.scan_iter(match=_glob_escape(head) + "*", count=1000,
                                                                  _type="HASH")]
     results: list[dict[str, Any]] = []
