@@ -1,7 +1,8 @@
 """Redis in memory, with the rules of the Lua scripts in streamer/state/redis.py: per-event guards,
 the exactly-once fence, final window results written once, the counters. A batch applies atomically
 or not at all; an outage refuses it, and a lost reply applies it and then reports a failure, the
-case that makes idempotency matter. tests/integration/test_sim_state.py holds it to the real scripts.
+case that makes idempotency matter. The rules are the ones tests/integration/test_redis_state.py checks on
+the real scripts (no test runs both side by side).
 It stands where `RedisState` does: under the pipeline's Redis sink (`State` in streamer/pipeline/sinks/redis.py).
 """
 
@@ -140,6 +141,8 @@ class SimState:
         return saved
 
     async def windows_final(self, window_ids: Sequence[str]) -> list[bool]:
+        if not window_ids:  # as the real one: nothing to ask Redis
+            return []
         if not self.up:
             raise StateUnavailable("Connection refused")
         if self.kafka_decides_windows:
