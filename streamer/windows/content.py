@@ -35,8 +35,11 @@ class LabelSlot:
         self.contents.clear()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WindowItem:
+    """What a window keeps of one event; never changed once made (not frozen: one is made per event, and a
+    frozen dataclass's __init__ costs three times as much)."""
+
     text: str
     ts_ms: int
     key: str | None
