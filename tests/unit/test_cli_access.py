@@ -25,6 +25,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     monkeypatch.setattr("streamer.observe.dashboard.server.run_dashboard", run_dashboard)
     monkeypatch.setattr("streamer.serve.openai.run_server", run_server)
     monkeypatch.setattr("streamer.api.LLMPool.from_settings", lambda *_: object())
+    monkeypatch.setattr("streamer.heap.settle_heap", lambda: None)  # the test process's collector stays as it is
     return seen
 
 
