@@ -193,8 +193,8 @@ class Metrics:
             child = self._children[(metric, values)] = metric.labels(*values)
         return child
 
-    def event_in(self, route: str) -> None:
-        self._per_event(self._events.events_in, route).inc()
+    def events_in(self, route: str, n: int = 1) -> None:
+        self._per_event(self._events.events_in, route).inc(n)
 
     def answered(self, route: str, latency_s: float, tokens_out: int) -> None:
         self._per_event(self._events.answered, route).inc()

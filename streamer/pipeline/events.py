@@ -31,6 +31,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+from collections import Counter
 
 from streamer.clock import Clock, SystemClock
 from streamer.config import Route, Settings
@@ -65,6 +66,7 @@ class EventHandler:
         self._settings, self._pool, self._writer, self._tracker = settings, pool, writer, tracker
         self._reuse, self._partials = reuse, partials
         self._metrics = metrics
+        self._arrived: Counter[str] = Counter()  # events per route since the last flush, for the metric
         self._sealer = sealer
         self._clock = clock or SystemClock()
         self._routes = {route.input: route for route in settings.routes}
@@ -78,7 +80,7 @@ class EventHandler:
         if raw.timestamp_ms is None:  # a record without a timestamp: processing time stands in
             raw = dataclasses.replace(raw, timestamp_ms=now_ms)
         route = self._routes[raw.topic]
-        self._metrics.event_in(route.name)
+        self._arrived[route.name] += 1
         decoded = decode(raw, default_task=route.task, known_tasks=self._tasks[raw.topic],
                          limits=self._settings.limits)
         if isinstance(decoded, DeadLetter):
@@ -132,9 +134,13 @@ class EventHandler:
             self._chat.forget(tps)
 
     def flush(self) -> None:
-        """Look up the kept answers of the events accepted since the last flush, together."""
+        """Look up the kept answers of the events accepted since the last flush, together; count them in the
+        metrics (once per route and poll: a counter's increment per event was 5% of consuming)."""
         if self._reuse is not None:
             self._reuse.flush()
+        for route, n in self._arrived.items():
+            self._metrics.events_in(route, n)
+        self._arrived.clear()
 
     async def drain(self) -> None:
         """Every event accepted so far answered from Redis or handed to the model; chat turns still waiting

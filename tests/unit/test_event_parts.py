@@ -42,7 +42,8 @@ class Handler:
         r = config.routes[0]
         stages = {"r": WindowStage(r, self.pool, self.writer, self.tracker, None, sealer)} if r.window else {}  # type: ignore[arg-type]
         self.stages = stages
-        self.handler = EventHandler(config, self.pool, self.writer, self.tracker, stages, Metrics(), sealer)  # type: ignore[arg-type]
+        self.metrics = Metrics()
+        self.handler = EventHandler(config, self.pool, self.writer, self.tracker, stages, self.metrics, sealer)  # type: ignore[arg-type]
         self.loop = asyncio.new_event_loop()
         self.loop.run_until_complete(self.pool.start())
         for stage in stages.values():
@@ -163,3 +164,18 @@ def test_a_record_whose_own_timestamp_is_beyond_the_skew_is_future():
     h.accept(0, ts_ms=NOW_MS + 2 * 3_600_000, record_ms=NOW_MS + 2 * 3_600_000)
     h.settle()
     assert [o.record.error for o in h.writer.added] == [ErrorCode.FUTURE]
+
+
+def test_events_in_counts_the_events_of_a_poll_at_its_flush():
+    h = Handler(task="none", window=window())
+    for offset in range(3):
+        h.accept(offset, ts_ms=5_000 + offset)
+
+    def counted() -> float:
+        return h.metrics.registry.get_sample_value("streamer_events_in_total", {"route": "r"}) or 0
+
+    assert counted() == 0  # counted per poll, not per event
+    h.handler.flush()
+    assert counted() == 3
+    h.handler.flush()
+    assert counted() == 3

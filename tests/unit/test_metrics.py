@@ -23,8 +23,8 @@ def samples(metrics: Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], fl
 
 def test_event_verbs_move_their_series() -> None:
     m = Metrics()
-    m.event_in("questions")
-    m.event_in("questions")
+    m.events_in("questions")
+    m.events_in("questions")
     m.answered("questions", latency_s=0.3, tokens_out=12)
     m.answered("questions", latency_s=0.01, tokens_out=5)
     m.dead_lettered("questions", "schema")
@@ -94,7 +94,7 @@ def test_forgotten_partitions_leave_the_lag_gauge() -> None:
 
 def test_render_is_parseable_text_with_the_dashboard_names() -> None:
     m = Metrics()
-    m.event_in("questions")
+    m.events_in("questions")
     m.answered("questions", 0.5, 3)
     m.dead_lettered("questions", "too_long")
     m.batch_done(4, 0.1)
@@ -113,7 +113,7 @@ def test_render_is_parseable_text_with_the_dashboard_names() -> None:
 
 def test_two_instances_share_no_state() -> None:
     a, b = Metrics(), Metrics()
-    a.event_in("questions")
+    a.events_in("questions")
     a.queue(9, 99)
     assert value(a, "streamer_events_in_total", route="questions") == 1
     assert value(b, "streamer_events_in_total", route="questions") is None

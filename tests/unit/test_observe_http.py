@@ -38,7 +38,7 @@ async def client_for() -> AsyncIterator[Callable[[web.Application], Awaitable[Te
 
 async def test_metrics_serves_the_registry_as_prometheus_text(client_for) -> None:
     metrics = Metrics()
-    metrics.event_in("questions")
+    metrics.events_in("questions")
     client = await client_for(build_app(metrics, fixed({})))
     response = await client.get("/metrics")
     assert response.status == 200
