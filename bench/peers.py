@@ -172,6 +172,8 @@ def main() -> None:
                         help=f"the int8-dynamic artifact the engine part serves too, made first if absent "
                              f"(default {DEFAULT_INT8})")
     parser.add_argument("--no-int8", action="store_true", help="serve no int8 artifact")
+    parser.add_argument("--in-process", action="store_true",
+                        help="streamer's engine on a thread of the server (the default config), not engine.own_process")
     parser.add_argument("--rounds", type=int, default=None, help="A/B rounds of each part (default 2; --quick 1)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 48], help="the engine's concurrencies")
     parser.add_argument("--events", type=int, default=None, help="window route: events (default 100,000)")
@@ -200,7 +202,8 @@ def main() -> None:
         def run_engine() -> peers_engine.Figures:
             nonlocal int8
             int8 = None if args.no_int8 else ensure_int8(args.int8)
-            return peers_engine.run_peers(peers_engine.Options(tuple(args.concurrency), rounds, args.quick, int8))
+            return peers_engine.run_peers(peers_engine.Options(tuple(args.concurrency), rounds, args.quick, int8,
+                                                               not args.in_process))
 
         engine = _part("(a) engine", run_engine, failures)
         loads.append(("after (a)", _loadavg()))

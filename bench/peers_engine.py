@@ -113,13 +113,15 @@ def requests_for(concurrency: int, quick: bool) -> int:
 
 
 @contextlib.contextmanager
-def streamer_serve(run_dir: Path, name: str, model_path: Path | None) -> Iterator[str]:
-    """`streamer serve` on a free port (native continuous engine on CPU), the model at `model_path` (None:
-    the default GGUF); yields its base URL (.../v1) once /v1/models answers."""
+def streamer_serve(run_dir: Path, name: str, model_path: Path | None, own_process: bool) -> Iterator[str]:
+    """`streamer serve` on a free port (native continuous engine on CPU, in a process of its own where
+    `own_process`), the model at `model_path` (None: the default GGUF); yields its base URL (.../v1) once
+    /v1/models answers."""
     port = free_port()
     config = run_dir / f"{name}.yaml"
     model = {"device": "cpu", **({"path": str(model_path)} if model_path else {})}
-    config.write_text(json.dumps({"model": model, "engine": {"kind": "continuous"}}))  # JSON is YAML
+    engine = {"kind": "continuous", "own_process": own_process}
+    config.write_text(json.dumps({"model": model, "engine": engine}))  # JSON is YAML
     log = (run_dir / f"{name}.log").open("w")
     proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "streamer"), "serve", "-c", str(config), "--port", str(port),
                              "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, cwd=run_dir)
@@ -163,6 +165,7 @@ class Options:
     rounds: int = 2  # A/B rounds per concurrency, then a last A
     quick: bool = False  # 8 requests at concurrency 1 instead of 12
     int8: Path | None = None  # an int8-dynamic artifact served too, as side "int8"
+    own_process: bool = True  # streamer's engine in a process of its own (`engine.own_process`), else in-process
 
 
 @dataclass(frozen=True)
@@ -349,11 +352,12 @@ def run_peers(options: Options) -> Figures:
         started = time.perf_counter()
         llama = stack.enter_context(llama_service(run_dir / "llama"))
         sides = {"llama": llama.base_url,
-                 "streamer": stack.enter_context(streamer_serve(run_dir, "streamer", None))}
+                 "streamer": stack.enter_context(streamer_serve(run_dir, "streamer", None, options.own_process))}
         if options.int8:
-            sides["int8"] = stack.enter_context(streamer_serve(run_dir, "int8", options.int8))
+            sides["int8"] = stack.enter_context(streamer_serve(run_dir, "int8", options.int8, options.own_process))
+        where = "engine.own_process" if options.own_process else "engine in-process"
         print(f"servers up in {time.perf_counter() - started:.0f} s: llama-server {LLAMA_SLOTS} slots, "
-              f"{os.cpu_count()} threads; streamer serve (continuous, cpu)"
+              f"{os.cpu_count()} threads; streamer serve (continuous, cpu, {where})"
               + (f"; int8 {options.int8}" if options.int8 else ""), flush=True)
         return asyncio.run(peers(options, sides, llama.base_url.removesuffix("/v1")))
 
@@ -551,6 +555,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 48])
     parser.add_argument("--rounds", type=int, default=2, help="A/B rounds per concurrency (then a last A)")
     parser.add_argument("--int8", type=Path, default=None, help="an int8-dynamic artifact to serve too")
+    parser.add_argument("--in-process", action="store_true",
+                        help="streamer's engine on a thread of the server (the default config), not engine.own_process")
     parser.add_argument("--part", choices=("peers", "profile", "all"), default="all")
     parser.add_argument("--profile-model", type=Path, default=None, help="profile this artifact (default: the GGUF)")
     parser.add_argument("--profile-concurrency", type=int, default=16)
@@ -561,7 +567,7 @@ def main() -> None:
         args.rounds = 1
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
     if args.part in ("peers", "all"):
-        run_peers(Options(tuple(args.concurrency), args.rounds, args.quick, args.int8))
+        run_peers(Options(tuple(args.concurrency), args.rounds, args.quick, args.int8, not args.in_process))
     if args.part in ("profile", "all"):
         run_profile(args)
     print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

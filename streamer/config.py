@@ -172,6 +172,10 @@ class EngineSettings(_Section):
         60_000, gt=0, description="deadline of requests without one (route slo_ms / params.deadline_ms)")
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="engine processes, one per device; auto: one per CUDA device, in-process on CPU")
+    own_process: bool = Field(
+        False, description="one engine runs in a process of its own too (as workers > 1 do): on CPU its steps run "
+        "~1.3x faster there, since torch's OpenMP kernels lose ~30% on a second thread of a process whose first "
+        "thread ran them (bench/peers.py); costs a child's start-up and its own copy of the weights")
 
     @model_validator(mode="after")
     def _openai_named(self) -> EngineSettings:

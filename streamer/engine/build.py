@@ -38,7 +38,7 @@ def build_pool(worker: LLMWorker, batching: BatchingSettings, engine: EngineSett
         log.info("engine: static micro-batches of generate")
         return StaticPool(worker, BatchRules(**batching.model_dump()), on_batch=on_batch)
     workers = worker_count(engine, worker.device, split=_split(worker.model))
-    if workers > 1:
+    if processes(engine, workers):
         engines = ProcessEngines(child_specs(worker, engine, workers))
         log.info("engine: continuous batching in %d worker processes", workers)
         return ContinuousPool(engines, worker, batching.max_queue, engine.default_deadline_ms, on_batch,
@@ -57,10 +57,11 @@ def resident(worker: LLMWorker, settings: Settings) -> Backend:
 def worker_count(engine: EngineSettings, device: torch.device, split: bool) -> int:
     """Engine processes to run: auto is one per CUDA device, or 1 (in this process) on CPU or for a model
     `split` across devices."""
+    if split and (engine.own_process or engine.workers not in ("auto", 1)):
+        raise EngineUnsupported("engine.workers > 1 and engine.own_process need a model on one device; this one "
+                                "has a device_map")
     if engine.workers == "auto":
         return torch.cuda.device_count() if device.type == "cuda" and not split else 1
-    if engine.workers > 1 and split:
-        raise EngineUnsupported("engine.workers > 1 needs a model on one device; this one has a device_map")
     if device.type == "cuda" and engine.workers > torch.cuda.device_count():
         raise EngineUnsupported(f"engine.workers is {engine.workers}; {torch.cuda.device_count()} CUDA devices exist")
     return engine.workers
@@ -68,7 +69,14 @@ def worker_count(engine: EngineSettings, device: torch.device, split: bool) -> i
 
 def in_processes(engine: EngineSettings, model: PreTrainedModel, device: torch.device) -> bool:
     """Whether the engine runs in processes of its own, so this process needs only the model's skeleton."""
-    return engine.kind != "static" and supports(model) and worker_count(engine, device, _split(model)) > 1
+    if engine.kind == "static" or not supports(model):
+        return False
+    return processes(engine, worker_count(engine, device, _split(model)))
+
+
+def processes(engine: EngineSettings, workers: int) -> bool:
+    """Whether `workers` engines run in child processes: several always, one where `own_process` asks."""
+    return workers > 1 or engine.own_process
 
 
 def _split(model: PreTrainedModel) -> bool:

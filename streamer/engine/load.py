@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from streamer.config import BatchingSettings, EngineSettings, ModelSettings
 from streamer.engine.backend import Backend
-from streamer.engine.build import build_pool, in_processes, worker_count
+from streamer.engine.build import build_pool, in_processes, processes, worker_count
 from streamer.engine.worker import LLMWorker
 from streamer.models.loader import load_model, resolve_device
 
@@ -35,9 +35,10 @@ def load_backend(model: ModelSettings, batching: BatchingSettings, engine: Engin
 
 
 def _may_run_processes(engine: EngineSettings, settings: ModelSettings) -> bool:
-    """Before loading anything: could the engine run in processes (more than one worker on this device)?"""
+    """Before loading anything: could the engine run in processes (several workers on this device, or one of
+    its own)?"""
     device = resolve_device(settings.device, Path(settings.path or "model"))
-    return worker_count(engine, device, split=False) > 1
+    return processes(engine, worker_count(engine, device, split=False))
 
 
 def load_worker(settings: ModelSettings, engine: EngineSettings | None = None) -> LLMWorker:
@@ -51,7 +52,7 @@ def load_worker(settings: ModelSettings, engine: EngineSettings | None = None) -
     if engine is not None and settings.device_map is None and _may_run_processes(engine, settings):
         skeleton = load(weights=False)
         if in_processes(engine, skeleton.model, skeleton.device):
-            log.info("model %s: weights in %s engine processes", skeleton.name, engine.workers)
+            log.info("model %s: weights in the engine processes", skeleton.name)
             return LLMWorker(skeleton, threads=settings.threads)
     loaded = load()
     worker = LLMWorker(loaded, threads=settings.threads)
