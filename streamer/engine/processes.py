@@ -11,19 +11,21 @@ unfinished requests start over on a live child (tokens already streamed are not 
 retry's are compared with them, and where it samples others, or a batch-dependent step differs, the stream
 ends with `BROKEN_TOKEN`, so the pieces show the gap; the answer is the retry's), and a new child replaces it after
 a backoff: 1 s, doubled for each replacement that dies before it loaded, up to 30 s. While no child
-is alive, requests wait for one. A request in flight on two children that died is answered with an
-error instead, so an input that kills its worker (a device assert, an OOM kill) takes down two
-children at most, not all of them in turn. `alive` says whether a child is loaded and serving
+is alive, requests wait for one. The requests a loaded child was running when it died are retried one at a
+time (beside new ones), so that the next death names its cause: the one being retried is blamed, and a
+request blamed for a second death is answered with an error instead. An input that kills its worker (a
+device assert, an OOM kill) then takes its worker down twice, not every worker in turn, and the requests
+that died beside it are answered, one child or several. `alive` says whether a child is loaded and serving
 (readiness), `restarts` how many were replaced (metrics). Timings stay comparable because
 `time.monotonic` is one clock for all processes.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import multiprocessing
-import os
 import queue
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -64,11 +66,12 @@ class ChildSpec:
 
 
 def child_specs(worker: LLMWorker, settings: EngineSettings, workers: int) -> list[ChildSpec]:
-    """One child per CUDA device (`cuda:0`..), or `workers` CPU children sharing the cores."""
+    """One child per CUDA device (`cuda:0`..), or `workers` CPU children sharing this process's torch threads
+    (`model.threads`, else the cores it may run on)."""
     if worker.loaded.directory is None:
         raise ValueError("engine worker processes load the model from its directory; this model has none")
     on_cuda = worker.device.type == "cuda"
-    threads = None if on_cuda else max(1, (os.cpu_count() or 1) // workers)
+    threads = None if on_cuda else max(1, torch.get_num_threads() // workers)  # model.threads, CPU affinity
     dtype = str(worker.loaded.dtype).removeprefix("torch.")
     return [ChildSpec(worker.loaded.directory, f"cuda:{i}" if on_cuda else "cpu", dtype, settings, worker.eos_ids,
                       threads) for i in range(workers)]
@@ -175,6 +178,10 @@ class ProcessEngines:
     _children: list[_Child] = field(default_factory=list, init=False)
     _pending: dict[Hashable, _Pending] = field(default_factory=dict, init=False)
     _parked: list[Hashable] = field(default_factory=list, init=False)  # pending keys waiting for a child
+    # Requests in flight on a child that died, retried one at a time so that a death names its cause: the
+    # suspect running when a child dies is blamed (a second death fails it), the others on that child are not.
+    _suspects: collections.deque[Hashable] = field(default_factory=collections.deque, init=False)
+    _suspect: Hashable | None = field(default=None, init=False)  # the one retried now
 
     def __post_init__(self) -> None:
         self._children = [self._spawn(slot, _RESPAWN_FIRST_S) for slot in range(len(self.specs))]
@@ -202,7 +209,7 @@ class ProcessEngines:
     @property
     def waiting(self) -> int:
         """Requests not admitted yet: queued in live children, or waiting for a child to come alive."""
-        return len(self._parked) + sum(c.waiting for c in self._children if c.alive)
+        return len(self._parked) + len(self._suspects) + sum(c.waiting for c in self._children if c.alive)
 
     def kv_usage(self) -> tuple[int, int, int]:
         """Engine.kv_usage summed over the live children, as they last reported."""
@@ -262,6 +269,7 @@ class ProcessEngines:
             parked, self._parked = self._parked, []
             for key in parked:
                 self._route(key, self._pending[key])
+            self._retry_suspect()
 
     def _route(self, key: Hashable, pending: _Pending) -> None:
         """To the least loaded child that has loaded its model, else to one loading; with none alive,
@@ -317,6 +325,9 @@ class ProcessEngines:
                 del self._pending[done.key]
                 child.load -= pending.request.longest
                 finished.append(done)
+                if done.key == self._suspect:
+                    self._suspect = None
+                    self._retry_suspect()
         return finished
 
     def _reap(self) -> list[Finished]:
@@ -329,22 +340,46 @@ class ProcessEngines:
         return finished
 
     def _bury(self, child: _Child) -> list[Finished]:
-        """Schedule a dead child's replacement and start its requests over elsewhere, except those on their
-        second dying child: they fail (returned), or an input that kills its worker would kill every one."""
+        """Schedule a dead child's replacement and start its requests over. A child that died before it loaded
+        ran none of them: they go elsewhere as they were. Otherwise the suspect it was running (see
+        `_suspects`) is blamed, and fails on its second dying child, or an input that kills its worker would
+        kill every one; the rest become suspects, retried one at a time (returns the failed)."""
+        loaded = child.ready
         child.alive = child.ready = False
         child.respawn_at = time.monotonic() + child.backoff_s
         child.release()
         failed: list[Finished] = []
         orphans = [(key, p) for key, p in self._pending.items() if p.child is child]
         for key, pending in orphans:
-            pending.deaths += 1
+            pending.skip = len(pending.streamed)
+            if not loaded:
+                self._route(key, pending)  # a suspect retried there stays the one retried
+                continue
+            pending.child = None
+            blamed = key == self._suspect
+            if blamed:
+                self._suspect = None
+            if blamed or not pending.deaths:  # not a suspect that merely died beside the one retried
+                pending.deaths += 1
             if pending.deaths >= _DEATHS:
                 del self._pending[key]
                 failed.append(Finished.failed(key, f"{pending.deaths} engine worker processes died running it"))
             else:
-                pending.skip = len(pending.streamed)
-                self._route(key, pending)
-        log.error("engine worker pid %s died (exit code %s); retrying its %d requests, failing %d that a dead "
-                  "worker ran before; restarting it in %.0f s", child.process.pid, child.process.exitcode,
-                  len(orphans) - len(failed), len(failed), child.backoff_s)
+                self._suspects.append(key)
+        self._retry_suspect()
+        log.error("engine worker pid %s died (exit code %s)%s; retrying its %d requests, failing %d blamed for a "
+                  "second death; restarting it in %.0f s", child.process.pid, child.process.exitcode,
+                  "" if loaded else " before it loaded", len(orphans) - len(failed), len(failed), child.backoff_s)
         return failed
+
+    def _retry_suspect(self) -> None:
+        """Send the next suspect to a live child unless one is being retried (or none is alive yet)."""
+        if self._suspect is not None or not any(c.alive for c in self._children):
+            return
+        while self._suspects:
+            key = self._suspects.popleft()
+            pending = self._pending.get(key)
+            if pending is not None:
+                self._suspect = key
+                self._route(key, pending)
+                return

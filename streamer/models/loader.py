@@ -108,6 +108,9 @@ def _skeleton(directory: Path, dtype: torch.dtype, name: str) -> tuple[Any, dict
             model.generation_config = GenerationConfig.from_pretrained(directory, local_files_only=True)
     except _LOAD_ERRORS as exc:
         raise ModelLoadError(directory, f"{type(exc).__name__}: {exc}") from exc
+    if not any(directory.glob("*.safetensors")) and not any(directory.glob("pytorch_model*.bin")):
+        # the engine processes would fail to load it, again and again: say so at start instead
+        raise ModelLoadError(directory, "no weights here (*.safetensors or pytorch_model*.bin)")
     if not (directory / "manifest.json").is_file():
         return model.eval(), None, name
     from streamer.compress.manifest import Manifest

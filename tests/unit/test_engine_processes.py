@@ -200,18 +200,37 @@ async def test_a_request_in_flight_on_two_dying_worker_processes_fails_and_one_i
         first = engines.pids[0]
         os.kill(first, signal.SIGKILL)  # type: ignore[arg-type]
         await until(lambda: not engines.alive)
-        other = asyncio.ensure_future(pool.generate(REQUESTS[1]))  # waits for the restart, as LONG does
-        await until(lambda: engines.pids[0] != first)  # restarted, both sent to it
+        other = asyncio.ensure_future(pool.generate(LONG))  # waits for the restart, as the stream does
+        await until(lambda: engines.pids[0] != first and engines.alive)  # restarted and loaded, both running there
         os.kill(engines.pids[0], signal.SIGKILL)  # type: ignore[arg-type]
         items += [item async for item in stream]
         served = await other
     final = items[-1]
     assert isinstance(final, Generated) and final.result.error is not None and "died" in final.result.error
-    assert served.result == expected[1]
+    assert served.result == expected[-1]  # it died beside the stream's retry, the one blamed
     assert engines.restarts == 2
     deaths = [m.groups() for r in caplog.records
               if (m := re.search(r"died .* retrying its (\d) requests, failing (\d) .* in (\d) s", r.getMessage()))]
-    assert deaths == [("1", "0", "1"), ("1", "1", "2")]  # the second child died before it loaded: longer backoff
+    assert deaths[:2] == [("1", "0", "1"), ("1", "1", "1")]
+    assert_gone(engines.pids)
+
+
+async def test_a_child_that_dies_before_it_loaded_blames_none_of_the_requests_sent_to_it(
+        worker: LLMWorker, expected: list[GenResult]) -> None:
+    """Found by review (fails on the code before the fix): a death before loading counted against the requests
+    waiting for the child, so two such deaths failed requests that never ran."""
+    pool = one_process(worker)
+    engines = pool.engine
+    assert isinstance(engines, ProcessEngines)
+    async with pool:
+        asked = asyncio.ensure_future(pool.generate(REQUESTS[1]))
+        for _ in range(2):  # killed twice while loading, with the request sent to it
+            pid = engines.pids[0]
+            os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
+            await until(lambda pid=pid: engines.pids[0] != pid)
+        served = await asked
+    assert served.result == expected[1]
+    assert engines.restarts == 2
     assert_gone(engines.pids)
 
 

@@ -8,6 +8,7 @@ text, unless the last is `BROKEN`."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import threading
 import time
@@ -345,7 +346,7 @@ def test_a_retry_on_another_worker_process_that_diverges_breaks_the_stream_not_t
     streamed: list[int] = []
     engines.on_token = lambda key, token: streamed.append(token)
     engines.last_step_size, engines.restarts = 0, 0
-    engines._pending, engines._parked = {}, []
+    engines._pending, engines._parked, engines._suspects, engines._suspect = {}, [], collections.deque(), None
 
     def child() -> SimpleNamespace:
         return SimpleNamespace(alive=True, ready=True, load=0, routed=0, waiting=0, kv=(0, 0, 0), backoff_s=1.0,
